@@ -1,0 +1,105 @@
+"""Atomic bundle writes: stage next to the target, then rename.
+
+A killed process leaves either the previous bundle or the new one, never a mix. Staging
+folders and files are dot-prefixed siblings (`.NAME.staging-*`) that readers ignore and the
+next write removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from peft_export.bundle.errors import BundleError
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _remove_stale(target: Path) -> None:
+    for stale in target.parent.glob(f".{target.name}.staging-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it becomes `target` in one step."""
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise BundleError(f"{target} already exists; choose another --out or pass --force")
+    if target.exists() and not target.is_dir():
+        raise BundleError(f"{target} exists and is not a folder; choose another --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        yield stage
+        _fsync_dir(stage)
+        if target.exists():
+            if not _exchange(stage, target):
+                old = stage.with_name(stage.name + "-old")
+                os.rename(target, old)
+                os.rename(stage, target)
+                stage = old
+            shutil.rmtree(stage, ignore_errors=True)
+        else:
+            os.rename(stage, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces `target` atomically."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.staging-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(target: str | Path, text: str) -> None:
+    with staged_file(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")

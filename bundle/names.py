@@ -1,0 +1,67 @@
+"""Names shared by the graph, the adapter files and the runtimes (docs/bundle-format.md)."""
+
+MANIFEST = "manifest.json"
+GRAPH = "model.onnx"
+ADAPTERS_DIR = "adapters"
+ENGINES_DIR = "engines"
+REPORTS_DIR = "reports"
+PARITY_REPORT = "reports/parity.json"
+TOKENIZER = "tokenizer.json"
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+PROMPT_EMBEDS = "prompt_embeds"
+ADAPTER_IDS = "adapter_ids"
+LOGITS = "logits"
+
+LORA_PARTS = ("A", "B", "out_scale", "in_scale", "bias_scale")
+ADAPTER_FILE_FORMAT = "peft-export-adapter"
+ADAPTER_FILE_VERSION = "1"
+
+MULTILORA_DOMAIN = "peft_export"
+MULTILORA_OP = "MultiLoRA"
+MULTILORA_VERSION = 1
+
+
+def past_key(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+def lora_input(module_path: str, part: str) -> str:
+    """Graph input (and adapter tensor) name of one bank of one target module."""
+    if part not in LORA_PARTS:
+        raise ValueError(f"unknown LoRA bank part {part!r}")
+    return f"lora.{module_path}.{part}"
+
+
+def split_lora_input(name: str) -> tuple[str, str] | None:
+    """Inverse of `lora_input`: (module_path, part), or None for other names."""
+    if not name.startswith("lora."):
+        return None
+    path, _, part = name[len("lora.") :].rpartition(".")
+    return (path, part) if path and part in LORA_PARTS else None
+
+
+def prefix_key(layer: int) -> str:
+    return f"prefix.{layer}.key"
+
+
+def prefix_value(layer: int) -> str:
+    return f"prefix.{layer}.value"
+
+
+def adapter_file(name: str) -> str:
+    return f"{ADAPTERS_DIR}/{name}.safetensors"

@@ -1,0 +1,137 @@
+"""Header-checked safetensors reading with numpy only (no torch, never pickle).
+
+The header is parsed and every tensor's dtype, shape and byte range is checked before any
+tensor memory is allocated, so a hostile or truncated file fails with BundleError instead
+of a crash or a huge allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from peft_export.bundle.errors import BundleError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def read_header(path: str | Path, *, max_total_bytes: int | None = None) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"{path}: file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise BundleError(f"{path}: truncated safetensors file (no header); re-create it")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise BundleError(f"{path}: safetensors header length {header_len} is invalid")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BundleError(f"{path}: safetensors header is not valid JSON; re-create it") from None
+    if not isinstance(header, dict):
+        raise BundleError(f"{path}: safetensors header is not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise BundleError(f"{path}: safetensors __metadata__ must map strings to strings")
+    data_start = 8 + header_len
+    data_len = size - data_start
+    if max_total_bytes is not None and data_len > max_total_bytes:
+        raise BundleError(f"{path}: {data_len} bytes of tensors exceed the {max_total_bytes} limit")
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        info = _tensor_info(path, name, entry, data_len)
+        tensors[name] = info
+        spans.append((info.begin, info.end, name))
+    spans.sort()
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise BundleError(f"{path}: tensors {name_a!r} and {name_b!r} overlap")
+    return SafetensorsHeader(tensors, dict(metadata), data_start)
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_len: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise BundleError(f"{path}: tensor {name!r} has a malformed header entry")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise BundleError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
+    ):
+        raise BundleError(f"{path}: tensor {name!r} has an invalid shape {shape!r:.60}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_len
+    ):
+        raise BundleError(f"{path}: tensor {name!r} points outside the file (truncated?)")
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise BundleError(f"{path}: tensor {name!r} byte size does not match dtype and shape")
+    return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def read_tensors(
+    path: str | Path, header: SafetensorsHeader | None = None
+) -> dict[str, np.ndarray]:
+    """Read every tensor of a validated file into numpy (BF16 comes back as raw uint16)."""
+    path = Path(path)
+    header = header or read_header(path)
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as fh:
+        for name, info in header.tensors.items():
+            fh.seek(header.data_start + info.begin)
+            buf = fh.read(info.end - info.begin)
+            if len(buf) != info.end - info.begin:
+                raise BundleError(f"{path}: tensor {name!r} is truncated")
+            out[name] = np.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape).copy()
+    return out
+
+
+def check_finite(path: str | Path, tensors: dict[str, np.ndarray]) -> None:
+    """Refuse NaN or Inf weights: they would silently poison every row sharing a batch."""
+    for name, array in tensors.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise BundleError(f"{path}: tensor {name!r} contains NaN or Inf; fix the adapter")

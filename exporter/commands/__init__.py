@@ -1,0 +1,7 @@
+"""CLI commands, one module each; importing a command module must not import torch."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS: list[click.Command] = []

@@ -1,0 +1,1 @@
+"""Per-architecture knowledge and the example adapters the README uses."""

@@ -1,0 +1,1 @@
+"""The lightweight runtime: loads bundles and generates, without torch/transformers/peft."""
