@@ -1,0 +1,1 @@
+"""TensorRT engine builds (TensorRT or TensorRT-RTX), profiles, cache and refit."""

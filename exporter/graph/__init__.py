@@ -1,0 +1,1 @@
+"""Decoder graph: the export wrapper, graph extensions and ONNX export."""

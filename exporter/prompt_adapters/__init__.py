@@ -1,0 +1,1 @@
+"""Prompt-side methods (prefix, prompt tuning, P-tuning, AdaptionPrompt) as graph inputs."""

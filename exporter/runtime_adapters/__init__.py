@@ -1,0 +1,1 @@
+"""Runtime-mode LoRA family: PEFT adapters to bank tensors, the MultiLoRA op, bank inputs."""

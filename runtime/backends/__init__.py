@@ -1,0 +1,1 @@
+"""Inference backends: each a loader plus a runner behind one small interface."""
