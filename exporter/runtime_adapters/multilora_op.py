@@ -1,0 +1,115 @@
+"""The `peft_export::MultiLoRA` op: torch custom op, its ONNX node and its ONNX function body.
+
+Tracing sees one opaque op per target module, so the exported graph holds one
+`peft_export.MultiLoRA` node (what the TensorRT plugin replaces) instead of a Gather/MatMul
+pattern that would have to be found again. The model also carries a local function of the same
+name whose body is the reference in standard ops, so any runtime without the plugin runs it.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+import torch
+from onnx import helper
+
+from peft_export.bundle import names
+
+OPSET = 18
+_CUSTOM_OPSET = onnxscript.values.Opset(names.MULTILORA_DOMAIN, names.MULTILORA_VERSION)
+
+
+def _register_schema() -> onnx.defs.OpSchema:
+    """onnxscript builds nodes only for ops with a schema; register ours once per process."""
+    if onnx.defs.has(names.MULTILORA_OP, names.MULTILORA_VERSION, names.MULTILORA_DOMAIN):
+        return onnx.defs.get_schema(
+            names.MULTILORA_OP, names.MULTILORA_VERSION, names.MULTILORA_DOMAIN
+        )
+    param = onnx.defs.OpSchema.FormalParameter
+    schema = onnx.defs.OpSchema(
+        names.MULTILORA_OP,
+        names.MULTILORA_DOMAIN,
+        names.MULTILORA_VERSION,
+        "Per-row LoRA delta: delta[b] = x[b] @ A[ids[b]]^T @ B[ids[b]]^T.",
+        inputs=[param("x", "T"), param("A", "T"), param("B", "T"), param("adapter_ids", "I")],
+        outputs=[param("delta", "T")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types"),
+            ("I", ["tensor(int64)", "tensor(int32)"], "slot ids"),
+        ],
+    )
+    onnx.defs.register_schema(schema)
+    return schema
+
+
+_MULTILORA = onnxscript.values.Op(_CUSTOM_OPSET, names.MULTILORA_OP, _register_schema())
+_INPUTS = ("x", "A", "B", "adapter_ids")
+_OUTPUT = "delta"
+
+
+@torch.library.custom_op("peft_export::multi_lora", mutates_args=())
+def multi_lora(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, adapter_ids: torch.Tensor
+) -> torch.Tensor:
+    """delta[b, t] = B[ids[b]] @ (A[ids[b]] @ x[b, t]); x [batch, seq, in]."""
+    a_rows = a.index_select(0, adapter_ids)
+    b_rows = b.index_select(0, adapter_ids)
+    return torch.bmm(torch.bmm(x, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))
+
+
+@multi_lora.register_fake
+def _multi_lora_fake(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, adapter_ids: torch.Tensor
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], x.shape[1], b.shape[1]))
+
+
+def _multi_lora_onnx(x, a, b, adapter_ids):  # noqa: ANN001, ANN202 - onnxscript tensors
+    return _MULTILORA(x, a, b, adapter_ids)
+
+
+TRANSLATION_TABLE = {torch.ops.peft_export.multi_lora.default: _multi_lora_onnx}
+"""For torch.onnx.export(dynamo=True, custom_translation_table=...)."""
+
+
+def function_proto() -> onnx.FunctionProto:
+    """The reference body: Gather the banks by adapter_ids, Transpose, two batched MatMuls."""
+    nodes = [
+        helper.make_node("Gather", ["A", "adapter_ids"], ["a_rows"], axis=0),
+        helper.make_node("Gather", ["B", "adapter_ids"], ["b_rows"], axis=0),
+        helper.make_node("Transpose", ["a_rows"], ["a_t"], perm=[0, 2, 1]),
+        helper.make_node("Transpose", ["b_rows"], ["b_t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["x", "a_t"], ["h"]),
+        helper.make_node("MatMul", ["h", "b_t"], [_OUTPUT]),
+    ]
+    return helper.make_function(
+        names.MULTILORA_DOMAIN,
+        names.MULTILORA_OP,
+        list(_INPUTS),
+        [_OUTPUT],
+        nodes,
+        [helper.make_opsetid("", OPSET)],
+    )
+
+
+def add_function(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Attach the local function and the custom-domain opset import (idempotent)."""
+    if not any(
+        f.domain == names.MULTILORA_DOMAIN and f.name == names.MULTILORA_OP
+        for f in model.functions
+    ):
+        model.functions.append(function_proto())
+    if not any(o.domain == names.MULTILORA_DOMAIN for o in model.opset_import):
+        model.opset_import.append(
+            helper.make_opsetid(names.MULTILORA_DOMAIN, names.MULTILORA_VERSION)
+        )
+    return model
+
+
+def count_nodes(model: onnx.ModelProto) -> int:
+    """How many MultiLoRA nodes the main graph holds (one per target module)."""
+    return sum(
+        1
+        for n in model.graph.node
+        if n.domain == names.MULTILORA_DOMAIN and n.op_type == names.MULTILORA_OP
+    )
