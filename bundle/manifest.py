@@ -74,6 +74,7 @@ class AdapterLayout:
     modules: list[ModuleSlot] = dataclasses.field(default_factory=list)
     prefix_max_len: int = 0
     prompt_max_len: int = 0
+    adaption_max_len: int = 0
     merged: dict[str, Any] | None = None
     installed: dict[str, InstalledAdapter] = dataclasses.field(default_factory=dict)
 

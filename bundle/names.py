@@ -63,5 +63,22 @@ def prefix_value(layer: int) -> str:
     return f"prefix.{layer}.value"
 
 
+ADAPTION_MASK = "adaption_mask"
+
+
+def adaption_key(layer: int) -> str:
+    """AdaptionPrompt keys of one layer: graph input [batch, kv_heads, adaption_len, head_dim]."""
+    return f"adaption.{layer}.key"
+
+
+def adaption_value(layer: int) -> str:
+    return f"adaption.{layer}.value"
+
+
+def adaption_gate(layer: int) -> str:
+    """AdaptionPrompt gate of one layer: graph input [batch], adapter file tensor [1]."""
+    return f"adaption.{layer}.gate"
+
+
 def adapter_file(name: str) -> str:
     return f"{ADAPTERS_DIR}/{name}.safetensors"
