@@ -1,0 +1,163 @@
+"""Trace a DecoderWrapper to ONNX (dynamo exporter) and check the result.
+
+The TorchScript exporter cannot trace transformers 5 models, so this uses
+`torch.onnx.export(dynamo=True)`. Dynamic axes are traced as anonymous dynamic dims and then
+renamed to the contract's dim names, so the graph and the manifest say the same thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from io import StringIO
+from pathlib import Path
+
+import onnx
+import torch
+from rich.console import Console
+
+from peft_export.bundle.manifest import GraphSpec, TensorSpec
+from peft_export.exporter.errors import ExportError
+from peft_export.exporter.graph.wrapper import DecoderWrapper, GraphIO
+
+OPSET = 18
+EXTERNAL_DATA_THRESHOLD = int(1.5 * 1024**3)
+"""Weights above this go to model.onnx.data (protobuf caps a file at 2 GB)."""
+
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+def weights_nbytes(model: torch.nn.Module) -> int:
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def export_onnx(
+    wrapper: DecoderWrapper,
+    path: str | Path,
+    *,
+    external_data: bool | None = None,
+    console: Console | None = None,
+) -> GraphSpec:
+    """Write `path` (and `path`.data when external) and return the graph's GraphSpec.
+
+    `external_data=None` decides by size. The graph file name recorded is `path`'s name.
+    """
+    path = Path(path)
+    console = console or Console(stderr=True, quiet=True)
+    if external_data is None:
+        external_data = weights_nbytes(wrapper) > EXTERNAL_DATA_THRESHOLD
+    inputs = wrapper.graph_inputs()
+    outputs = wrapper.graph_outputs()
+    dynamic = tuple(
+        {axis: torch.export.Dim.DYNAMIC for axis, d in enumerate(io.dims) if isinstance(d, str)}
+        for io in inputs
+    )
+    with _status(console, "tracing the model to ONNX (dynamo)"), _quiet(), torch.no_grad():
+        try:
+            program = torch.onnx.export(
+                wrapper,
+                tuple(io.example for io in inputs),
+                input_names=[io.name for io in inputs],
+                output_names=[io.name for io in outputs],
+                dynamic_shapes=(dynamic,),
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=external_data,
+                verbose=False,
+            )
+        except ExportError:
+            raise
+        except Exception as exc:
+            raise ExportError(
+                f"tracing to ONNX failed ({type(exc).__name__}: {str(exc).splitlines()[0]:.300}); "
+                "the model or an adapter uses an operation the exporter cannot trace"
+            ) from exc
+    with _status(console, f"writing {path.name}"):
+        program.save(str(path), external_data=external_data)
+        model = onnx.load(str(path), load_external_data=False)
+        _name_dims(model.graph.input, inputs)
+        _name_dims(model.graph.output, outputs)
+        onnx.save(model, str(path))
+    with _status(console, "checking the graph (onnx.checker, shape inference)"):
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(
+                f"the exported graph fails onnx.checker ({str(exc).splitlines()[0]:.300}); "
+                "report this with the model and adapter used"
+            ) from exc
+    return GraphSpec(
+        file=path.name,
+        inputs=_specs(model.graph.input),
+        outputs=_specs(model.graph.output),
+    )
+
+
+def _name_dims(values, ios: list[GraphIO]) -> None:
+    """Give dynamic axes the contract's names; check that fixed axes kept their sizes."""
+    by_name = {v.name: v for v in values}
+    for io in ios:
+        value = by_name.get(io.name)
+        if value is None:
+            raise ExportError(f"the exported graph lacks {io.name!r}; report this as a bug")
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(io.dims):
+            raise ExportError(
+                f"graph value {io.name!r} has rank {len(dims)}, expected {len(io.dims)}; "
+                "report this as a bug"
+            )
+        for dim, want in zip(dims, io.dims, strict=True):
+            if isinstance(want, str):
+                dim.Clear()
+                dim.dim_param = want
+            elif dim.HasField("dim_value") and dim.dim_value != want:
+                raise ExportError(
+                    f"graph value {io.name!r} has a fixed size {dim.dim_value} where {want} "
+                    "was expected; report this as a bug"
+                )
+            else:
+                dim.Clear()
+                dim.dim_value = want
+
+
+def _specs(values) -> list[TensorSpec]:
+    specs = []
+    for value in values:
+        tensor = value.type.tensor_type
+        dtype = _ONNX_DTYPES.get(tensor.elem_type, onnx.TensorProto.DataType.Name(tensor.elem_type))
+        shape = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in tensor.shape.dim]
+        specs.append(TensorSpec(name=value.name, dtype=dtype.lower(), shape=shape))
+    return specs
+
+
+@contextlib.contextmanager
+def _status(console: Console, message: str) -> Iterator[None]:
+    with console.status(message):
+        yield
+    console.log(f"{message}: done")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The dynamo exporter is chatty (warnings, progress prints); keep the CLI output ours."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(StringIO()):
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
