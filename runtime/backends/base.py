@@ -1,0 +1,146 @@
+"""The backend interface: a loader plus a runner, modelled on Polygraphy's backends.
+
+A backend loads one graph (ONNX file or engine), describes its inputs and outputs, hands out
+flat buffers on the host or on its device, and runs one step. A step takes named feeds that
+are host numpy arrays (small per-step inputs: ids, mask, positions) or views of buffers it
+allocated (KV cache, adapter banks), and writes every output into a bound view. Nothing in
+the generation loop knows which backend it drives; heavy imports stay inside the backends.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peft_export.bundle.manifest import Manifest
+
+Dim = int | str
+"""A fixed size, or the name of a dynamic dimension ("batch", "seq", "past", ...)."""
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """One graph input or output as the loaded graph declares it."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...]
+
+
+@dataclass(frozen=True)
+class TensorView:
+    """A contiguous prefix of a Buffer seen with a shape: what a step binds by pointer."""
+
+    buffer: Buffer
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.buffer.dtype
+
+    @property
+    def ptr(self) -> int:
+        return self.buffer.ptr
+
+    @property
+    def on_host(self) -> bool:
+        return self.buffer.on_host
+
+    def numpy(self) -> np.ndarray:
+        """The view as a numpy array over the same memory (host buffers only)."""
+        return self.buffer.host_array()[: math.prod(self.shape)].reshape(self.shape)
+
+
+class Buffer(abc.ABC):
+    """Flat memory owned by a backend; sized once, then re-viewed at every step."""
+
+    def __init__(self, dtype: np.dtype, capacity: int, on_host: bool) -> None:
+        self.dtype = np.dtype(dtype)
+        self.capacity = capacity
+        self.on_host = on_host
+
+    @property
+    @abc.abstractmethod
+    def ptr(self) -> int:
+        """Address of the first element (stable for the buffer's life)."""
+
+    def host_array(self) -> np.ndarray:
+        """The flat numpy array of a host buffer (device buffers raise)."""
+        raise TypeError("device buffers have no host array; bind a host buffer instead")
+
+    def view(self, shape: tuple[int, ...]) -> TensorView:
+        if math.prod(shape) > self.capacity:
+            raise ValueError(f"view {shape} exceeds buffer capacity {self.capacity}")
+        return TensorView(self, tuple(int(d) for d in shape))
+
+
+class HostBuffer(Buffer):
+    """A buffer in ordinary host memory, backed by a numpy array."""
+
+    def __init__(self, dtype: np.dtype, capacity: int) -> None:
+        super().__init__(dtype, capacity, on_host=True)
+        self.array = np.zeros(max(capacity, 1), dtype=self.dtype)
+
+    @property
+    def ptr(self) -> int:
+        return self.array.ctypes.data
+
+    def host_array(self) -> np.ndarray:
+        return self.array
+
+
+Feed = np.ndarray | TensorView
+
+
+class Backend(abc.ABC):
+    """One loaded graph, ready to run steps. Instances are safe to share between threads as
+    long as each thread runs with its own `StepBinding` (from `new_binding`)."""
+
+    name: str = "backend"
+    device: str = "cpu"
+
+    @classmethod
+    @abc.abstractmethod
+    def from_bundle(cls, root: Path, manifest: Manifest, **options: Any) -> Backend:
+        """Load this backend's artefact of a validated bundle (graph or engine).
+
+        Unknown options raise InferenceError naming the accepted ones."""
+
+    @abc.abstractmethod
+    def inputs(self) -> list[IOSpec]:
+        """Inputs of the loaded graph, in graph order."""
+
+    @abc.abstractmethod
+    def outputs(self) -> list[IOSpec]:
+        """Outputs of the loaded graph, in graph order."""
+
+    def allocate(self, dtype: np.dtype, capacity: int, *, on_host: bool = False) -> Buffer:
+        """A flat buffer of `capacity` elements on the device (or on the host when asked)."""
+        return HostBuffer(dtype, capacity)
+
+    @abc.abstractmethod
+    def new_binding(self) -> StepBinding:
+        """Per-caller state for `run` (ORT: an IOBinding). Reuse it across steps."""
+
+    @abc.abstractmethod
+    def run(
+        self,
+        binding: StepBinding,
+        feeds: Mapping[str, Feed],
+        outputs: Mapping[str, TensorView],
+    ) -> None:
+        """Run one step: every graph input in `feeds`, every graph output into `outputs`."""
+
+    def describe(self) -> dict[str, object]:
+        """A short, JSON-able summary (backend, device, providers, options) for logs."""
+        return {"backend": self.name, "device": self.device}
+
+
+class StepBinding:
+    """Opaque per-caller run state; backends subclass it."""

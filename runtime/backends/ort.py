@@ -1,0 +1,247 @@
+"""ONNX Runtime backend: CPU, and the CUDA execution provider when onnxruntime-gpu has it.
+
+Every step runs through an IOBinding whose inputs and outputs point into buffers the caller
+allocated once, so the KV cache and the logits are never re-allocated between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peft_export.bundle.manifest import Manifest
+from peft_export.bundle.paths import confined
+from peft_export.runtime.backends.base import (
+    Backend,
+    Buffer,
+    Feed,
+    IOSpec,
+    StepBinding,
+    TensorView,
+)
+from peft_export.runtime.errors import InferenceError
+
+ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass
+class OrtOptions:
+    """Session options; the defaults are the fast ones for CPU decoding.
+
+    `denormals_as_zero` flushes denormal floats to zero: on some CPUs adapter math that
+    produces denormals runs several times slower without it (docs/environment.md). It can
+    change results in the last bits only for values below ~1e-38.
+    """
+
+    device: str = "cpu"
+    """"cpu", or "cuda" (needs onnxruntime-gpu with CUDAExecutionProvider)."""
+    threads: int | None = None
+    """Intra-op threads; None: the cores this process may use."""
+    denormals_as_zero: bool = True
+    optimization: str = "all"
+    """"all", "extended", "basic" or "disabled": ONNX Runtime graph optimization level."""
+    extra_config: dict[str, str] = field(default_factory=dict)
+    """Raw session config entries (`SessionOptions.add_session_config_entry`)."""
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+class OrtBinding(StepBinding):
+    def __init__(self, io_binding: object) -> None:
+        self.io = io_binding
+        self.output_names: list[str] = []
+
+
+class OrtDeviceBuffer(Buffer):
+    """A flat buffer in CUDA memory, owned by an OrtValue."""
+
+    def __init__(self, dtype: np.dtype, capacity: int, device_id: int) -> None:
+        import onnxruntime as ort
+
+        super().__init__(dtype, capacity, on_host=False)
+        self.value = ort.OrtValue.ortvalue_from_shape_and_type(
+            [max(capacity, 1)], self.dtype.type, "cuda", device_id
+        )
+
+    @property
+    def ptr(self) -> int:
+        return self.value.data_ptr()
+
+
+class OrtBackend(Backend):
+    name = "ort"
+
+    def __init__(self, graph_path: str | Path, options: OrtOptions | None = None) -> None:
+        import onnxruntime as ort
+
+        self.options = options or OrtOptions()
+        self.device = self.options.device
+        self.device_id = 0
+        providers = self._providers(ort)
+        session_options = self._session_options(ort)
+        try:
+            self.session = ort.InferenceSession(
+                str(graph_path), sess_options=session_options, providers=providers
+            )
+        except Exception as exc:  # ORT raises several private exception types
+            raise InferenceError(
+                f"{graph_path}: ONNX Runtime could not load the graph ({_first_line(exc)}); "
+                "re-export the bundle with this onnxruntime version installed"
+            ) from None
+        self._inputs = [_spec(arg) for arg in self.session.get_inputs()]
+        self._outputs = [_spec(arg) for arg in self.session.get_outputs()]
+
+    @classmethod
+    def from_bundle(cls, root: Path, manifest: Manifest, **options: Any) -> OrtBackend:
+        known = {f.name for f in dataclasses.fields(OrtOptions)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InferenceError(
+                f"unknown ORT backend option(s) {', '.join(unknown)}; "
+                f"accepted: {', '.join(sorted(known))}"
+            )
+        if manifest.precision == "bf16":
+            raise InferenceError(
+                "bf16 bundles do not run on ONNX Runtime's CPU kernels; re-export with "
+                "--precision fp32 (or fp16), or use the TensorRT backend"
+            )
+        graph = confined(root, manifest.graph.file)
+        if not graph.is_file():
+            raise InferenceError(f"{graph}: the bundle's graph is missing; re-export the bundle")
+        return cls(graph, OrtOptions(**options))
+
+    def _providers(self, ort: object) -> list[str]:
+        available = ort.get_available_providers()
+        if self.device == "cpu":
+            return ["CPUExecutionProvider"]
+        if self.device == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise InferenceError(
+                    "device 'cuda' needs ONNX Runtime's CUDAExecutionProvider, which this "
+                    "onnxruntime lacks; pip install onnxruntime-gpu, or use device='cpu'"
+                )
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        raise InferenceError(f"unknown ORT device {self.device!r}; use 'cpu' or 'cuda'")
+
+    def _session_options(self, ort: object) -> object:
+        levels = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }
+        if self.options.optimization not in levels:
+            raise InferenceError(
+                f"unknown optimization level {self.options.optimization!r}; "
+                f"use one of {', '.join(levels)}"
+            )
+        so = ort.SessionOptions()
+        so.graph_optimization_level = levels[self.options.optimization]
+        so.intra_op_num_threads = self.options.threads or available_cores()
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        if self.options.denormals_as_zero:
+            so.add_session_config_entry("session.set_denormal_as_zero", "1")
+        for key, value in self.options.extra_config.items():
+            so.add_session_config_entry(key, value)
+        return so
+
+    def inputs(self) -> list[IOSpec]:
+        return list(self._inputs)
+
+    def outputs(self) -> list[IOSpec]:
+        return list(self._outputs)
+
+    def allocate(self, dtype: np.dtype, capacity: int, *, on_host: bool = False) -> Buffer:
+        if on_host or self.device == "cpu":
+            return super().allocate(dtype, capacity, on_host=True)
+        return OrtDeviceBuffer(dtype, capacity, self.device_id)
+
+    def new_binding(self) -> OrtBinding:
+        return OrtBinding(self.session.io_binding())
+
+    def run(
+        self,
+        binding: StepBinding,
+        feeds: Mapping[str, Feed],
+        outputs: Mapping[str, TensorView],
+    ) -> None:
+        assert isinstance(binding, OrtBinding)
+        io = binding.io
+        for name, feed in feeds.items():
+            if isinstance(feed, TensorView):
+                io.bind_input(
+                    name, _device(feed), self.device_id, feed.dtype.type, feed.shape, feed.ptr
+                )
+            else:
+                io.bind_cpu_input(name, np.ascontiguousarray(feed))
+        for name, view in outputs.items():
+            io.bind_output(
+                name, _device(view), self.device_id, view.dtype.type, view.shape, view.ptr
+            )
+        binding.output_names = list(outputs)
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as exc:
+            raise InferenceError(
+                f"ONNX Runtime failed to run a step ({_first_line(exc)}); the request's shapes "
+                "may exceed what the graph supports"
+            ) from None
+
+    def output_pointers(self, binding: StepBinding) -> dict[str, int]:
+        """Where the last run's outputs actually live (to check they are the bound buffers)."""
+        assert isinstance(binding, OrtBinding)
+        values = binding.io.get_outputs()
+        return {
+            name: value.data_ptr() for name, value in zip(binding.output_names, values, strict=True)
+        }
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "backend": self.name,
+            "device": self.device,
+            "providers": self.session.get_providers(),
+            "threads": self.options.threads or available_cores(),
+            "denormals_as_zero": self.options.denormals_as_zero,
+            "optimization": self.options.optimization,
+        }
+
+
+def _device(view: TensorView) -> str:
+    return "cpu" if view.on_host else "cuda"
+
+
+def _spec(arg: object) -> IOSpec:
+    dtype = ORT_TYPES.get(arg.type)
+    if dtype is None:
+        raise InferenceError(
+            f"graph tensor {arg.name!r} has type {arg.type}, which the ORT backend does not "
+            "handle; re-export with --precision fp32 or fp16"
+        )
+    shape = tuple(d if isinstance(d, int) else str(d) for d in arg.shape)
+    return IOSpec(arg.name, np.dtype(dtype), shape)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
