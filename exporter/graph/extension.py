@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from peft_export.bundle.manifest import AdapterLayout
+
+if TYPE_CHECKING:
+    import onnx
 
 Dims = tuple[str | int, ...]
 """Dimension names of docs/bundle-format.md ("batch", "seq", "past", "prompt_len", "slots")
@@ -47,3 +51,10 @@ class GraphExtension(abc.ABC):
 
     def describe(self, layout: AdapterLayout) -> None:  # noqa: B027
         """Record what this extension accepts in the manifest's adapter layout."""
+
+    def onnx_translations(self) -> dict[Any, Any]:
+        """Custom torch ops this extension traces, for torch.onnx's custom_translation_table."""
+        return {}
+
+    def finalize_onnx(self, model: onnx.ModelProto) -> None:  # noqa: B027
+        """Edit the exported graph before it is checked and saved (e.g. add local functions)."""

@@ -62,6 +62,7 @@ def export_onnx(
         {axis: torch.export.Dim.DYNAMIC for axis, d in enumerate(io.dims) if isinstance(d, str)}
         for io in inputs
     )
+    translations = {k: v for ext in wrapper.extensions for k, v in ext.onnx_translations().items()}
     with _status(console, "tracing the model to ONNX (dynamo)"), _quiet(), torch.no_grad():
         try:
             program = torch.onnx.export(
@@ -72,6 +73,7 @@ def export_onnx(
                 dynamic_shapes=(dynamic,),
                 opset_version=OPSET,
                 dynamo=True,
+                custom_translation_table=translations or None,
                 external_data=external_data,
                 verbose=False,
             )
@@ -87,6 +89,8 @@ def export_onnx(
         model = onnx.load(str(path), load_external_data=False)
         _name_dims(model.graph.input, inputs)
         _name_dims(model.graph.output, outputs)
+        for extension in wrapper.extensions:
+            extension.finalize_onnx(model)
         onnx.save(model, str(path))
     with _status(console, "checking the graph (onnx.checker, shape inference)"):
         try:

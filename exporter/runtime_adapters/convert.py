@@ -1,0 +1,256 @@
+"""PEFT LoRA-family adapter -> one bank slot (the tensors of docs/bundle-format.md).
+
+PEFT's own layers do the reading: the adapter is injected into a *skeleton* that holds only
+the bundle's target modules (real base weights where DoRA needs them, zeros otherwise), so
+rank/alpha patterns, rsLoRA, AdaLoRA's rank normalisation and LoHa/LoKr reconstruction
+follow PEFT exactly, without loading the whole base model. Everything is computed in
+float64 and cast to the bundle's dtype once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from peft_export.bundle import names
+from peft_export.bundle.manifest import AdapterLayout, ModuleSlot
+from peft_export.exporter.adapter_source import AdapterSource
+from peft_export.exporter.errors import ExportError
+
+_PEFT_PREFIX = "base_model.model."
+_ADAPTER = "default"
+SVD_METHODS = ("loha", "lokr")
+"""Methods whose delta is not stored low-rank: converted by an exact SVD at their rank."""
+SVD_RELATIVE_TOL = 1e-9
+"""Singular values below this fraction of the largest are float64 round-off, not rank."""
+
+
+@dataclass
+class SlotTensors:
+    """One adapter in graph layout: per-module bank parts without the slot dimension."""
+
+    name: str
+    method: str
+    rank: int
+    source: str
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def adapter_modules(source: AdapterSource) -> list[str]:
+    """Dotted module paths the adapter's tensors touch (as in the HF model)."""
+    paths: set[str] = set()
+    for key in source.header.tensors:
+        inner = key.removeprefix(_PEFT_PREFIX)
+        if ".modules_to_save." in inner:
+            module = inner.split(".modules_to_save")[0]
+            raise ExportError(
+                f"adapter {source.name} also trains whole modules ({module}); runtime mode "
+                "serves only adapter deltas: export it with --mode merged"
+            )
+        parts = inner.split(".")
+        if parts[-1] in ("weight", "bias"):
+            parts = parts[:-1]
+        paths.add(".".join(parts[:-1]))
+    return sorted(paths)
+
+
+def check_fits_layout(source: AdapterSource, layout: AdapterLayout) -> list[ModuleSlot]:
+    """The bundle modules the adapter needs; refuse a method or module the bundle lacks."""
+    if source.method not in layout.methods:
+        raise ExportError(
+            f"adapter {source.name} is {source.method} but this bundle's slots accept "
+            f"{', '.join(layout.methods) or 'no LoRA-family method'}; re-export with "
+            f"--methods {','.join([*layout.methods, source.method])}"
+        )
+    slots = []
+    for path in adapter_modules(source):
+        slot = layout.module(path)
+        if slot is None:
+            raise ExportError(
+                f"adapter {source.name} targets {path}, which this bundle has no bank for; "
+                "re-export with --target-modules covering it"
+            )
+        slots.append(slot)
+    return slots
+
+
+def build_skeleton(
+    modules: list[ModuleSlot],
+    *,
+    conv1d: bool,
+    base_weights: Mapping[str, np.ndarray] | None = None,
+) -> nn.Module:
+    """A module tree holding only `modules` at their dotted paths (float64).
+
+    `base_weights` maps `PATH.weight` ([out, in]) to the base weight; missing ones are zero,
+    which is exact for every method except DoRA (whose norm reads W).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    root = nn.Module()
+    for slot in modules:
+        if conv1d:
+            layer: nn.Module = Conv1D(slot.out_features, slot.in_features)
+        else:
+            layer = nn.Linear(slot.in_features, slot.out_features, bias=slot.has_bias)
+        layer = layer.double()
+        with torch.no_grad():
+            weight = np.zeros((slot.out_features, slot.in_features))
+            if base_weights is not None and f"{slot.path}.weight" in base_weights:
+                weight = base_weights[f"{slot.path}.weight"]
+            w = torch.as_tensor(np.asarray(weight, dtype=np.float64))
+            layer.weight.copy_(w.T if conv1d else w)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.zero_()
+        parent = root
+        *parents, leaf = slot.path.split(".")
+        for part in parents:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, layer)
+    return root
+
+
+def convert_adapter(
+    source: AdapterSource,
+    layout: AdapterLayout,
+    *,
+    conv1d: bool,
+    base_weights: Mapping[str, np.ndarray] | None = None,
+) -> SlotTensors:
+    """Convert a validated PEFT adapter to one bank slot of `layout` (rank <= r_max)."""
+    import peft
+    from peft.utils import set_peft_model_state_dict
+
+    slots = check_fits_layout(source, layout)
+    if source.method == "dora" and base_weights is None:
+        raise ExportError(
+            f"adapter {source.name} is DoRA but the bundle keeps no base weights of its target "
+            "modules; re-export with --methods including dora"
+        )
+    skeleton = build_skeleton(slots, conv1d=conv1d, base_weights=base_weights)
+    config = peft.PeftConfig.from_peft_type(**_config_kwargs(source.config))
+    config.inference_mode = True
+    state = {
+        k.removeprefix(_PEFT_PREFIX): torch.as_tensor(v).double()
+        for k, v in source.load_tensors().items()
+    }
+    try:
+        peft.inject_adapter_in_model(config, skeleton, adapter_name=_ADAPTER, state_dict=state)
+        result = set_peft_model_state_dict(skeleton, state, adapter_name=_ADAPTER)
+    except (RuntimeError, ValueError) as exc:
+        raise ExportError(
+            f"adapter {source.name} does not fit this bundle's base model "
+            f"({str(exc).splitlines()[0]:.200}); it was trained on another base model"
+        ) from None
+    if result.unexpected_keys:
+        raise ExportError(
+            f"adapter {source.name} has tensors this converter does not place "
+            f"({result.unexpected_keys[0]}); export it with --mode merged"
+        )
+    skeleton.double()
+    out = SlotTensors(source.name, source.method, 0, str(source.path))
+    with torch.no_grad():
+        for slot in slots:
+            layer = skeleton.get_submodule(slot.path)
+            rank = _convert_layer(layer, slot, source.method, layout, conv1d, out.tensors)
+            out.rank = max(out.rank, rank)
+    if out.rank > layout.r_max:
+        raise ExportError(
+            f"adapter {source.name} has rank {out.rank} (as {source.method}) but the bundle's "
+            f"banks hold rank {layout.r_max}; re-export with --max-rank {out.rank} or more"
+        )
+    for key, value in list(out.tensors.items()):
+        out.tensors[key] = _pad_rank(key, value, layout.r_max)
+    return out
+
+
+def _config_kwargs(config: dict) -> dict:
+    """The saved adapter config minus fields PEFT itself derives on load."""
+    kwargs = {k: v for k, v in config.items() if k not in ("auto_mapping", "revision")}
+    kwargs.setdefault("peft_type", config.get("peft_type"))
+    return kwargs
+
+
+def _convert_layer(
+    layer: nn.Module,
+    slot: ModuleSlot,
+    method: str,
+    layout: AdapterLayout,
+    conv1d: bool,
+    out: dict[str, np.ndarray],
+) -> int:
+    path = slot.path
+    if method == "ia3":
+        scale = layer.ia3_l[_ADAPTER].reshape(-1).numpy()
+        if layer.is_feedforward:
+            out[names.lora_input(path, "in_scale")] = scale
+        else:
+            out[names.lora_input(path, "out_scale")] = scale
+            if slot.has_bias:
+                out[names.lora_input(path, "bias_scale")] = scale
+        return 0
+    if method in SVD_METHODS:
+        a, b = _svd_factors(_delta_out_in(layer, conv1d), _algebraic_rank(layer, method))
+    elif method == "adalora":
+        scale = layer.scaling[_ADAPTER] / (layer.ranknum[_ADAPTER].item() + 1e-5)
+        a = (layer.lora_A[_ADAPTER] * layer.lora_E[_ADAPTER]).numpy()
+        b = layer.lora_B[_ADAPTER].numpy() * scale
+    else:
+        a = layer.lora_A[_ADAPTER].weight.numpy()
+        b = layer.lora_B[_ADAPTER].weight.numpy() * layer.scaling[_ADAPTER]
+    out[names.lora_input(path, "A")] = a
+    out[names.lora_input(path, "B")] = b
+    if method == "dora":
+        weight = layer.get_base_layer().weight.numpy()
+        weight = weight.T if conv1d else weight
+        norm = np.linalg.norm(weight + b @ a, axis=1)
+        magnitude = layer.lora_magnitude_vector[_ADAPTER].weight.numpy()
+        out[names.lora_input(path, "out_scale")] = magnitude / norm
+    return a.shape[0]
+
+
+def _delta_out_in(layer: nn.Module, conv1d: bool) -> np.ndarray:
+    delta = layer.get_delta_weight(_ADAPTER).numpy()
+    return delta.T if conv1d and delta.shape != (layer.out_features, layer.in_features) else delta
+
+
+def _algebraic_rank(layer: nn.Module, method: str) -> int:
+    """Upper bound of the delta's rank: r*r for LoHa, rank(w1)*rank(w2) for LoKr."""
+    if method == "loha":
+        return layer.r[_ADAPTER] ** 2
+    factors = []
+    for side in ("w1", "w2"):
+        full = getattr(layer, f"lokr_{side}")
+        if _ADAPTER in full:
+            factors.append(min(full[_ADAPTER].shape))
+        else:
+            factors.append(getattr(layer, f"lokr_{side}_a")[_ADAPTER].shape[1])
+    return factors[0] * factors[1]
+
+
+def _svd_factors(delta: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """delta [out, in] = B @ A with rank <= bound (singular values folded into B)."""
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    keep = int(np.sum(s > s[0] * SVD_RELATIVE_TOL)) if s.size and s[0] > 0 else 0
+    keep = max(1, min(keep, bound))
+    return vt[:keep], u[:, :keep] * s[:keep]
+
+
+def _pad_rank(key: str, value: np.ndarray, r_max: int) -> np.ndarray:
+    split = names.split_lora_input(key)
+    part = split[1] if split else ""
+    if part == "A":
+        padded = np.zeros((r_max, value.shape[1]))
+        padded[: value.shape[0]] = value
+        return padded
+    if part == "B":
+        padded = np.zeros((value.shape[0], r_max))
+        padded[:, : value.shape[1]] = value
+        return padded
+    return value
