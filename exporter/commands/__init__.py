@@ -5,3 +5,7 @@ from __future__ import annotations
 import click
 
 COMMANDS: list[click.Command] = []
+
+from peft_export.exporter.commands import inspect, run  # noqa: E402
+
+COMMANDS += [run.command, inspect.command]
