@@ -108,13 +108,22 @@ def _check_adapters(
     bundle: Bundle, request: GenerationRequest, providers: list[InputProvider]
 ) -> None:
     named = sorted({a for a in request.adapters if a is not None})
-    if named and not any(p.accepts_adapters for p in providers):
+    if not named:
+        return
+    if not any(p.accepts_adapters for p in providers):
         merged = bundle.manifest.adapters.merged
         baked = f" (adapter {merged.get('name')!r} is merged into it)" if merged else ""
         raise InferenceError(
             f"adapter(s) {', '.join(named)} requested, but this {bundle.manifest.mode}-mode "
             f"bundle takes no adapters at run time{baked}; drop --adapter, or export with "
             "--mode runtime"
+        )
+    unknown = [n for n in named if not any(p.owns(n) for p in providers)]
+    if unknown:
+        installed = ", ".join(sorted(bundle.manifest.adapters.installed)) or "none"
+        raise InferenceError(
+            f"unknown adapter(s) {', '.join(unknown)} (installed: {installed}); add one with "
+            f"'peft-export adapters add {bundle.root} NAME=PATH'"
         )
 
 

@@ -85,7 +85,12 @@ class InputProvider(abc.ABC):
     """Feeds some graph inputs on every step of every request."""
 
     accepts_adapters: bool = False
-    """True when this provider resolves `request.adapters` names."""
+    """True when this provider resolves `request.adapters` names (runtime-mode bundles)."""
+
+    def owns(self, name: str) -> bool:
+        """Whether this provider serves the adapter `name`; rows naming adapters that no
+        provider owns are refused before any provider starts."""
+        return False
 
     @abc.abstractmethod
     def inputs(self) -> set[str]:
