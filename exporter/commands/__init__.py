@@ -9,3 +9,7 @@ COMMANDS: list[click.Command] = []
 from peft_export.exporter.commands import inspect, run  # noqa: E402
 
 COMMANDS += [run.command, inspect.command]
+
+from peft_export.exporter.commands import build_engine  # noqa: E402
+
+COMMANDS.append(build_engine.command)

@@ -83,7 +83,7 @@ def add_engine_options(command: click.Command) -> click.Command:
             help="Reuse engines from $PEFT_EXPORT_CACHE/engines (~/.cache/peft-export).",
         ),
     ]
-    for option in reversed(options):
+    for option in options:
         command = option(command)
     return command
 
