@@ -1,0 +1,80 @@
+"""Merged mode: fold a LoRA-family or IA3 adapter into the base weights with PEFT itself.
+
+PEFT's own merge handles every variant it can load (rank/alpha patterns, rsLoRA, DoRA,
+AdaLoRA, LoHa, LoKr, IA3 feed-forward vs output scaling, lora_bias, fan_in_fan_out,
+modules_to_save), so reimplementing the algebra here would only add ways to be wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from peft_export.exporter.adapter_source import LORA_FAMILY, AdapterSource
+from peft_export.exporter.errors import ExportError
+
+
+def check_mergeable(source: AdapterSource) -> None:
+    if source.method not in LORA_FAMILY:
+        raise ExportError(
+            f"adapter {source.name} is {source.method}, which adds inputs rather than weights "
+            "and cannot be merged; export it with --mode runtime"
+        )
+
+
+def merge_adapter(model: nn.Module, source: AdapterSource) -> nn.Module:
+    """Return `model` with `source` merged into its weights (modifies `model` in place)."""
+    check_mergeable(source)
+    from peft import PeftModel
+
+    with _quiet():
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(source.path), is_trainable=False)
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+            raise ExportError(
+                f"PEFT could not load adapter {source.name} onto this base "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0]:.200}); "
+                "check that it was trained on this base model"
+            ) from exc
+        return merge_peft_model(peft_model, source.name)
+
+
+def merge_peft_model(peft_model: nn.Module, name: str = "adapter") -> nn.Module:
+    """merge_and_unload with NaN checking; refuses prompt-side PEFT models."""
+    if getattr(peft_model, "peft_config", None) and any(
+        cfg.is_prompt_learning or str(cfg.peft_type).endswith("ADAPTION_PROMPT")
+        for cfg in peft_model.peft_config.values()
+    ):
+        raise ExportError(
+            f"adapter {name} is a prompt-side method and cannot be merged; "
+            "export it with --mode runtime"
+        )
+    with _quiet(), torch.no_grad():
+        try:
+            merged = peft_model.merge_and_unload(safe_merge=True)
+        except ValueError as exc:
+            raise ExportError(
+                f"merging adapter {name} failed ({str(exc).splitlines()[0]:.200}); "
+                "the adapter weights are broken (NaN/Inf after merge): re-train or re-save it"
+            ) from exc
+    return merged.eval()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """PEFT warns about things that do not matter for inference (e.g. training flags)."""
+    logger = logging.getLogger("peft")
+    level = logger.level
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
