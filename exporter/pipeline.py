@@ -30,6 +30,7 @@ from peft_export.bundle.manifest import AdapterLayout, Manifest
 from peft_export.exporter import bundle_writer
 from peft_export.exporter.adapter_source import (
     LORA_FAMILY,
+    METHODS,
     AdapterSource,
     parse_adapter_arg,
     read_adapter,
@@ -117,7 +118,9 @@ def export_bundle(
         raise ExportError(f"unknown mode {mode!r}; use --mode merged or --mode runtime")
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; use fp32 or fp16")
-    _check_out(Path(out), force)
+    if method is not None and method not in METHODS:
+        raise ExportError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    check_out_dir(Path(out), force)
     spec = get_arch(base.model.config.model_type)
     pairs = [parse_adapter_arg(a) if isinstance(a, str) else a for a in adapters]
     sources = [
@@ -198,7 +201,7 @@ def export_model(
     dtype. Used by `export_bundle`, and directly by tests.
     """
     console = console or Console(stderr=True, quiet=True)
-    _check_out(Path(out), force)
+    check_out_dir(Path(out), force)
     if hasattr(model, "peft_config"):
         model = merge_peft_model(copy.deepcopy(model))
     precision = precision or _precision_of(model)
@@ -259,7 +262,8 @@ def _runtime_plans(context: ExportContext, planners: Sequence[Planner]) -> list[
     return plans
 
 
-def _check_out(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an existing --out early, before minutes of loading and tracing."""
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; choose another --out or pass --force")
     if out.exists() and not out.is_dir():

@@ -1,0 +1,104 @@
+"""`peft-export export`: base model + PEFT adapters -> bundle (ONNX graph, manifest, tokenizer).
+
+Runtime-mode families and engine builds plug in through the three tuples below, each entry
+a "module:attribute" string resolved only when the command runs (so `--help` stays fast
+and a part that is not installed cannot break the command's import):
+
+- OPTIONS: click decorators adding options; their values reach planners and post steps as
+  `ExportContext.options` (keyed by the click parameter name);
+- PLANNERS: `pipeline.Planner` functions serving runtime-mode methods;
+- POST_STEPS: `pipeline.PostStep` functions run on the staged bundle (e.g. engine builds).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import click
+
+OPTIONS: tuple[str, ...] = ()
+PLANNERS: tuple[str, ...] = ()
+POST_STEPS: tuple[str, ...] = ()
+
+
+def _resolve(ref: str) -> Any:
+    module, _, attribute = ref.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _with_contributed_options(command):
+    for ref in reversed(OPTIONS):
+        command = _resolve(ref)(command)
+    return command
+
+
+@click.command("export")
+@click.option("--base", required=True, help="HF model folder, .gguf file or known short name.")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="[NAME=]DIR",
+    help="PEFT adapter folder (repeatable); NAME defaults to the folder name.",
+)
+@click.option("--method", default=None, help="Assert the adapters' PEFT method (e.g. lora, dora).")
+@click.option("--mode", default="merged", show_default=True, help="merged or runtime.")
+@click.option("--precision", default="fp32", show_default=True, help="fp32 or fp16.")
+@click.option(
+    "--external-data",
+    is_flag=True,
+    default=None,
+    help="Store weights in model.onnx.data (automatic above 1.5 GB).",
+)
+@click.option("--out", required=True, type=click.Path(), help="Bundle folder to write.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@_with_contributed_options
+def command(
+    base: str,
+    adapters: tuple[str, ...],
+    method: str | None,
+    mode: str,
+    precision: str,
+    external_data: bool | None,
+    out: str,
+    force: bool,
+    **options: Any,
+) -> None:
+    """Export BASE with PEFT adapters into a deployable bundle."""
+    from rich.console import Console
+
+    from peft_export.exporter.adapter_source import METHODS
+    from peft_export.exporter.errors import ExportError
+
+    if method is not None and method not in METHODS:
+        raise ExportError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if mode == "merged" and len(adapters) > 1:
+        raise ExportError(
+            f"merged mode folds one adapter into the weights, got {len(adapters)}; "
+            "export one bundle per adapter or use --mode runtime"
+        )
+    console = Console(stderr=True)
+    from peft_export.exporter.base_model import load_base
+    from peft_export.exporter.pipeline import check_out_dir, export_bundle
+
+    check_out_dir(Path(out), force)
+    with console.status(f"loading base model {base}"):
+        loaded = load_base(base)
+    manifest = export_bundle(
+        loaded,
+        list(adapters),
+        out=out,
+        method=method,
+        mode=mode,
+        precision=precision,
+        external_data=external_data,
+        force=force,
+        planners=[_resolve(ref) for ref in PLANNERS],
+        post_steps=[_resolve(ref) for ref in POST_STEPS],
+        options=options,
+        console=console,
+    )
+    inputs = len(manifest.graph.inputs)
+    click.echo(f"wrote {out} ({manifest.mode}, {manifest.precision}, {inputs} graph inputs)")
