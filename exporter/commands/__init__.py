@@ -13,3 +13,7 @@ COMMANDS += [run.command, inspect.command]
 from peft_export.exporter.commands import build_engine  # noqa: E402
 
 COMMANDS.append(build_engine.command)
+
+from peft_export.exporter.commands import export  # noqa: E402
+
+COMMANDS.append(export.command)
