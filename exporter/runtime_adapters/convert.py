@@ -122,8 +122,12 @@ def convert_adapter(
     *,
     conv1d: bool,
     base_weights: Mapping[str, np.ndarray] | None = None,
+    pad: bool = True,
 ) -> SlotTensors:
-    """Convert a validated PEFT adapter to one bank slot of `layout` (rank <= r_max)."""
+    """Convert a validated PEFT adapter to one bank slot of `layout` (rank <= r_max).
+
+    `pad=False` leaves the rank unpadded and unchecked (to choose r_max from the adapters).
+    """
     import peft
     from peft.utils import set_peft_model_state_dict
 
@@ -160,14 +164,19 @@ def convert_adapter(
             layer = skeleton.get_submodule(slot.path)
             rank = _convert_layer(layer, slot, source.method, layout, conv1d, out.tensors)
             out.rank = max(out.rank, rank)
-    if out.rank > layout.r_max:
+    return pad_slot(out, layout.r_max) if pad else out
+
+
+def pad_slot(adapter: SlotTensors, r_max: int) -> SlotTensors:
+    """Zero-pad A rows and B columns to r_max (exact); refuse a rank above it."""
+    if adapter.rank > r_max:
         raise ExportError(
-            f"adapter {source.name} has rank {out.rank} (as {source.method}) but the bundle's "
-            f"banks hold rank {layout.r_max}; re-export with --max-rank {out.rank} or more"
+            f"adapter {adapter.name} has rank {adapter.rank} (as {adapter.method}) but the "
+            f"bundle's banks hold rank {r_max}; re-export with --max-rank {adapter.rank} or more"
         )
-    for key, value in list(out.tensors.items()):
-        out.tensors[key] = _pad_rank(key, value, layout.r_max)
-    return out
+    for key, value in list(adapter.tensors.items()):
+        adapter.tensors[key] = _pad_rank(key, value, r_max)
+    return adapter
 
 
 def _config_kwargs(config: dict) -> dict:

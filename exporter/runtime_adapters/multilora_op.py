@@ -95,8 +95,7 @@ def function_proto() -> onnx.FunctionProto:
 def add_function(model: onnx.ModelProto) -> onnx.ModelProto:
     """Attach the local function and the custom-domain opset import (idempotent)."""
     if not any(
-        f.domain == names.MULTILORA_DOMAIN and f.name == names.MULTILORA_OP
-        for f in model.functions
+        f.domain == names.MULTILORA_DOMAIN and f.name == names.MULTILORA_OP for f in model.functions
     ):
         model.functions.append(function_proto())
     if not any(o.domain == names.MULTILORA_DOMAIN for o in model.opset_import):

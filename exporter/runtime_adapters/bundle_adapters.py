@@ -1,0 +1,292 @@
+"""Runtime-mode LoRA-family adapters in a bundle: plan the banks, write, add, list, remove.
+
+`adapters add` converts a PEFT folder against the manifest alone (plus the DoRA side file),
+so it takes seconds and never re-exports. Every check runs before the first write, and each
+write is staged then renamed, so a refused adapter leaves the bundle untouched.
+
+DoRA needs ||W + s·B·A|| per output row, which depends on the adapter, so the bundle keeps
+the base weights of its target modules in `adapters/_base_targets.safetensors` ([out, in],
+fp32) whenever `dora` is among the accepted methods; other methods need no base weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from peft_export.bundle import names, safetensors_io
+from peft_export.bundle.atomic import staged_file, write_text
+from peft_export.bundle.errors import BundleError
+from peft_export.bundle.manifest import AdapterLayout, InstalledAdapter, Manifest, ModuleSlot
+from peft_export.bundle.manifest import load_manifest as _load_manifest
+from peft_export.bundle.paths import confined
+from peft_export.exporter.adapter_source import AdapterSource, check_name, read_adapter
+from peft_export.exporter.errors import ExportError
+from peft_export.exporter.runtime_adapters.banks import LORA_METHODS
+from peft_export.exporter.runtime_adapters.convert import (
+    SlotTensors,
+    adapter_modules,
+    convert_adapter,
+    pad_slot,
+)
+from peft_export.models.architectures import get_arch
+
+BASE_TARGETS = "_base_targets"
+BASE_TARGETS_FILE = names.adapter_file(BASE_TARGETS)
+ORT_ADAPTER_SUFFIX = ".onnx_adapter"
+_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}
+
+
+def linear_modules(model: object, patterns: Iterable[str] | None = None) -> list[ModuleSlot]:
+    """Linear layers of an HF model whose path equals or ends with one of `patterns`."""
+    from peft_export.exporter.adapter_source import module_features
+
+    spec = get_arch(model.config.model_type)
+    wanted = list(patterns) if patterns is not None else list(spec.target_modules)
+    found = []
+    for path, module in model.named_modules():
+        if not any(path == p or path.endswith("." + p) for p in wanted):
+            continue
+        try:
+            in_f, out_f = module_features(module)
+        except ExportError:
+            continue
+        found.append(ModuleSlot(path, in_f, out_f, getattr(module, "bias", None) is not None))
+    missing = [p for p in wanted if not any(m.path == p or m.path.endswith("." + p) for m in found)]
+    if missing:
+        raise ExportError(
+            f"--target-modules {', '.join(missing)} match no linear layer of the base model; "
+            f"use names like {', '.join(spec.target_modules)}"
+        )
+    return found
+
+
+def plan_layout(
+    model: object,
+    sources: Sequence[AdapterSource],
+    *,
+    target_modules: Sequence[str] | None = None,
+    max_rank: int | None = None,
+    slots: int = 8,
+    methods: Sequence[str] | None = None,
+) -> tuple[AdapterLayout, list[SlotTensors]]:
+    """The bank layout for these adapters and options, and the adapters converted into it.
+
+    Defaults: the union of the adapters' modules, the largest adapter rank, their methods.
+    """
+    lora_sources = [s for s in sources if s.method in LORA_METHODS]
+    if methods is None:
+        methods = sorted({s.method for s in lora_sources})
+    if not methods:
+        raise ExportError("runtime LoRA banks need --methods (e.g. lora,dora,ia3) or an adapter")
+    if target_modules is None:
+        touched = sorted({p for s in lora_sources for p in adapter_modules(s)})
+        if not touched:
+            raise ExportError("no adapter names target modules; pass --target-modules")
+        modules = linear_modules(model, touched)
+    else:
+        modules = linear_modules(model, target_modules)
+    layout = AdapterLayout(methods=list(methods), slots=slots, r_max=max_rank or 0)
+    layout.modules = modules
+    conv1d = get_arch(model.config.model_type).conv1d_weights
+    weights = base_target_weights(model, modules) if "dora" in methods else None
+    converted = [
+        convert_adapter(s, layout, conv1d=conv1d, base_weights=weights, pad=False)
+        for s in lora_sources
+    ]
+    if max_rank is None:
+        layout.r_max = max([c.rank for c in converted] + [1])
+    return layout, [pad_slot(c, layout.r_max) for c in converted]
+
+
+def base_target_weights(model: object, modules: Sequence[ModuleSlot]) -> dict[str, np.ndarray]:
+    """`PATH.weight` -> base weight [out, in] as fp32 (Conv1D weights transposed)."""
+    conv1d = get_arch(model.config.model_type).conv1d_weights
+    out = {}
+    for slot in modules:
+        weight = model.get_submodule(slot.path).weight.detach().float().cpu().numpy()
+        out[f"{slot.path}.weight"] = np.ascontiguousarray(weight.T if conv1d else weight)
+    return out
+
+
+def write_base_targets(bundle_dir: Path, weights: Mapping[str, np.ndarray]) -> None:
+    with staged_file(confined(bundle_dir, BASE_TARGETS_FILE, lexical_only=True)) as tmp:
+        save_file(dict(weights), str(tmp), metadata={"format": "peft-export-base-targets"})
+
+
+def read_base_targets(bundle_dir: Path, layout: AdapterLayout) -> dict[str, np.ndarray]:
+    path = confined(bundle_dir, BASE_TARGETS_FILE)
+    if not path.is_file():
+        raise ExportError(
+            f"{path} is missing, so DoRA adapters cannot be converted for this bundle; "
+            "re-export it with --methods including dora"
+        )
+    try:
+        tensors = safetensors_io.read_tensors(path)
+    except BundleError as exc:
+        raise ExportError(f"{exc}; re-export the bundle") from None
+    for slot in layout.modules:
+        got = tensors.get(f"{slot.path}.weight")
+        if got is None or got.shape != (slot.out_features, slot.in_features):
+            raise ExportError(f"{path} lacks {slot.path}.weight; re-export the bundle")
+    return tensors
+
+
+def write_slot(adapter: SlotTensors, path: Path, *, weights_sha256: str, precision: str) -> str:
+    """Write `adapters/NAME.safetensors` atomically; returns its sha256."""
+    dtype = _DTYPES[precision]
+    tensors = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in adapter.tensors.items()}
+    metadata = {
+        "format": names.ADAPTER_FILE_FORMAT,
+        "version": names.ADAPTER_FILE_VERSION,
+        "method": adapter.method,
+        "name": adapter.name,
+        "base_weights_sha256": weights_sha256,
+        "rank": str(adapter.rank),
+        "source": adapter.source,
+    }
+    with staged_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        digest = _sha256(tmp)
+    return digest
+
+
+def install_converted(
+    bundle_dir: Path,
+    layout: AdapterLayout,
+    adapter: SlotTensors,
+    *,
+    weights_sha256: str,
+    precision: str,
+) -> None:
+    """Write one converted adapter into a (staged or live) bundle folder and record it."""
+    relative = names.adapter_file(adapter.name)
+    digest = write_slot(
+        adapter,
+        confined(bundle_dir, relative, lexical_only=True),
+        weights_sha256=weights_sha256,
+        precision=precision,
+    )
+    layout.installed[adapter.name] = InstalledAdapter(
+        file=relative, method=adapter.method, rank=adapter.rank, sha256=digest
+    )
+
+
+def add_adapter(
+    bundle_dir: str | Path,
+    name: str,
+    peft_dir: str | Path,
+    *,
+    replace: bool = False,
+    onnx_adapter: bool = False,
+) -> InstalledAdapter:
+    """Convert a PEFT folder into a runtime bundle's banks layout, without re-export."""
+    root = Path(bundle_dir)
+    manifest = load_runtime_manifest(root)
+    check_name(name)
+    if name == BASE_TARGETS or name.startswith("_"):
+        raise ExportError(f"adapter name {name!r} is reserved; pick a name not starting with '_'")
+    if name in manifest.adapters.installed and not replace:
+        raise ExportError(
+            f"the bundle already has an adapter {name!r}; pass --replace or pick another name"
+        )
+    source = read_adapter(peft_dir, name=name)
+    if source.method not in LORA_METHODS:
+        raise ExportError(
+            f"adapter {name} is {source.method}; 'adapters add' installs LoRA-family adapters "
+            f"({', '.join(LORA_METHODS)}); prompt-side adapters need their own export"
+        )
+    layout = manifest.adapters
+    weights = read_base_targets(root, layout) if source.method == "dora" else None
+    conv1d = get_arch(manifest.base_model.architecture).conv1d_weights
+    converted = convert_adapter(source, layout, conv1d=conv1d, base_weights=weights)
+    install_converted(
+        root,
+        layout,
+        converted,
+        weights_sha256=manifest.base_model.weights_sha256,
+        precision=manifest.precision,
+    )
+    write_text(root / names.MANIFEST, manifest.to_json())
+    if onnx_adapter:
+        write_ort_adapter(root, manifest, name)
+    return manifest.adapters.installed[name]
+
+
+def remove_adapter(bundle_dir: str | Path, name: str) -> None:
+    root = Path(bundle_dir)
+    manifest = load_runtime_manifest(root)
+    entry = manifest.adapters.installed.pop(name, None)
+    if entry is None:
+        have = ", ".join(sorted(manifest.adapters.installed)) or "none"
+        raise ExportError(f"the bundle has no adapter {name!r} (installed: {have})")
+    write_text(root / names.MANIFEST, manifest.to_json())
+    confined(root, entry.file).unlink(missing_ok=True)
+    confined(root, f"{names.ADAPTERS_DIR}/{name}{ORT_ADAPTER_SUFFIX}").unlink(missing_ok=True)
+
+
+def load_runtime_manifest(root: Path) -> Manifest:
+    try:
+        manifest = _load_manifest(root)
+    except BundleError as exc:
+        raise ExportError(str(exc)) from None
+    if manifest.mode != "runtime" or not manifest.adapters.modules:
+        raise ExportError(
+            f"{root} has no runtime LoRA banks (mode {manifest.mode}); export it with "
+            "--mode runtime to add adapters without re-export"
+        )
+    return manifest
+
+
+def full_slot(layout: AdapterLayout, tensors: Mapping[str, np.ndarray], dtype: np.dtype):
+    """Every bank input of one slot: the adapter's tensors, slot-0 values elsewhere."""
+    from peft_export.exporter.runtime_adapters.banks import bank_parts, bank_shape, slot_zero_value
+
+    out = {}
+    for slot in layout.modules:
+        for part in bank_parts(layout.methods, slot.has_bias):
+            key = names.lora_input(slot.path, part)
+            value = tensors.get(key)
+            if value is None:
+                value = np.full(bank_shape(slot, part, layout.r_max), slot_zero_value(part))
+            out[key] = np.asarray(value, dtype=dtype)
+    return out
+
+
+def write_ort_adapter(root: Path, manifest: Manifest, name: str) -> Path:
+    """ONNX Runtime's own adapter file for single-adapter use (RunOptions.add_active_adapter).
+
+    It holds every bank input with two slots, [base, adapter]: feed `adapter_ids` = 1 for
+    rows that use the adapter (0 for base rows).
+    """
+    import onnxruntime as ort
+
+    entry = manifest.adapters.installed[name]
+    tensors = safetensors_io.read_tensors(confined(root, entry.file))
+    dtype = np.dtype(_DTYPES[manifest.precision])
+    base = full_slot(manifest.adapters, {}, dtype)
+    adapter = full_slot(manifest.adapters, tensors, dtype)
+    params = {
+        key: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.stack([base[key], value])))
+        for key, value in adapter.items()
+    }
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters(params)
+    path = confined(root, f"{names.ADAPTERS_DIR}/{name}{ORT_ADAPTER_SUFFIX}", lexical_only=True)
+    with staged_file(path) as tmp:
+        fmt.export_adapter(str(tmp))
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,74 @@
+"""The pipeline planner for runtime-mode LoRA-family adapters (exporter.pipeline.Planner).
+
+Options it reads from `ExportContext.options` (the export command's flags):
+`target_modules` (list of module names or paths; default: the adapters' modules),
+`max_rank` (default: the largest adapter rank), `slots` (default 8, slot 0 = base model),
+`methods` (which methods the slots accept; default: the adapters' methods).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft_export.bundle.manifest import AdapterLayout
+from peft_export.exporter.pipeline import ExportContext, RuntimePlan
+from peft_export.exporter.runtime_adapters.banks import LORA_METHODS, LoraBanks
+from peft_export.exporter.runtime_adapters.bundle_adapters import (
+    base_target_weights,
+    install_converted,
+    plan_layout,
+    write_base_targets,
+)
+
+DEFAULT_SLOTS = 8
+OPTION_KEYS = ("target_modules", "max_rank", "slots", "methods")
+
+
+def plan_lora_banks(context: ExportContext) -> RuntimePlan | None:
+    """Bank inputs for the LoRA-family adapters given (or for the methods asked)."""
+    options = context.options
+    sources = [s for s in context.sources if s.method in LORA_METHODS]
+    methods = _listed(options.get("methods"))
+    if not sources and not methods:
+        return None
+    layout, converted = plan_layout(
+        context.model,
+        sources,
+        target_modules=_listed(options.get("target_modules")),
+        max_rank=options.get("max_rank"),
+        slots=int(options.get("slots") or DEFAULT_SLOTS),
+        methods=methods,
+    )
+    banks = LoraBanks(
+        layout.modules,
+        r_max=layout.r_max,
+        slots=layout.slots,
+        methods=layout.methods,
+        dtype=context.dtype,
+    )
+    weights = (
+        base_target_weights(context.model, layout.modules) if "dora" in layout.methods else None
+    )
+
+    def write_adapters(stage: Path, manifest_layout: AdapterLayout) -> None:
+        if weights is not None:
+            write_base_targets(stage, weights)
+        for adapter in converted:
+            install_converted(
+                stage,
+                manifest_layout,
+                adapter,
+                weights_sha256=context.base_weights_sha256,
+                precision=context.precision,
+            )
+
+    return RuntimePlan(methods=LORA_METHODS, extensions=[banks], write_adapters=write_adapters)
+
+
+def _listed(value: object) -> list[str] | None:
+    """Accept a list or a comma-separated string (CLI); None or empty means 'default'."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [str(i).strip() for i in items if str(i).strip()]
+    return items or None

@@ -1,0 +1,307 @@
+"""Runtime LoRA-family adapters: host copies, bank slots, per-row slot ids (numpy only).
+
+The banks are allocated once (one buffer per `lora.*` graph input, [slots, ...]) and bound by
+pointer at every step; placing an adapter writes its slot in place, so a swap never
+re-creates a session or engine. Slot 0 is the base model and is never written.
+
+Concurrency: `acquire` pins every slot a request uses (a refcount per slot) for the whole
+request and `release` unpins them. A slot is written only while no one has it pinned and
+before any request can see it (the name -> slot entry is set after the write, under the
+lock), so a running request never reads a half-written slot and an adapter in use is never
+evicted. A request needing more adapters than free slots waits for other requests to finish.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from peft_export.bundle import names, safetensors_io
+from peft_export.bundle.errors import BundleError
+from peft_export.bundle.manifest import Manifest, load_manifest
+from peft_export.bundle.paths import confined
+from peft_export.runtime.backends.base import Buffer, HostBuffer, TensorView
+from peft_export.runtime.errors import InferenceError
+
+LORA_METHODS = ("lora", "rslora", "dora", "adalora", "loha", "lokr", "ia3")
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+_FILE_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+DEFAULT_WAIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """One bank input: its name, the shape of one slot, and the slot-0 value."""
+
+    name: str
+    slot_shape: tuple[int, ...]
+    fill: float
+
+
+@dataclass
+class HostAdapter:
+    """An adapter validated and held in host memory, ready to be written into a slot."""
+
+    name: str
+    method: str
+    rank: int
+    tensors: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Slots pinned for one request: `ids[row]` is the row's slot (0 = base model)."""
+
+    ids: np.ndarray
+    slots: tuple[int, ...]
+
+
+def bank_specs(manifest: Manifest) -> list[BankSpec]:
+    """The bank inputs the graph declares (`lora.P.part` of docs/bundle-format.md)."""
+    specs = []
+    for tensor in manifest.graph.inputs:
+        split = names.split_lora_input(tensor.name)
+        if split is None:
+            continue
+        if not all(isinstance(d, int) for d in tensor.shape[1:]):
+            raise InferenceError(
+                f"bank input {tensor.name} has a dynamic inner shape {tensor.shape}; re-export"
+            )
+        fill = 0.0 if split[1] in ("A", "B") else 1.0
+        specs.append(BankSpec(tensor.name, tuple(int(d) for d in tensor.shape[1:]), fill))
+    return specs
+
+
+def read_adapter_file(
+    root: Path, manifest: Manifest, name: str, dtype: np.dtype, specs: dict[str, BankSpec]
+) -> HostAdapter:
+    """Read `adapters/NAME.safetensors`, refusing anything that does not fit the banks."""
+    entry = manifest.adapters.installed.get(name)
+    if entry is None or entry.method not in LORA_METHODS:
+        have = ", ".join(sorted(manifest.adapters.installed)) or "none"
+        raise InferenceError(
+            f"unknown LoRA-family adapter {name!r} (installed: {have}); add it with "
+            f"'peft-export adapters add {root} {name}=PATH'"
+        )
+    try:
+        path = confined(root, entry.file)
+        header = safetensors_io.read_header(path)
+        _check_header(path, header, manifest, name, dtype, specs)
+        tensors = safetensors_io.read_tensors(path, header)
+        safetensors_io.check_finite(path, tensors)
+    except BundleError as exc:
+        raise InferenceError(str(exc)) from None
+    meta = header.metadata
+    return HostAdapter(name, meta["method"], int(meta.get("rank", "0") or 0), tensors)
+
+
+def _check_header(path, header, manifest, name, dtype, specs) -> None:
+    meta = header.metadata
+    if meta.get("format") != names.ADAPTER_FILE_FORMAT or meta.get("version") != "1":
+        raise BundleError(f"{path}: not a peft-export adapter file (v1); re-add the adapter")
+    if meta.get("base_weights_sha256") != manifest.base_model.weights_sha256:
+        raise BundleError(
+            f"{path}: adapter {name!r} was converted for another base model "
+            "(base_weights_sha256 differs); re-add it with 'peft-export adapters add'"
+        )
+    method = meta.get("method")
+    if method not in manifest.adapters.methods:
+        raise BundleError(
+            f"{path}: adapter method {method!r} is not accepted by this bundle's slots "
+            f"({', '.join(manifest.adapters.methods)}); re-export with --methods including it"
+        )
+    want = _FILE_DTYPES[np.dtype(dtype)]
+    for key, info in header.tensors.items():
+        spec = specs.get(key)
+        if spec is None:
+            raise BundleError(
+                f"{path}: tensor {key!r} has no bank in this bundle; re-add the adapter, or "
+                "re-export with --target-modules covering its modules"
+            )
+        if info.shape != spec.slot_shape or info.dtype != want:
+            raise BundleError(
+                f"{path}: tensor {key!r} is {info.dtype}{list(info.shape)}, the bank slot is "
+                f"{want}{list(spec.slot_shape)}; re-add the adapter for this bundle"
+            )
+
+
+class AdapterStore:
+    """Host copies of adapters plus the bank slots the graph reads; thread-safe."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        manifest: Manifest,
+        *,
+        slots: int | None = None,
+        allocate: Callable[[np.dtype, int], Buffer] | None = None,
+        wait_timeout_s: float = DEFAULT_WAIT_S,
+    ) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self.specs = {s.name: s for s in bank_specs(manifest)}
+        if not self.specs:
+            raise InferenceError(f"{self.root} has no LoRA banks; export it with --mode runtime")
+        self.dtype = np.dtype(_NP_DTYPES.get(manifest.kv.dtype, np.float32))
+        self.slots = int(slots or manifest.adapters.slots or 2)
+        if self.slots < 2:
+            raise InferenceError("an adapter store needs at least 2 slots (slot 0 is the base)")
+        self.wait_timeout_s = wait_timeout_s
+        allocate = allocate or (lambda dtype, n: HostBuffer(dtype, n))
+        self._views: dict[str, TensorView] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        for spec in self.specs.values():
+            shape = (self.slots, *spec.slot_shape)
+            buffer = allocate(self.dtype, int(np.prod(shape)))
+            view = buffer.view(shape)
+            array = view.numpy()
+            array[...] = spec.fill
+            self._views[spec.name] = view
+            self._arrays[spec.name] = array
+        self._lock = threading.Condition()
+        self._host: dict[str, HostAdapter] = {}
+        self._slot_of: dict[str, int] = {}
+        self._name_in: list[str | None] = [None] * self.slots
+        self._pins = [0] * self.slots
+        self._lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(1, self.slots))
+        self.swaps = 0
+
+    # -- host memory ------------------------------------------------------------------
+
+    def load(self, name: str) -> HostAdapter:
+        """Bring an adapter into host memory (validated); no slot is touched."""
+        with self._lock:
+            held = self._host.get(name)
+        if held is not None:
+            return held
+        manifest = self.manifest
+        if name not in manifest.adapters.installed:
+            manifest = self._refresh_manifest()
+        adapter = read_adapter_file(self.root, manifest, name, self.dtype, self.specs)
+        with self._lock:
+            return self._host.setdefault(name, adapter)
+
+    def drop(self, name: str) -> bool:
+        """Forget an adapter (host copy and slot); False while a request is using it."""
+        with self._lock:
+            slot = self._slot_of.get(name)
+            if slot is not None and self._pins[slot]:
+                return False
+            if slot is not None:
+                del self._slot_of[name]
+                self._name_in[slot] = None
+                self._lru.move_to_end(slot, last=False)
+            self._host.pop(name, None)
+            return True
+
+    def held(self) -> list[str]:
+        """Adapters in host memory (for multiplexing: which requests this replica serves)."""
+        with self._lock:
+            return sorted(self._host)
+
+    def resident(self) -> dict[str, int]:
+        """Adapters currently placed in a bank slot, with their slot."""
+        with self._lock:
+            return dict(self._slot_of)
+
+    def owns(self, name: str) -> bool:
+        entry = self.manifest.adapters.installed.get(name)
+        if entry is None:
+            entry = self._refresh_manifest().adapters.installed.get(name)
+        return entry is not None and entry.method in LORA_METHODS
+
+    # -- slots ------------------------------------------------------------------------
+
+    def acquire(self, adapters: Sequence[str | None]) -> Lease:
+        """Pin a slot for every named adapter (placing it if needed); None rows get slot 0."""
+        wanted = list(dict.fromkeys(a for a in adapters if a is not None))
+        if len(wanted) > self.slots - 1:
+            raise InferenceError(
+                f"one request names {len(wanted)} different adapters but the banks hold "
+                f"{self.slots - 1}; split the batch or load the bundle with more slots"
+            )
+        hosted = {name: self.load(name) for name in wanted}
+        deadline = time.monotonic() + self.wait_timeout_s
+        with self._lock:
+            while not self._can_place(wanted):
+                if not self._lock.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise InferenceError(
+                        "all adapter slots stayed in use by other requests; retry, or load "
+                        "the bundle with more slots"
+                    )
+            resident_first = sorted(wanted, key=lambda n: n not in self._slot_of)
+            slot_of = {}
+            for name in resident_first:
+                slot = self._place(hosted[name])
+                self._pins[slot] += 1
+                self._lru.move_to_end(slot)
+                slot_of[name] = slot
+        ids = np.array([0 if a is None else slot_of[a] for a in adapters], dtype=np.int64)
+        return Lease(ids, tuple(slot_of.values()))
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            for slot in lease.slots:
+                self._pins[slot] -= 1
+            self._lock.notify_all()
+
+    def feeds(self) -> dict[str, TensorView]:
+        """The bank buffers, bound by pointer (stable for the store's life)."""
+        return dict(self._views)
+
+    def bank(self, name: str) -> np.ndarray:
+        """Host view of one bank (tests, diagnostics)."""
+        return self._arrays[name]
+
+    def _can_place(self, wanted: list[str]) -> bool:
+        missing = sum(1 for n in wanted if n not in self._slot_of)
+        free = sum(
+            1 for s in range(1, self.slots) if not self._pins[s] and self._name_in[s] not in wanted
+        )
+        return missing <= free
+
+    def _place(self, adapter: HostAdapter) -> int:
+        """Slot of `adapter`, writing it into the least recently used unpinned slot if needed.
+
+        Called with the lock held; the chosen slot is pinned by no one.
+        """
+        slot = self._slot_of.get(adapter.name)
+        if slot is not None:
+            return slot
+        unpinned = [s for s in self._lru if not self._pins[s]]
+        slot = next((s for s in unpinned if self._name_in[s] is None), unpinned[0])
+        evicted = self._name_in[slot]
+        if evicted is not None:
+            del self._slot_of[evicted]
+        self._name_in[slot] = None
+        self.write_slot(slot, adapter.tensors)
+        self._name_in[slot] = adapter.name
+        self._slot_of[adapter.name] = slot
+        self.swaps += 1
+        return slot
+
+    def write_slot(self, slot: int, tensors: dict[str, np.ndarray]) -> None:
+        """Copy one adapter into bank slot `slot` in place (slot-0 values where it has none)."""
+        for name, array in self._arrays.items():
+            value = tensors.get(name)
+            if value is None:
+                array[slot].fill(self.specs[name].fill)
+            else:
+                np.copyto(array[slot], value)
+
+    def _refresh_manifest(self) -> Manifest:
+        """Pick up adapters added to the bundle since it was loaded (same base, same banks)."""
+        try:
+            fresh = load_manifest(self.root)
+        except BundleError:
+            return self.manifest
+        same_base = fresh.base_model.weights_sha256 == self.manifest.base_model.weights_sha256
+        if same_base and {s.name for s in bank_specs(fresh)} == set(self.specs):
+            self.manifest = fresh
+        return self.manifest
