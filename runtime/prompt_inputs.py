@@ -1,0 +1,311 @@
+"""Prompt-side adapters at run time: prefix KV, prompt embeddings and AdaptionPrompt feeds.
+
+One input provider serves every prompt-side method, so one batch may mix rows with prefixes
+of different lengths, prompt embeddings, AdaptionPrompt adapters, other (LoRA) adapters and
+no adapter. Prefixes and prompts are left-padded to the batch's longest with mask 0, so each
+row computes what it would compute alone (docs/bundle-format.md); positions follow the mask.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from peft_export.bundle import names
+from peft_export.bundle.errors import BundleError
+from peft_export.bundle.manifest import Manifest, load_manifest
+from peft_export.bundle.paths import confined
+from peft_export.bundle.safetensors_io import check_finite, read_header, read_tensors
+from peft_export.runtime.errors import InferenceError
+from peft_export.runtime.providers import InputProvider, RequestContext, Reservation, StepState
+
+if TYPE_CHECKING:
+    from peft_export.runtime.session import Bundle
+
+PREFIX_TUNING = "prefix_tuning"
+PROMPT_EMBED_METHODS = ("prompt_tuning", "p_tuning")
+ADAPTION_PROMPT = "adaption_prompt"
+PROMPT_METHODS = (PREFIX_TUNING, *PROMPT_EMBED_METHODS, ADAPTION_PROMPT)
+MAX_ADAPTER_BYTES = 1 << 31
+
+
+@dataclass(frozen=True)
+class PromptAdapter:
+    """A validated prompt-side adapter file: method, virtual-token count, graph-layout tensors."""
+
+    name: str
+    method: str
+    length: int
+    tensors: dict[str, np.ndarray]
+
+
+def is_prompt_method(method: str) -> bool:
+    return method in PROMPT_METHODS
+
+
+def load_prompt_adapter(root: Path, manifest: Manifest, name: str) -> PromptAdapter:
+    """Read `name` from the bundle and check it against the bundle's base and bounds."""
+    entry = manifest.adapters.installed.get(name)
+    if entry is None:
+        known = ", ".join(sorted(manifest.adapters.installed)) or "none"
+        raise InferenceError(
+            f"unknown adapter {name!r} (installed: {known}); add it with "
+            f"'peft-export adapters add {root} {name}=PATH'"
+        )
+    if not is_prompt_method(entry.method):
+        raise InferenceError(f"adapter {name!r} is {entry.method}, not a prompt-side method")
+    path = confined(root, entry.file)
+    try:
+        header = read_header(path, max_total_bytes=MAX_ADAPTER_BYTES)
+        tensors = read_tensors(path, header)
+        check_finite(path, tensors)
+    except BundleError as exc:
+        raise InferenceError(f"adapter {name!r}: {exc}") from None
+    meta = header.metadata
+    if meta.get("format") != names.ADAPTER_FILE_FORMAT or meta.get("method") != entry.method:
+        raise InferenceError(
+            f"adapter {name!r}: {entry.file} is not a {entry.method} peft-export adapter file; "
+            "add the adapter again with 'peft-export adapters add'"
+        )
+    if meta.get("base_weights_sha256") != manifest.base_model.weights_sha256:
+        raise InferenceError(
+            f"adapter {name!r} was converted for another base model (weights hash differs); "
+            "add it again to this bundle with 'peft-export adapters add'"
+        )
+    arrays = {k: v.astype(np.float32) for k, v in tensors.items() if v.dtype.kind == "f"}
+    if len(arrays) != len(tensors):
+        raise InferenceError(f"adapter {name!r}: non-float tensors; add it again")
+    length = _check_shapes(name, entry.method, arrays, manifest)
+    return PromptAdapter(name, entry.method, length, arrays)
+
+
+def _check_shapes(name: str, method: str, tensors: dict[str, np.ndarray], m: Manifest) -> int:
+    kv, layout = m.kv, m.adapters
+    if method == PREFIX_TUNING:
+        expected = {names.prefix_key(i) for i in range(kv.num_layers)}
+        expected |= {names.prefix_value(i) for i in range(kv.num_layers)}
+        bound, option = layout.prefix_max_len, "--prefix-max-len"
+    elif method == ADAPTION_PROMPT:
+        layers = range(kv.num_layers)
+        adapted = [i for i in layers if names.adaption_gate(i) in tensors]
+        expected = {f(i) for i in adapted for f in (names.adaption_key, names.adaption_value)}
+        expected |= {names.adaption_gate(i) for i in adapted} or {"(at least one layer)"}
+        bound, option = layout.adaption_max_len, "--adaption-max-len"
+    else:
+        expected = {names.PROMPT_EMBEDS}
+        bound, option = layout.prompt_max_len, "--prompt-max-len"
+    if set(tensors) != expected:
+        raise InferenceError(
+            f"adapter {name!r}: its tensors do not match a {method} adapter for this bundle's "
+            "base (another base?); add it again with 'peft-export adapters add'"
+        )
+    if method in (PREFIX_TUNING, ADAPTION_PROMPT):
+        shapes = {v.shape for k, v in tensors.items() if not k.endswith(".gate")}
+        gates = {v.shape for k, v in tensors.items() if k.endswith(".gate")}
+        length = next(iter(shapes))[1] if len(shapes) == 1 else -1
+        want = (kv.num_kv_heads, length, kv.head_dim)
+        if shapes != {want} or gates - {(1,)}:
+            raise InferenceError(
+                f"adapter {name!r}: KV shapes {sorted(shapes)} do not fit the bundle's base "
+                f"[{kv.num_kv_heads}, n, {kv.head_dim}]; it was made for another base"
+            )
+    else:
+        embeds = tensors[names.PROMPT_EMBEDS]
+        if embeds.ndim != 2 or embeds.shape[1] != m.hidden_size:
+            raise InferenceError(
+                f"adapter {name!r}: prompt embeddings of size {embeds.shape[-1]}, but the "
+                f"bundle's base has hidden size {m.hidden_size}; use an adapter for this base"
+            )
+        length = embeds.shape[0]
+    if bound == 0:
+        raise InferenceError(
+            f"adapter {name!r} is {method} but this bundle has no {method} inputs; "
+            f"re-export with {option} {length} (or more)"
+        )
+    if length > bound:
+        raise InferenceError(
+            f"adapter {name!r} has {length} virtual tokens but the bundle allows at most "
+            f"{bound}; re-export with {option} {length} (or more)"
+        )
+    return length
+
+
+class PromptBatch:
+    """One request's prompt-side feeds, built once from the per-row adapters."""
+
+    def __init__(self, rows: list[PromptAdapter | None], manifest: Manifest, dtype: np.dtype):
+        self.rows = rows
+        self.dtype = np.dtype(dtype)
+        self.manifest = manifest
+        batch = len(rows)
+        prefixes = [r if r is not None and r.method == PREFIX_TUNING else None for r in rows]
+        prompts = [r if r is not None and r.method in PROMPT_EMBED_METHODS else None for r in rows]
+        adaptions = [r if r is not None and r.method == ADAPTION_PROMPT else None for r in rows]
+        self.prefix_len = max((r.length for r in prefixes if r), default=0)
+        self.prompt_len = max((r.length for r in prompts if r), default=0)
+        self.prefix_mask = _left_mask(prefixes, batch, self.prefix_len)
+        self.prompt_mask = _left_mask(prompts, batch, self.prompt_len)
+        self.prefix_past = self._prefix_past(prefixes) if self.prefix_len else {}
+        self.prompt_embeds = self._prompt_embeds(prompts)
+        layout = manifest.adapters
+        self.adaption = self._adaption(adaptions) if layout.adaption_max_len else {}
+
+    def reservation(self) -> Reservation:
+        return Reservation(
+            prefix_len=self.prefix_len,
+            prefix_mask=self.prefix_mask if self.prefix_len else None,
+            prompt_len=self.prompt_len,
+            prompt_mask=self.prompt_mask if self.prompt_len else None,
+        )
+
+    def step_feeds(self, step: int) -> dict[str, np.ndarray]:
+        """Feeds of one step: the prefix past and prompt on step 0, AdaptionPrompt always."""
+        feeds: dict[str, np.ndarray] = dict(self.adaption)
+        if self.manifest.adapters.prompt_max_len:
+            embeds = self.prompt_embeds
+            feeds[names.PROMPT_EMBEDS] = embeds if step == 0 else embeds[:, :0]
+        if step == 0:
+            feeds.update(self.prefix_past)
+        return feeds
+
+    def _prefix_past(self, rows: list[PromptAdapter | None]) -> dict[str, np.ndarray]:
+        kv = self.manifest.kv
+        shape = (len(rows), kv.num_kv_heads, self.prefix_len, kv.head_dim)
+        past = {}
+        for layer in range(kv.num_layers):
+            for kind, name in (
+                (names.prefix_key(layer), names.past_key(layer)),
+                (names.prefix_value(layer), names.past_value(layer)),
+            ):
+                out = np.zeros(shape, dtype=self.dtype)
+                for b, row in enumerate(rows):
+                    if row is not None:
+                        out[b, :, self.prefix_len - row.length :] = row.tensors[kind]
+                past[name] = out
+        return past
+
+    def _prompt_embeds(self, rows: list[PromptAdapter | None]) -> np.ndarray:
+        hidden = self.manifest.hidden_size
+        out = np.zeros((len(rows), self.prompt_len, hidden), dtype=self.dtype)
+        for b, row in enumerate(rows):
+            if row is not None:
+                out[b, self.prompt_len - row.length :] = row.tensors[names.PROMPT_EMBEDS]
+        return out
+
+    def _adaption(self, rows: list[PromptAdapter | None]) -> dict[str, np.ndarray]:
+        kv = self.manifest.kv
+        length = max((r.length for r in rows if r), default=1)
+        batch = len(rows)
+        feeds = {names.ADAPTION_MASK: _left_mask(rows, batch, length)}
+        for layer in range(kv.num_layers):
+            keys = np.zeros((batch, kv.num_kv_heads, length, kv.head_dim), dtype=self.dtype)
+            values = np.zeros_like(keys)
+            gates = np.zeros((batch,), dtype=self.dtype)
+            for b, row in enumerate(rows):
+                if row is None or names.adaption_gate(layer) not in row.tensors:
+                    continue
+                keys[b, :, length - row.length :] = row.tensors[names.adaption_key(layer)]
+                values[b, :, length - row.length :] = row.tensors[names.adaption_value(layer)]
+                gates[b] = row.tensors[names.adaption_gate(layer)][0]
+            feeds[names.adaption_key(layer)] = keys
+            feeds[names.adaption_value(layer)] = values
+            feeds[names.adaption_gate(layer)] = gates
+        return feeds
+
+
+def _left_mask(rows: list[PromptAdapter | None], batch: int, length: int) -> np.ndarray:
+    mask = np.zeros((batch, length), dtype=np.int64)
+    for b, row in enumerate(rows):
+        if row is not None:
+            mask[b, length - row.length :] = 1
+    return mask
+
+
+class PromptInputProvider(InputProvider):
+    """Resolves prompt-side adapter names of a request; other names are left to other
+    providers. Loaded adapters stay in host memory until `drop`."""
+
+    accepts_adapters = True
+
+    def __init__(self, root: Path, manifest: Manifest, dtype: np.dtype) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self.dtype = np.dtype(dtype)
+        self._held: dict[str, PromptAdapter] = {}
+        self._lock = threading.Lock()
+
+    def inputs(self) -> set[str]:
+        layout = self.manifest.adapters
+        out = {names.PROMPT_EMBEDS} if layout.prompt_max_len else set()
+        if layout.adaption_max_len:
+            out.add(names.ADAPTION_MASK)
+            for layer in range(self.manifest.kv.num_layers):
+                out |= {names.adaption_key(layer), names.adaption_value(layer)}
+                out.add(names.adaption_gate(layer))
+        return out
+
+    def held(self) -> list[str]:
+        with self._lock:
+            return sorted(self._held)
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            self._held.pop(name, None)
+
+    def owns(self, name: str) -> bool:
+        """Whether `name` is a prompt-side adapter of the bundle (re-reads a changed manifest)."""
+        entry = self.manifest.adapters.installed.get(name)
+        if entry is None:
+            self._refresh_manifest()
+            entry = self.manifest.adapters.installed.get(name)
+        return entry is not None and is_prompt_method(entry.method)
+
+    def _resolve(self, name: str | None) -> PromptAdapter | None:
+        """This provider's adapter for a row; None for no adapter or another method's."""
+        if name is None:
+            return None
+        if self.owns(name):
+            return self.get(name)
+        if name not in self.manifest.adapters.installed:
+            return load_prompt_adapter(self.root, self.manifest, name)  # raises: unknown name
+        return None
+
+    def get(self, name: str) -> PromptAdapter:
+        with self._lock:
+            adapter = self._held.get(name)
+        if adapter is None:
+            adapter = load_prompt_adapter(self.root, self.manifest, name)
+            with self._lock:
+                self._held[name] = adapter
+        return adapter
+
+    def start(self, ctx: RequestContext) -> Reservation | None:
+        rows = [self._resolve(name) for name in ctx.request.adapters]
+        batch = PromptBatch(rows, self.manifest, self.dtype)
+        ctx.state[self] = batch
+        return batch.reservation()
+
+    def step(self, ctx: RequestContext, state: StepState) -> None:
+        state.feeds.update(ctx.state[self].step_feeds(state.index))
+
+    def _refresh_manifest(self) -> None:
+        try:
+            fresh = load_manifest(self.root)
+        except BundleError:
+            return
+        if fresh.base_model.weights_sha256 == self.manifest.base_model.weights_sha256:
+            self.manifest = fresh
+
+
+def provider_for_bundle(bundle: Bundle) -> PromptInputProvider | None:
+    """PROVIDER_FACTORIES entry: a provider when the bundle accepts prompt-side adapters."""
+    manifest = bundle.manifest
+    prompt_side = any(is_prompt_method(m) for m in manifest.adapters.methods)
+    if manifest.mode != "runtime" or not prompt_side:
+        return None
+    kv_input = next(s for s in bundle.backend.inputs() if s.name == names.past_key(0))
+    return PromptInputProvider(bundle.root, manifest, kv_input.dtype)
