@@ -266,13 +266,7 @@ class PromptInputProvider(InputProvider):
 
     def _resolve(self, name: str | None) -> PromptAdapter | None:
         """This provider's adapter for a row; None for no adapter or another method's."""
-        if name is None:
-            return None
-        if self.owns(name):
-            return self.get(name)
-        if name not in self.manifest.adapters.installed:
-            return load_prompt_adapter(self.root, self.manifest, name)  # raises: unknown name
-        return None
+        return self.get(name) if name is not None and self.owns(name) else None
 
     def get(self, name: str) -> PromptAdapter:
         with self._lock:

@@ -30,7 +30,10 @@ if TYPE_CHECKING:
     from peft_export.runtime.request import GenerationRequest
     from peft_export.runtime.session import Bundle
 
-PROVIDER_FACTORIES: tuple[str, ...] = ("peft_export.runtime.adapters_provider:provider_for_bundle",)
+PROVIDER_FACTORIES: tuple[str, ...] = (
+    "peft_export.runtime.adapters_provider:provider_for_bundle",
+    "peft_export.runtime.prompt_inputs:provider_for_bundle",
+)
 """Built-in providers, "module:function"; each returns a provider for a bundle, or None."""
 
 
