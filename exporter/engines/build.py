@@ -46,8 +46,11 @@ class EngineOptions:
 _OPTION_NAMES = [f.name for f in dataclasses.fields(EngineOptions) if f.name != "progress"]
 
 
-def add_engine_options(command: click.Command) -> click.Command:
-    """Attach the engine build options to a click command (export or build-engine)."""
+def add_engine_options(command: Any, *, slots: bool = True) -> Any:
+    """Attach the engine build options to a click command or a function about to become one.
+
+    `slots=False` leaves --slots to a command that already has it (export's LoRA banks).
+    """
     options = [
         click.option(
             "--trt-backend",
@@ -62,7 +65,6 @@ def add_engine_options(command: click.Command) -> click.Command:
         click.option(
             "--past", default="0:256:1024", show_default=True, help="Cached tokens min:opt:max."
         ),
-        click.option("--slots", type=int, default=None, help="Adapter bank slots (runtime mode)."),
         click.option(
             "--compute-capability",
             multiple=True,
@@ -83,9 +85,34 @@ def add_engine_options(command: click.Command) -> click.Command:
             help="Reuse engines from $PEFT_EXPORT_CACHE/engines (~/.cache/peft-export).",
         ),
     ]
-    for option in options:
+    if slots:
+        options.append(
+            click.option("--slots", type=int, default=None, help="Adapter bank slots (runtime).")
+        )
+    ordered = options if isinstance(command, click.Command) else reversed(options)
+    for option in ordered:
         command = option(command)
     return command
+
+
+def export_engine_options(command: Any) -> Any:
+    """`export`'s --engine switch plus the build options (export.py OPTIONS entry)."""
+    command = add_engine_options(command, slots=False)
+    return click.option(
+        "--engine",
+        type=click.Choice(["onnx", "trt"]),
+        default="onnx",
+        show_default=True,
+        help="Also build a TensorRT engine into the bundle (trt).",
+    )(command)
+
+
+def export_engine_step(stage: Path, manifest: Manifest, context: Any) -> None:
+    """Pipeline post step (export.py POST_STEPS entry): build when --engine trt was given."""
+    params = dict(context.options)
+    if params.get("engine", "onnx") != "trt":
+        return
+    build_engines(stage, manifest, engine_options(params))
 
 
 def engine_options(params: dict[str, Any]) -> EngineOptions:

@@ -114,6 +114,12 @@ def select_backend(requested: str | None = None) -> TrtBackend:
     )
 
 
+def available_backends() -> list[TrtBackend]:
+    """Every importable flavour (without binding Polygraphy to one)."""
+    modules = [(name, _import(name)) for name in (TENSORRT, TENSORRT_RTX)]
+    return [TrtBackend(name, module) for name, module in modules if module is not None]
+
+
 def _import(name: str) -> ModuleType | None:
     if importlib.util.find_spec(name) is None:
         return None
