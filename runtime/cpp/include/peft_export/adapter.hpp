@@ -1,0 +1,43 @@
+// Adapters held in host memory, validated against the bundle they will run in.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "peft_export/dtype.hpp"
+#include "peft_export/manifest.hpp"
+
+namespace peft_export {
+
+// A tensor in host memory, converted to the dtype of the graph input it feeds.
+struct HostTensor {
+  DType dtype = DType::kFloat32;
+  std::vector<std::int64_t> shape;
+  std::vector<std::byte> data;
+};
+
+// One runtime-mode adapter file, fully read and checked: every tensor names a graph input of
+// this bundle, fits its shape (rank <= r_max, lengths <= the manifest's maxima) and is finite,
+// and the file was made for this bundle's base weights.
+struct HostAdapter {
+  std::string name;
+  std::string method;
+  std::filesystem::path file;
+  std::map<std::string, HostTensor> tensors;
+
+  bool has_lora() const;
+  std::int64_t prefix_len() const;    // virtual tokens entering as past KV (0: none)
+  std::int64_t prompt_len() const;    // prompt embeddings put before the text (0: none)
+  std::int64_t adaption_len() const;  // AdaptionPrompt length (0: none)
+  std::size_t nbytes() const;
+};
+
+// Reads and validates an adapter file for the bundle described by `manifest`.
+HostAdapter read_adapter(const Manifest& manifest, const std::string& name,
+                         const std::filesystem::path& file);
+
+}  // namespace peft_export

@@ -1,0 +1,41 @@
+/* A small C ABI over the runtime (for ctypes, other languages and the Python tests).
+ *
+ * Requests and results are JSON strings; every call is thread-safe. Functions returning a
+ * pointer return NULL on failure and int functions return nonzero; peft_export_last_error()
+ * then gives the message of the calling thread's last failure. Free returned strings with
+ * peft_export_free. */
+#ifndef PEFT_EXPORT_C_API_H
+#define PEFT_EXPORT_C_API_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct peft_export_runtime peft_export_runtime;
+
+/* options_json (may be NULL): {"backend": "ort", "threads": 0, "denormals_as_zero": true,
+ * "optimization": "all", "engine": "", "plugin_library": ""} */
+peft_export_runtime* peft_export_open(const char* bundle_dir, const char* options_json);
+void peft_export_close(peft_export_runtime* runtime);
+
+/* request_json: {"rows": [{"prompt_ids": [..] | "text": "..", "adapter": "name",
+ * "max_new_tokens": 64, "temperature": 0, "top_k": 0, "top_p": 1, "seed": 1,
+ * "stop_token_ids": [], "ignore_eos": false}]}
+ * result: {"rows": [{"prompt_ids", "token_ids", "text", "finish_reason"}],
+ *          "prefill_seconds", "decode_seconds", "steps"} */
+char* peft_export_generate(peft_export_runtime* runtime, const char* request_json);
+
+/* op: "add" (needs path), "load", "unload", "pin", "unpin", or "status" (name ignored).
+ * Returns the store's state: {"available", "loaded", "resident", "slots": {name: slot},
+ * "stats": {"loads", "placements", "evictions"}}. */
+char* peft_export_adapters(peft_export_runtime* runtime, const char* op, const char* name,
+                           const char* path);
+
+const char* peft_export_last_error(void);
+void peft_export_free(char* text);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PEFT_EXPORT_C_API_H */
