@@ -18,9 +18,12 @@ from typing import Any
 
 import click
 
-OPTIONS: tuple[str, ...] = ()
-PLANNERS: tuple[str, ...] = ()
-POST_STEPS: tuple[str, ...] = ()
+OPTIONS: tuple[str, ...] = (
+    "peft_export.exporter.runtime_adapters.cli_options:lora_bank_options",
+    "peft_export.exporter.engines.build:export_engine_options",
+)
+PLANNERS: tuple[str, ...] = ("peft_export.exporter.runtime_adapters.planner:plan_lora_banks",)
+POST_STEPS: tuple[str, ...] = ("peft_export.exporter.engines.build:export_engine_step",)
 
 
 def _resolve(ref: str) -> Any:

@@ -1,0 +1,40 @@
+"""Export-command options of runtime-mode LoRA banks (light: imported when the CLI starts)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+
+def lora_bank_options(command: Callable) -> Callable:
+    """Add --target-modules, --max-rank, --slots and --methods to `export`."""
+    options = [
+        click.option(
+            "--target-modules",
+            default=None,
+            help="Runtime mode: modules that get LoRA banks, comma-separated names or paths "
+            "(default: those the adapters target).",
+        ),
+        click.option(
+            "--max-rank",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Runtime mode: bank rank r_max (default: the largest adapter rank).",
+        ),
+        click.option(
+            "--slots",
+            type=click.IntRange(min=2),
+            default=None,
+            help="Runtime mode: bank slots including slot 0, the base model (default 8).",
+        ),
+        click.option(
+            "--methods",
+            default=None,
+            help="Runtime mode: LoRA-family methods the slots accept, comma-separated "
+            "(default: the adapters' methods; dora/ia3 add scale inputs).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
