@@ -17,6 +17,7 @@ struct Expected {
   std::vector<std::int64_t> shape;  // -1: a length bounded by `max_len`
   std::int64_t max_len = 0;
   const char* length_name = "";
+  bool exact_dtype = false;  // LoRA banks: the file must already be in the bank dtype
 };
 
 [[noreturn]] void refuse(const std::filesystem::path& file, const std::string& problem) {
@@ -62,11 +63,10 @@ bool expected_lora(const Manifest& manifest, const std::string& name, Expected& 
     if (module == nullptr || input == nullptr) return false;
     std::string p = part;
     std::int64_t r = manifest.adapters.r_max;
-    out.dtype = input->dtype;
-    out.max_len = r;
-    out.length_name = "rank";
-    if (p == "A") out.shape = {-1, module->in_features};
-    if (p == "B") out.shape = {module->out_features, -1};
+    out.dtype = manifest.kv.dtype;  // banks hold the model dtype, as in the Python store
+    out.exact_dtype = true;
+    if (p == "A") out.shape = {r, module->in_features};
+    if (p == "B") out.shape = {module->out_features, r};
     if (p == "out_scale" || p == "bias_scale") out.shape = {module->out_features};
     if (p == "in_scale") out.shape = {module->in_features};
     return true;
@@ -196,7 +196,7 @@ HostAdapter read_adapter(const Manifest& manifest, const std::string& name,
   }
   HostAdapter adapter{name, value("method"), file, {}};
   const auto& methods = manifest.adapters.methods;
-  if (!methods.empty() && std::find(methods.begin(), methods.end(), adapter.method) == methods.end()) {
+  if (std::find(methods.begin(), methods.end(), adapter.method) == methods.end()) {
     refuse(file, "method '" + adapter.method + "' is not one this bundle's graph accepts; "
                  "re-export the bundle with --method " + adapter.method);
   }
@@ -210,6 +210,10 @@ HostAdapter read_adapter(const Manifest& manifest, const std::string& name,
                    "or method it was not exported for); re-export with that target included");
     }
     if (!is_float(info.dtype)) refuse(file, "tensor '" + tensor_name + "' is not floating point");
+    if (expected.exact_dtype && info.dtype != expected.dtype) {
+      refuse(file, "tensor '" + tensor_name + "' is " + dtype_name(info.dtype) + ", the bank slot is " +
+                       dtype_name(expected.dtype) + "; re-add the adapter for this bundle");
+    }
     check_shape(file, tensor_name, expected, info.shape);
     std::int64_t& len = starts_with(tensor_name, "prefix.") ? prefix_len : adaption_len;
     if ((starts_with(tensor_name, "prefix.") || starts_with(tensor_name, "adaption.")) &&

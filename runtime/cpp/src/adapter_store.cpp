@@ -2,7 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
-#include <set>
+#include <chrono>
 
 #include "peft_export/errors.hpp"
 
@@ -21,7 +21,11 @@ bool split_bank(const std::string& name, std::string& module, std::string& part)
 
 }  // namespace
 
-AdapterBanks::AdapterBanks(const Manifest& manifest) : slots_(manifest.adapters.slots) {
+AdapterBanks::AdapterBanks(const Manifest& manifest, int slots)
+    : slots_(slots > 0 ? slots : (manifest.adapters.slots > 0 ? manifest.adapters.slots : 2)) {
+  if (slots_ < 2) {
+    throw InferenceError("an adapter store needs at least 2 slots (slot 0 is the base)");
+  }
   const AdapterLayout& layout = manifest.adapters;
   for (const TensorSpec& input : manifest.graph.inputs) {
     std::string module_path;
@@ -94,9 +98,9 @@ void AdapterBanks::write_slot(int slot, const HostAdapter* adapter) {
 
 AdapterStore::Lease::Lease(Lease&& other) noexcept
     : store_(other.store_),
-      slots_(std::move(other.slots_)),
+      ids_(std::move(other.ids_)),
       adapters_(std::move(other.adapters_)),
-      held_(std::move(other.held_)) {
+      pinned_(std::move(other.pinned_)) {
   other.store_ = nullptr;
 }
 
@@ -104,9 +108,9 @@ AdapterStore::Lease& AdapterStore::Lease::operator=(Lease&& other) noexcept {
   if (this != &other) {
     release();
     store_ = other.store_;
-    slots_ = std::move(other.slots_);
+    ids_ = std::move(other.ids_);
     adapters_ = std::move(other.adapters_);
-    held_ = std::move(other.held_);
+    pinned_ = std::move(other.pinned_);
     other.store_ = nullptr;
   }
   return *this;
@@ -115,210 +119,187 @@ AdapterStore::Lease& AdapterStore::Lease::operator=(Lease&& other) noexcept {
 AdapterStore::Lease::~Lease() { release(); }
 
 void AdapterStore::Lease::release() {
-  if (store_ != nullptr) store_->release(held_);
+  if (store_ != nullptr) store_->release(pinned_);
   store_ = nullptr;
-  held_.clear();
+  pinned_.clear();
 }
 
 AdapterStore::AdapterStore(const Manifest& manifest, std::filesystem::path bundle_dir,
-                           AdapterBanks* banks)
-    : manifest_(manifest), bundle_dir_(std::move(bundle_dir)), banks_(banks) {
-  slots_.resize(banks_ != nullptr ? static_cast<std::size_t>(std::max(banks_->slots(), 1)) : 1);
-  for (const auto& [name, installed] : manifest_.adapters.installed) {
-    files_[name] = installed.file;
+                           AdapterBanks* banks, double wait_seconds)
+    : manifest_(manifest), bundle_dir_(std::move(bundle_dir)), banks_(banks),
+      wait_seconds_(wait_seconds) {
+  int slots = banks_ != nullptr ? banks_->slots() : 1;
+  name_in_.assign(static_cast<std::size_t>(slots), "");
+  pins_.assign(static_cast<std::size_t>(slots), 0);
+  for (int slot = 1; slot < slots; ++slot) lru_.push_back(slot);
+}
+
+std::shared_ptr<const HostAdapter> AdapterStore::load(const std::string& name) {
+  Manifest manifest;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto held = host_.find(name);
+    if (held != host_.end()) return held->second;
+    if (!manifest_.adapters.installed.count(name)) refresh_manifest_locked();
+    manifest = manifest_;
   }
-}
-
-std::vector<std::string> AdapterStore::available() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  std::vector<std::string> names;
-  for (const auto& [name, file] : files_) names.push_back(name);
-  return names;
-}
-
-void AdapterStore::add(const std::string& name, const std::filesystem::path& file) {
-  if (name.empty()) throw InferenceError("an adapter needs a non-empty name");
-  HostAdapter adapter = read_adapter(manifest_, name, file);
-  std::lock_guard<std::mutex> lock(mutex_);
-  // A new version of a served adapter: running requests keep the old slot (detached).
-  for (Slot& slot : slots_) {
-    if (slot.name == name) slot.name.clear();
-  }
-  files_[name] = std::filesystem::absolute(file);
-  host_[name] = std::make_shared<const HostAdapter>(std::move(adapter));
-  ++stats_.loads;
-}
-
-void AdapterStore::load(const std::string& name) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  load_locked(name);
-}
-
-std::shared_ptr<const HostAdapter> AdapterStore::load_locked(const std::string& name) {
-  auto cached = host_.find(name);
-  if (cached != host_.end()) return cached->second;
-  auto file = files_.find(name);
-  if (file == files_.end()) {
+  auto entry = manifest.adapters.installed.find(name);
+  if (entry == manifest.adapters.installed.end()) {
     std::string known;
-    for (const auto& [known_name, path] : files_) known += (known.empty() ? "" : ", ") + known_name;
-    throw InferenceError("unknown adapter '" + name + "' (available: " +
-                         (known.empty() ? std::string("none") : known) +
-                         "); add it with 'peft-export adapters add' or AdapterStore::add");
-  }
-  // Bundle-relative files must stay inside the bundle; added files are taken as given.
-  std::filesystem::path path =
-      file->second.is_relative() ? confined_path(bundle_dir_, file->second.string()) : file->second;
-  auto adapter = std::make_shared<const HostAdapter>(read_adapter(manifest_, name, path));
-  host_[name] = adapter;
-  ++stats_.loads;
-  return adapter;
-}
-
-void AdapterStore::unload(const std::string& name) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  host_.erase(name);
-  for (Slot& slot : slots_) {
-    if (slot.name == name) {
-      slot.name.clear();
-      slot.pinned = false;
+    for (const auto& [known_name, installed] : manifest.adapters.installed) {
+      known += (known.empty() ? "" : ", ") + known_name;
     }
+    throw InferenceError("unknown adapter '" + name + "' (installed: " +
+                         (known.empty() ? std::string("none") : known) +
+                         "); add it with 'peft-export adapters add " + bundle_dir_.string() + " " +
+                         name + "=PATH'");
   }
-}
-
-void AdapterStore::pin(const std::string& name) {
+  std::filesystem::path path = confined_path(bundle_dir_, entry->second.file);
+  auto adapter = std::make_shared<const HostAdapter>(read_adapter(manifest, name, path));
   std::lock_guard<std::mutex> lock(mutex_);
-  auto adapter = load_locked(name);
-  if (!adapter->has_lora()) return;
-  int slot = find_slot_locked(name);
-  if (slot < 0) slot = place_locked(name, adapter, {name});
-  slots_[static_cast<std::size_t>(slot)].pinned = true;
+  return host_.emplace(name, adapter).first->second;
 }
 
-void AdapterStore::unpin(const std::string& name) {
+void AdapterStore::refresh_manifest_locked() {
+  Manifest fresh;
+  try {
+    fresh = load_manifest(bundle_dir_);
+  } catch (const BundleError&) {
+    return;
+  }
+  bool same_base = fresh.base_model.weights_sha256 == manifest_.base_model.weights_sha256;
+  bool same_graph = fresh.graph.inputs.size() == manifest_.graph.inputs.size() &&
+                    fresh.adapters.r_max == manifest_.adapters.r_max;
+  if (same_base && same_graph) manifest_.adapters.installed = fresh.adapters.installed;
+}
+
+bool AdapterStore::drop(const std::string& name) {
   std::lock_guard<std::mutex> lock(mutex_);
-  int slot = find_slot_locked(name);
-  if (slot >= 0) slots_[static_cast<std::size_t>(slot)].pinned = false;
+  auto placed = slot_of_.find(name);
+  if (placed != slot_of_.end()) {
+    int slot = placed->second;
+    if (pins_[static_cast<std::size_t>(slot)] > 0) return false;
+    slot_of_.erase(placed);
+    name_in_[static_cast<std::size_t>(slot)].clear();
+    lru_.remove(slot);
+    lru_.push_front(slot);
+  }
+  host_.erase(name);
+  return true;
 }
 
-std::vector<std::string> AdapterStore::loaded() const {
+std::vector<std::string> AdapterStore::held() const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<std::string> names;
   for (const auto& [name, adapter] : host_) names.push_back(name);
   return names;
 }
 
-std::vector<std::string> AdapterStore::resident() const {
+std::map<std::string, int> AdapterStore::resident() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  std::vector<std::string> names;
-  for (const Slot& slot : slots_) {
-    if (!slot.name.empty()) names.push_back(slot.name);
+  return slot_of_;
+}
+
+std::size_t AdapterStore::swaps() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return swaps_;
+}
+
+bool AdapterStore::can_place_locked(const std::vector<std::string>& wanted) const {
+  std::size_t missing = 0;
+  for (const auto& name : wanted) missing += slot_of_.count(name) ? 0 : 1;
+  std::size_t free = 0;
+  for (std::size_t slot = 1; slot < name_in_.size(); ++slot) {
+    bool wanted_here = std::find(wanted.begin(), wanted.end(), name_in_[slot]) != wanted.end();
+    if (pins_[slot] == 0 && !wanted_here) ++free;
   }
-  std::sort(names.begin(), names.end());
-  return names;
+  return missing <= free;
 }
 
-std::optional<int> AdapterStore::slot_of(const std::string& name) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  int slot = find_slot_locked(name);
-  return slot < 0 ? std::nullopt : std::optional<int>(slot);
-}
-
-AdapterStoreStats AdapterStore::stats() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return stats_;
-}
-
-int AdapterStore::find_slot_locked(const std::string& name) const {
-  for (std::size_t i = 1; i < slots_.size(); ++i) {
-    if (slots_[i].name == name) return static_cast<int>(i);
-  }
-  return -1;
-}
-
-int AdapterStore::place_locked(const std::string& name,
-                               const std::shared_ptr<const HostAdapter>& adapter,
-                               const std::vector<std::string>& keep) {
+int AdapterStore::place_locked(const std::string& name, const HostAdapter& adapter) {
+  auto placed = slot_of_.find(name);
+  if (placed != slot_of_.end()) return placed->second;
   int chosen = -1;
-  for (std::size_t i = 1; i < slots_.size() && chosen < 0; ++i) {
-    if (slots_[i].name.empty() && slots_[i].users == 0) chosen = static_cast<int>(i);
-  }
-  if (chosen < 0) {
-    for (std::size_t i = 1; i < slots_.size(); ++i) {
-      const Slot& slot = slots_[i];
-      bool needed = std::find(keep.begin(), keep.end(), slot.name) != keep.end();
-      if (slot.users > 0 || slot.pinned || needed) continue;
-      if (chosen < 0 || slot.last_used < slots_[static_cast<std::size_t>(chosen)].last_used) {
-        chosen = static_cast<int>(i);
-      }
+  for (int slot : lru_) {
+    if (pins_[static_cast<std::size_t>(slot)] > 0) continue;
+    if (chosen < 0) chosen = slot;  // least recently used unpinned slot
+    if (name_in_[static_cast<std::size_t>(slot)].empty()) {
+      chosen = slot;  // an empty one is preferred
+      break;
     }
   }
-  if (chosen < 0) {
-    throw InferenceError(
-        "all " + std::to_string(slots_.size() - 1) + " adapter slots are in use by running "
-        "requests or pinned; retry when a request finishes, unpin an adapter, or re-export the "
-        "bundle with more --slots");
-  }
-  Slot& slot = slots_[static_cast<std::size_t>(chosen)];
-  if (!slot.name.empty()) ++stats_.evictions;
-  slot.name.clear();
-  banks_->write_slot(chosen, adapter.get());
-  slot.name = name;
-  slot.pinned = false;
-  slot.last_used = ++clock_;
-  ++stats_.placements;
+  std::string& evicted = name_in_[static_cast<std::size_t>(chosen)];
+  if (!evicted.empty()) slot_of_.erase(evicted);
+  evicted.clear();
+  banks_->write_slot(chosen, &adapter);
+  evicted = name;
+  slot_of_[name] = chosen;
+  ++swaps_;
   return chosen;
 }
 
 AdapterStore::Lease AdapterStore::acquire(const std::vector<std::string>& row_adapters) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::string> named;
+  for (const std::string& name : row_adapters) {
+    if (!name.empty() && std::find(named.begin(), named.end(), name) == named.end()) {
+      named.push_back(name);
+    }
+  }
+  std::map<std::string, std::shared_ptr<const HostAdapter>> hosted;
+  std::vector<std::string> wanted;  // LoRA-family adapters: they need a slot
+  for (const std::string& name : named) {
+    hosted[name] = load(name);
+    if (hosted[name]->has_lora()) wanted.push_back(name);
+  }
+  if (!wanted.empty() && banks_ == nullptr) {
+    throw InferenceError("adapter '" + wanted.front() + "' has LoRA weights but this bundle's "
+                         "graph has no adapter banks; re-export with --mode runtime");
+  }
+  if (static_cast<int>(wanted.size()) > slots() - 1) {
+    throw InferenceError("one request names " + std::to_string(wanted.size()) +
+                         " different adapters but the banks hold " + std::to_string(slots() - 1) +
+                         "; split the batch or load the bundle with more slots");
+  }
   Lease lease;
-  lease.store_ = this;
-  std::vector<std::string> distinct;
-  for (const std::string& name : row_adapters) {
-    if (!name.empty() && std::find(distinct.begin(), distinct.end(), name) == distinct.end()) {
-      distinct.push_back(name);
-    }
-  }
-  std::map<std::string, std::pair<int, std::shared_ptr<const HostAdapter>>> placed;
-  try {
-    for (const std::string& name : distinct) {
-      auto adapter = load_locked(name);
-      int slot = 0;
-      if (adapter->has_lora()) {
-        if (banks_ == nullptr) {
-          throw InferenceError("adapter '" + name + "' has LoRA weights but this bundle's graph "
-                               "has no adapter banks; re-export with --mode runtime");
-        }
-        slot = find_slot_locked(name);
-        if (slot < 0) slot = place_locked(name, adapter, distinct);
-        Slot& entry = slots_[static_cast<std::size_t>(slot)];
-        ++entry.users;
-        entry.last_used = ++clock_;
-        lease.held_.push_back(slot);
+  std::map<std::string, int> slot_of;
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    auto deadline = std::chrono::steady_clock::now() +
+                    std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                        std::chrono::duration<double>(wait_seconds_));
+    while (!can_place_locked(wanted)) {
+      if (released_.wait_until(lock, deadline) == std::cv_status::timeout &&
+          !can_place_locked(wanted)) {
+        throw InferenceError("all adapter slots stayed in use by other requests; retry, or load "
+                             "the bundle with more slots");
       }
-      placed[name] = {slot, adapter};
     }
-  } catch (...) {
-    for (int slot : lease.held_) --slots_[static_cast<std::size_t>(slot)].users;
-    lease.held_.clear();
-    lease.store_ = nullptr;
-    throw;
+    std::stable_partition(wanted.begin(), wanted.end(),
+                          [&](const std::string& name) { return slot_of_.count(name) > 0; });
+    for (const std::string& name : wanted) {
+      int slot = place_locked(name, *hosted[name]);
+      ++pins_[static_cast<std::size_t>(slot)];
+      lru_.remove(slot);
+      lru_.push_back(slot);
+      slot_of[name] = slot;
+      lease.pinned_.push_back(slot);
+    }
+    lease.store_ = this;
   }
   for (const std::string& name : row_adapters) {
-    if (name.empty()) {
-      lease.slots_.push_back(0);
-      lease.adapters_.push_back(nullptr);
-    } else {
-      lease.slots_.push_back(placed[name].first);
-      lease.adapters_.push_back(placed[name].second);
-    }
+    auto slot = slot_of.find(name);
+    lease.ids_.push_back(slot == slot_of.end() ? 0 : slot->second);
+    lease.adapters_.push_back(name.empty() ? nullptr : hosted[name]);
   }
   return lease;
 }
 
 void AdapterStore::release(const std::vector<int>& slots) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  for (int slot : slots) --slots_[static_cast<std::size_t>(slot)].users;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (int slot : slots) --pins_[static_cast<std::size_t>(slot)];
+  }
+  released_.notify_all();
 }
 
 }  // namespace peft_export

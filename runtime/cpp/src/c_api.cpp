@@ -59,16 +59,8 @@ peft_export::RowRequest row_request(const Json& row) {
 }
 
 Json store_state(peft_export::AdapterStore& store) {
-  Json slots = Json::object();
-  for (const auto& name : store.resident()) {
-    if (auto slot = store.slot_of(name)) slots[name] = *slot;
-  }
-  auto stats = store.stats();
-  return Json{{"available", store.available()},
-              {"loaded", store.loaded()},
-              {"resident", store.resident()},
-              {"slots", slots},
-              {"stats", {{"loads", stats.loads}, {"placements", stats.placements}, {"evictions", stats.evictions}}}};
+  return Json{{"held", store.held()}, {"resident", store.resident()}, {"swaps", store.swaps()},
+              {"slots", store.slots()}};
 }
 
 }  // namespace
@@ -87,6 +79,7 @@ peft_export_runtime* peft_export_open(const char* bundle_dir, const char* option
         backend.optimization = json.value("optimization", backend.optimization);
         backend.engine = json.value("engine", backend.engine);
         backend.plugin_library = json.value("plugin_library", std::string());
+        options.slots = json.value("slots", 0);
         auto handle = std::make_unique<peft_export_runtime>();
         handle->runtime = std::make_unique<peft_export::Runtime>(bundle_dir ? bundle_dir : "", options);
         return handle.release();
@@ -119,29 +112,24 @@ char* peft_export_generate(peft_export_runtime* runtime, const char* request_jso
       nullptr);
 }
 
-char* peft_export_adapters(peft_export_runtime* runtime, const char* op, const char* name,
-                           const char* path) {
+char* peft_export_adapters(peft_export_runtime* runtime, const char* op, const char* name) {
   return guarded(
       [&]() -> char* {
         if (runtime == nullptr || op == nullptr) throw peft_export::InferenceError("null argument");
         peft_export::AdapterStore& store = runtime->runtime->adapters();
         std::string action = op;
         std::string adapter = name ? name : "";
-        if (action == "add") {
-          store.add(adapter, path ? path : "");
-        } else if (action == "load") {
+        Json out = Json::object();
+        if (action == "load") {
           store.load(adapter);
-        } else if (action == "unload") {
-          store.unload(adapter);
-        } else if (action == "pin") {
-          store.pin(adapter);
-        } else if (action == "unpin") {
-          store.unpin(adapter);
+        } else if (action == "drop") {
+          out["dropped"] = store.drop(adapter);
         } else if (action != "status") {
           throw peft_export::InferenceError("unknown adapter operation '" + action +
-                                            "'; use add, load, unload, pin, unpin or status");
+                                            "'; use load, drop or status");
         }
-        return copy_out(store_state(store).dump());
+        out.update(store_state(store));
+        return copy_out(out.dump());
       },
       nullptr);
 }

@@ -171,7 +171,7 @@ Batch::PromptSide::PromptSide(const Manifest& manifest,
 Runtime::Runtime(const std::filesystem::path& bundle_dir, RuntimeOptions options)
     : bundle_dir_(bundle_dir), manifest_(load_manifest(bundle_dir)) {
   if (manifest_.runtime_mode()) {
-    banks_ = std::make_unique<AdapterBanks>(manifest_);
+    banks_ = std::make_unique<AdapterBanks>(manifest_, options.slots);
     if (banks_->specs().empty()) banks_.reset();
   }
   store_ = std::make_unique<AdapterStore>(manifest_, bundle_dir_, banks_.get());

@@ -1,9 +1,11 @@
 // The adapter store: adapters in host memory, placed into the graph's bank slots on demand.
 //
-// Slot 0 always holds the base model. A request acquires a slot for each distinct adapter
-// of its rows; a slot in use by a running request is never overwritten, so adapters can be
-// loaded, swapped and evicted while other requests are being served. When every slot is
-// taken, the least recently used slot that is neither pinned nor in use is reused.
+// Same behaviour as the Python runtime's AdapterStore (runtime/adapter_store.py): slot 0 is
+// the base model and never written; a request pins (refcounts) the slot of each distinct
+// adapter of its rows for its whole life, so a slot in use is never overwritten while other
+// requests load, swap and evict adapters; a missing adapter goes to the first empty unpinned
+// slot in LRU order, else evicts the least recently used unpinned one; a request that finds
+// every usable slot pinned waits for others to finish (up to a timeout).
 #pragma once
 
 #include <cstddef>
@@ -12,7 +14,9 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <list>
 #include <mutex>
+#include <condition_variable>
 #include <optional>
 #include <string>
 #include <vector>
@@ -36,7 +40,8 @@ class AdapterBanks {
  public:
   using SlotListener = std::function<void(int slot)>;
 
-  explicit AdapterBanks(const Manifest& manifest);
+  // `slots` 0: the manifest's adapters.slots (at least 2: slot 0 is the base model).
+  explicit AdapterBanks(const Manifest& manifest, int slots = 0);
 
   int slots() const { return slots_; }
   const std::vector<BankSpec>& specs() const { return specs_; }
@@ -58,15 +63,11 @@ class AdapterBanks {
   SlotListener listener_;
 };
 
-struct AdapterStoreStats {
-  std::size_t loads = 0;      // files read into host memory
-  std::size_t placements = 0;  // slot writes
-  std::size_t evictions = 0;   // resident adapters displaced from a slot
-};
-
 class AdapterStore {
  public:
-  // Slots held by one request; releasing (destruction) lets them be reused.
+  static constexpr double kDefaultWaitSeconds = 60.0;
+
+  // Slots pinned for one request; destruction releases them.
   class Lease {
    public:
     Lease() = default;
@@ -77,7 +78,7 @@ class AdapterStore {
     ~Lease();
 
     // Slot of each row, in request order (0 for rows without a LoRA-family adapter).
-    const std::vector<std::int64_t>& slots() const { return slots_; }
+    const std::vector<std::int64_t>& slots() const { return ids_; }
     // The host adapter of each row (nullptr for rows without an adapter).
     const std::vector<std::shared_ptr<const HostAdapter>>& adapters() const { return adapters_; }
 
@@ -85,57 +86,52 @@ class AdapterStore {
     friend class AdapterStore;
     void release();
     AdapterStore* store_ = nullptr;
-    std::vector<std::int64_t> slots_;
+    std::vector<std::int64_t> ids_;
     std::vector<std::shared_ptr<const HostAdapter>> adapters_;
-    std::vector<int> held_;  // one entry per distinct slot taken
+    std::vector<int> pinned_;  // one entry per distinct slot
   };
 
   // `banks` may be null for bundles without LoRA-family banks (merged mode, prompt methods).
-  AdapterStore(const Manifest& manifest, std::filesystem::path bundle_dir, AdapterBanks* banks);
+  AdapterStore(const Manifest& manifest, std::filesystem::path bundle_dir, AdapterBanks* banks,
+               double wait_seconds = kDefaultWaitSeconds);
 
-  // Adapters this store can serve: the bundle's installed ones plus those added at run time.
-  std::vector<std::string> available() const;
-  // Registers an adapter file that is not in the manifest (validated when loaded).
-  void add(const std::string& name, const std::filesystem::path& file);
-  // Reads an adapter into host memory now (otherwise the first request does).
-  void load(const std::string& name);
-  // Drops an adapter from host memory and from its slot; refused while a request uses it.
-  void unload(const std::string& name);
-  // A pinned adapter is placed into a slot now and never evicted until unpinned.
-  void pin(const std::string& name);
-  void unpin(const std::string& name);
+  // Brings an adapter into host memory (validated); no slot is touched. Names unknown to
+  // the manifest loaded at start re-read it, so adapters added to the bundle while serving
+  // ('peft-export adapters add') are found.
+  std::shared_ptr<const HostAdapter> load(const std::string& name);
+  // Forgets an adapter (host copy and slot); false while a request is using it.
+  bool drop(const std::string& name);
+  // Adapters in host memory, sorted (for multiplexing: which requests this replica serves).
+  std::vector<std::string> held() const;
+  // Adapters placed in a bank slot, with their slot.
+  std::map<std::string, int> resident() const;
+  // Slot writes so far (placements, including those that evicted another adapter).
+  std::size_t swaps() const;
+  int slots() const { return static_cast<int>(name_in_.size()); }
 
-  std::vector<std::string> loaded() const;    // in host memory
-  std::vector<std::string> resident() const;  // in a bank slot
-  std::optional<int> slot_of(const std::string& name) const;
-  AdapterStoreStats stats() const;
-
-  // Slots for one request: `row_adapters[i]` names row i's adapter ("" for the base model).
+  // Pins a slot for every distinct LoRA-family adapter of the rows (placing it into the
+  // least recently used unpinned slot if needed; "" rows and prompt-side adapters get slot
+  // 0). Waits up to the store's timeout when other requests pin every slot it could use.
   Lease acquire(const std::vector<std::string>& row_adapters);
 
  private:
-  struct Slot {
-    std::string name;  // "" when empty
-    int users = 0;
-    bool pinned = false;
-    std::uint64_t last_used = 0;
-  };
-
-  std::shared_ptr<const HostAdapter> load_locked(const std::string& name);
-  int place_locked(const std::string& name, const std::shared_ptr<const HostAdapter>& adapter,
-                   const std::vector<std::string>& keep);
+  bool can_place_locked(const std::vector<std::string>& wanted) const;
+  int place_locked(const std::string& name, const HostAdapter& adapter);
   void release(const std::vector<int>& slots);
-  int find_slot_locked(const std::string& name) const;
+  void refresh_manifest_locked();
 
-  const Manifest& manifest_;
+  Manifest manifest_;
   std::filesystem::path bundle_dir_;
   AdapterBanks* banks_;
+  double wait_seconds_;
   mutable std::mutex mutex_;
-  std::map<std::string, std::filesystem::path> files_;  // bundle-relative, or absolute if added
+  std::condition_variable released_;
   std::map<std::string, std::shared_ptr<const HostAdapter>> host_;
-  std::vector<Slot> slots_;
-  std::uint64_t clock_ = 0;
-  AdapterStoreStats stats_;
+  std::map<std::string, int> slot_of_;
+  std::vector<std::string> name_in_;  // per slot, "" when empty (slot 0: the base model)
+  std::vector<int> pins_;             // per slot: requests using it
+  std::list<int> lru_;                // slots 1.., least recently used first
+  std::size_t swaps_ = 0;
 };
 
 }  // namespace peft_export

@@ -14,7 +14,7 @@ extern "C" {
 typedef struct peft_export_runtime peft_export_runtime;
 
 /* options_json (may be NULL): {"backend": "ort", "threads": 0, "denormals_as_zero": true,
- * "optimization": "all", "engine": "", "plugin_library": ""} */
+ * "optimization": "all", "slots": 0, "engine": "", "plugin_library": ""} */
 peft_export_runtime* peft_export_open(const char* bundle_dir, const char* options_json);
 void peft_export_close(peft_export_runtime* runtime);
 
@@ -25,11 +25,10 @@ void peft_export_close(peft_export_runtime* runtime);
  *          "prefill_seconds", "decode_seconds", "steps"} */
 char* peft_export_generate(peft_export_runtime* runtime, const char* request_json);
 
-/* op: "add" (needs path), "load", "unload", "pin", "unpin", or "status" (name ignored).
- * Returns the store's state: {"available", "loaded", "resident", "slots": {name: slot},
- * "stats": {"loads", "placements", "evictions"}}. */
-char* peft_export_adapters(peft_export_runtime* runtime, const char* op, const char* name,
-                           const char* path);
+/* op: "load", "drop" (adds "dropped": false while a request uses it) or "status" (name
+ * ignored). Returns the store's state: {"held": [names], "resident": {name: slot},
+ * "swaps": n, "slots": n}. */
+char* peft_export_adapters(peft_export_runtime* runtime, const char* op, const char* name);
 
 const char* peft_export_last_error(void);
 void peft_export_free(char* text);

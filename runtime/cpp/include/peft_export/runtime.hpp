@@ -69,6 +69,7 @@ struct RuntimeOptions {
   std::string backend = "ort";  // "ort" or "tensorrt"
   BackendOptions backend_options;
   bool load_tokenizer = true;  // use the bundle's tokenizer.json when it is byte-level BPE
+  int slots = 0;  // adapter bank slots incl. slot 0; 0: the manifest's (at least 2)
 };
 
 class Batch;
