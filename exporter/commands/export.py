@@ -37,7 +37,7 @@ def _with_contributed_options(command):
     return command
 
 
-@click.command("export")
+@click.command("export")  # the adapters are validated before the (slow) base load
 @click.option("--base", required=True, help="HF model folder, .gguf file or known short name.")
 @click.option(
     "--adapter",
@@ -72,7 +72,7 @@ def command(
     """Export BASE with PEFT adapters into a deployable bundle."""
     from rich.console import Console
 
-    from peft_export.exporter.adapter_source import METHODS
+    from peft_export.exporter.adapter_source import METHODS, parse_adapter_arg, read_adapter
     from peft_export.exporter.errors import ExportError
 
     if method is not None and method not in METHODS:
@@ -82,6 +82,9 @@ def command(
             f"merged mode folds one adapter into the weights, got {len(adapters)}; "
             "export one bundle per adapter or use --mode runtime"
         )
+    for value in adapters:
+        name, path = parse_adapter_arg(value)
+        read_adapter(path, name=name, method=method)
     console = Console(stderr=True)
     from peft_export.exporter.base_model import load_base
     from peft_export.exporter.pipeline import check_out_dir, export_bundle
