@@ -17,3 +17,7 @@ COMMANDS.append(build_engine.command)
 from peft_export.exporter.commands import export  # noqa: E402
 
 COMMANDS.append(export.command)
+
+from peft_export.exporter.commands import adapters  # noqa: E402
+
+COMMANDS.append(adapters.command)

@@ -1,0 +1,81 @@
+"""`peft-export adapters add|list|remove|convert-bin`: manage a runtime bundle's adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from peft_export.exporter.errors import ExportError
+
+
+@click.group("adapters")
+def command() -> None:
+    """Add, list or remove runtime-mode adapters of a bundle (no re-export)."""
+
+
+@command.command("add")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--replace", is_flag=True, help="Replace an installed adapter of the same name.")
+@click.option(
+    "--onnx-adapter",
+    is_flag=True,
+    help="Also write adapters/NAME.onnx_adapter for ONNX Runtime's RunOptions.add_active_adapter.",
+)
+def add(bundle: str, adapters: tuple[str, ...], replace: bool, onnx_adapter: bool) -> None:
+    """Install NAME=PEFT_DIR adapters into BUNDLE's banks."""
+    from peft_export.exporter.adapter_source import parse_adapter_arg
+    from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
+
+    for value in adapters:
+        name, path = parse_adapter_arg(value)
+        name = name or Path(path).resolve().name
+        entry = add_adapter(bundle, name, path, replace=replace, onnx_adapter=onnx_adapter)
+        click.echo(f"added {name} ({entry.method}, rank {entry.rank}) -> {entry.file}")
+
+
+@command.command("list")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_(bundle: str, as_json: bool) -> None:
+    """List BUNDLE's installed adapters."""
+    from peft_export.bundle.errors import BundleError
+    from peft_export.bundle.manifest import load_manifest
+
+    try:
+        manifest = load_manifest(bundle)
+    except BundleError as exc:
+        raise ExportError(str(exc)) from None
+    installed = manifest.adapters.installed
+    if as_json:
+        click.echo(json.dumps({k: vars(v) for k, v in installed.items()}, indent=2))
+        return
+    for name, entry in sorted(installed.items()):
+        click.echo(f"{name}\t{entry.method}\trank {entry.rank}\t{entry.file}")
+
+
+@command.command("remove")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("names", nargs=-1, required=True)
+def remove(bundle: str, names: tuple[str, ...]) -> None:
+    """Remove adapters NAMES from BUNDLE."""
+    from peft_export.exporter.runtime_adapters.bundle_adapters import remove_adapter
+
+    for name in names:
+        remove_adapter(bundle, name)
+        click.echo(f"removed {name}")
+
+
+@command.command("convert-bin")
+@click.argument("peft_dir", type=click.Path(file_okay=False))
+def convert_bin(peft_dir: str) -> None:
+    """Opt-in: convert a trusted pickle-only adapter_model.bin to adapter_model.safetensors.
+
+    Uses torch.load(weights_only=True), which refuses arbitrary pickled objects.
+    """
+    from peft_export.exporter.runtime_adapters.convert_bin import convert_bin_to_safetensors
+
+    out = convert_bin_to_safetensors(peft_dir)
+    click.echo(f"wrote {out}")
