@@ -194,3 +194,56 @@ def _request(options: EngineOptions) -> ProfileRequest:
         DimRange.parse(options.seq, "--seq"),
         DimRange.parse(options.past, "--past"),
     )
+
+
+def test_export_engine_trt_for_runtime_lora_banks(tmp_path) -> None:
+    """`export --mode runtime --engine trt`: banks, adapter_ids and the MultiLoRA body build."""
+    import onnx
+    from tiny import make_adapter, save_tiny_base, tiny_model
+
+    from peft_export.exporter.cli import main
+
+    pytest.importorskip("peft_export.exporter.runtime_adapters.planner")
+    base = save_tiny_base("qwen2", tmp_path / "base")
+    model = tiny_model("qwen2")
+    fr = make_adapter(model, "lora", tmp_path, name="fr")
+    de = make_adapter(model, "dora", tmp_path, name="de", seed=2)
+    out = tmp_path / "bundle"
+    args = ["export", "--base", str(base), "--adapter", f"fr={fr}", "--adapter", f"de={de}"]
+    args += ["--mode", "runtime", "--slots", "4", "--engine", "trt", "--batch", "1:2:4"]
+    main([*args, "--seq", "1:8:32", "--past", "0:16:64", "--out", str(out)])
+    manifest = load_manifest(out)
+    graph = onnx.load(str(out / names.GRAPH), load_external_data=False)
+    assert any(f.name == names.MULTILORA_OP for f in graph.functions)
+    assert manifest.graph.input(names.ADAPTER_IDS) is not None
+    (record,) = manifest.engines
+    assert record.lora_impl == "onnx" and (out / record.file).is_file()
+    assert record.profiles[0]["slots"] == record.profiles[1]["slots"] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_prompt_side_bundles_build(tmp_path, method) -> None:
+    from tiny import make_adapter, tiny_model
+
+    from peft_export.exporter.pipeline import InMemoryBase, export_bundle
+
+    planner = pytest.importorskip("peft_export.exporter.prompt_adapters.planner")
+    model = tiny_model("llama")
+    adapter = make_adapter(model, method, tmp_path, name="p")
+    out = tmp_path / "bundle"
+    manifest = export_bundle(
+        InMemoryBase(model),
+        [("p", adapter)],
+        out=out,
+        mode="runtime",
+        planners=[planner.plan_prompt_inputs],
+    )
+    record = build_engines(out, manifest, SMALL)
+    layout = manifest.adapters
+    if layout.prompt_max_len:
+        prompt = layout.prompt_max_len
+        assert record.profiles[0]["prompt_len"] == [0, prompt, prompt]
+    else:
+        assert layout.prefix_max_len > 0
+        assert record.profiles[1]["past"][2] >= layout.prefix_max_len
+    assert (out / record.file).stat().st_size > 10_000
