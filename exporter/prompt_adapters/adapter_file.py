@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +31,14 @@ def adapter_metadata(adapter: PromptAdapter, target: PromptTarget) -> dict[str, 
 
 def write_prompt_adapter(
     adapter: PromptAdapter, path: str | Path, target: PromptTarget, precision: str = "fp32"
-) -> Path:
-    """Write the adapter's tensors in the graph's dtype; bf16 bundles keep fp32 files.
+) -> str:
+    """Write the adapter's tensors in the graph's dtype and return the file's sha256.
 
-    numpy has no bfloat16, so bf16 bundles store fp32 and the runtime casts on load.
+    numpy has no bfloat16, so bf16 bundles keep fp32 files and the runtime casts on load.
     """
     dtype = _PRECISION_DTYPES.get(precision, np.float32)
     tensors = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in adapter.tensors.items()}
-    path = Path(path)
-    with staged_file(path) as tmp:
+    with staged_file(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=adapter_metadata(adapter, target))
-    return path
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    return digest

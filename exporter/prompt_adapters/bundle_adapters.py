@@ -1,0 +1,124 @@
+"""Prompt-side adapters in a bundle: install at export, and `adapters add` without re-export.
+
+Prefix, prompt and P-tuning adapters convert from the manifest alone. AdaptionPrompt needs
+the k/v projection weights of every layer, so a bundle that accepts it keeps them in
+`adapters/_adaption_base.safetensors` (fp32), as the LoRA family keeps DoRA's base targets.
+Every check runs before the first write, and writes are staged, so a refused adapter leaves
+the bundle untouched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+from torch import nn
+
+from peft_export.bundle import names, safetensors_io
+from peft_export.bundle.atomic import staged_file, write_text
+from peft_export.bundle.errors import BundleError
+from peft_export.bundle.manifest import AdapterLayout, InstalledAdapter, Manifest, load_manifest
+from peft_export.bundle.paths import confined
+from peft_export.exporter.adapter_source import check_name, read_adapter
+from peft_export.exporter.errors import ExportError
+from peft_export.exporter.prompt_adapters.adapter_file import write_prompt_adapter
+from peft_export.exporter.prompt_adapters.convert import (
+    ADAPTION_PROMPT,
+    PROMPT_METHODS,
+    PromptAdapter,
+    convert_prompt_adapter,
+)
+from peft_export.exporter.prompt_adapters.target import PromptTarget
+
+ADAPTION_BASE_FILE = names.adapter_file("_adaption_base")
+_PROJECTIONS = ("k_proj", "v_proj")
+
+
+def adaption_base_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """`model.layers.{i}.self_attn.{k,v}_proj.{weight,bias}` of the base, as fp32 numpy."""
+    out = {}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in _PROJECTIONS and ".self_attn." in name:
+            out[name] = param.detach().float().cpu().numpy()
+    return out
+
+
+def write_adaption_base(bundle_dir: Path, weights: dict[str, np.ndarray]) -> None:
+    path = confined(bundle_dir, ADAPTION_BASE_FILE, lexical_only=True)
+    with staged_file(path) as tmp:
+        save_file(weights, str(tmp), metadata={"format": "peft-export-adaption-base"})
+
+
+def read_adaption_base(bundle_dir: Path) -> dict[str, np.ndarray]:
+    path = confined(bundle_dir, ADAPTION_BASE_FILE)
+    if not path.is_file():
+        raise ExportError(
+            f"{path} is missing, so AdaptionPrompt adapters cannot be converted for this "
+            "bundle; re-export it with --adaption-max-len"
+        )
+    try:
+        return safetensors_io.read_tensors(path)
+    except BundleError as exc:
+        raise ExportError(f"{exc}; re-export the bundle") from None
+
+
+def install_prompt_adapter(
+    bundle_dir: Path,
+    layout: AdapterLayout,
+    adapter: PromptAdapter,
+    target: PromptTarget,
+    *,
+    precision: str,
+) -> InstalledAdapter:
+    """Write one converted adapter into a (staged or live) bundle folder and record it."""
+    relative = names.adapter_file(adapter.name)
+    digest = write_prompt_adapter(
+        adapter, confined(bundle_dir, relative, lexical_only=True), target, precision
+    )
+    entry = InstalledAdapter(file=relative, method=adapter.method, rank=0, sha256=digest)
+    layout.installed[adapter.name] = entry
+    return entry
+
+
+def add_prompt_adapter(
+    bundle_dir: str | Path, name: str, peft_dir: str | Path, *, replace: bool = False
+) -> InstalledAdapter:
+    """Convert a PEFT prompt-side folder for an exported runtime bundle, in seconds."""
+    root = Path(bundle_dir)
+    manifest = _load_runtime_manifest(root)
+    check_name(name)
+    if name.startswith("_"):
+        raise ExportError(f"adapter name {name!r} is reserved; pick a name not starting with '_'")
+    if name in manifest.adapters.installed and not replace:
+        raise ExportError(
+            f"the bundle already has an adapter {name!r}; pass --replace or pick another name"
+        )
+    source = read_adapter(peft_dir, name=name)
+    if source.method not in PROMPT_METHODS:
+        raise ExportError(
+            f"adapter {name} is {source.method}, not a prompt-side method "
+            f"({', '.join(PROMPT_METHODS)})"
+        )
+    target = PromptTarget.from_manifest(manifest)
+    weights = read_adaption_base(root) if source.method == ADAPTION_PROMPT else None
+    adapter = convert_prompt_adapter(source, target, name=name, base_weights=weights)
+    entry = install_prompt_adapter(
+        root, manifest.adapters, adapter, target, precision=manifest.precision
+    )
+    write_text(root / names.MANIFEST, manifest.to_json())
+    return entry
+
+
+def _load_runtime_manifest(root: Path) -> Manifest:
+    try:
+        manifest = load_manifest(root)
+    except BundleError as exc:
+        raise ExportError(str(exc)) from None
+    if manifest.mode != "runtime":
+        raise ExportError(
+            f"{root} is a {manifest.mode}-mode bundle; export it with --mode runtime (and "
+            "--prefix-max-len / --prompt-max-len / --adaption-max-len) to add adapters"
+        )
+    return manifest
