@@ -26,13 +26,17 @@ def command() -> None:
 )
 def add(bundle: str, adapters: tuple[str, ...], replace: bool, onnx_adapter: bool) -> None:
     """Install NAME=PEFT_DIR adapters into BUNDLE's banks."""
-    from peft_export.exporter.adapter_source import parse_adapter_arg
+    from peft_export.exporter.adapter_source import parse_adapter_arg, read_adapter
+    from peft_export.exporter.prompt_adapters.bundle_adapters import add_prompt_adapter
     from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
 
     for value in adapters:
         name, path = parse_adapter_arg(value)
         name = name or Path(path).resolve().name
-        entry = add_adapter(bundle, name, path, replace=replace, onnx_adapter=onnx_adapter)
+        if read_adapter(path, name=name).prompt_side:
+            entry = add_prompt_adapter(bundle, name, path, replace=replace)
+        else:
+            entry = add_adapter(bundle, name, path, replace=replace, onnx_adapter=onnx_adapter)
         click.echo(f"added {name} ({entry.method}, rank {entry.rank}) -> {entry.file}")
 
 
