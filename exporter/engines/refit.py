@@ -143,3 +143,66 @@ def _attribute(node: Any, name: str, default: Any) -> Any:
         if attr.name == name:
             return helper.get_attribute_value(attr)
     return default
+
+
+def write_refit_set(
+    bundle_dir: Path,
+    name: str,
+    base_weights: dict[str, np.ndarray],
+    merged_weights: dict[str, np.ndarray],
+    *,
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
+    """Write engines/refit/NAME.safetensors for `adapters add` on a merged TRT bundle.
+
+    Weights are torch-layout arrays by HF parameter name; only those the adapter changes are
+    stored. engines/refit/base.safetensors keeps the base value of every weight any refit
+    set (or the export-time merge) changes, so the runtime can undo the previous adapter.
+    Returns the initializer names of the new set.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    from peft_export.bundle.atomic import staged_file
+    from peft_export.bundle.manifest import load_manifest
+    from peft_export.bundle.paths import confined
+
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir)
+    targets = refit_targets(confined(bundle_dir, manifest.graph.file))
+    touched = {
+        param: value
+        for param, value in merged_weights.items()
+        if not np.array_equal(value, base_weights[param])
+    }
+    new_set = refit_tensors(targets, touched)
+    base_path = confined(bundle_dir, f"{REFIT_DIR}/{REFIT_BASE}.safetensors")
+    base_set = load_file(str(base_path)) if base_path.is_file() else {}
+    base_set.update(refit_tensors(targets, {p: base_weights[p] for p in touched}))
+    base_set.update(_export_merge_base(bundle_dir, manifest.graph.file, targets, base_weights))
+    info = {"format": REFIT_FORMAT, "version": "1", **(metadata or {})}
+    for file_name, tensors in ((REFIT_BASE, base_set), (name, new_set)):
+        with staged_file(confined(bundle_dir, f"{REFIT_DIR}/{file_name}.safetensors")) as tmp:
+            save_file(tensors, str(tmp), metadata={**info, "name": file_name})
+    return sorted(new_set)
+
+
+def _export_merge_base(
+    bundle_dir: Path, graph_file: str, targets: dict[str, RefitTarget], base: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Base values of the weights where the engine's own weights differ from the base model."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(bundle_dir / graph_file))
+    stored = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for param, value in base.items():
+        try:
+            target = resolve(targets, param)
+        except ExportError:
+            continue
+        want = refit_tensors({target.module: target}, {target.module + ".weight": value})
+        current = numpy_helper.to_array(stored[target.initializer])
+        if not np.array_equal(current, want[target.initializer]):
+            out.update(want)
+    return out
