@@ -41,7 +41,7 @@ def _with_contributed_options(command):
     return command
 
 
-@click.command("export")  # the adapters are validated before the (slow) base load
+@click.command("export")
 @click.option("--base", required=True, help="HF model folder, .gguf file or known short name.")
 @click.option(
     "--adapter",
