@@ -1,0 +1,140 @@
+"""Prompt-side adapters through the CLI: export, `adapters add` without re-export, refusals.
+
+One tiny Llama bundle is exported with the real `export` command; adapters added later must
+match PEFT's forward, and bad adapters are refused with one line (exit 2) that names the
+fix, leaving the bundle untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from prompt_helpers import check_row, peft_model, run_rows
+from tiny import make_adapter, save_tiny_base, tiny_model
+
+from peft_export.exporter.cli import main
+from peft_export.runtime.errors import InferenceError
+from peft_export.runtime.session import load_bundle
+
+PROMPT = [7, 40, 99, 12, 61]
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    """Run the CLI; return (exit code, stderr)."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prompt-cli")
+    base_dir = save_tiny_base("llama", tmp / "base")
+    base = tiny_model("llama")
+    prefix = make_adapter(base, "prefix_tuning", tmp / "adapters", name="pre")
+    bundle = tmp / "bundle"
+    argv = [
+        "export", "--base", str(base_dir), "--adapter", f"pre={prefix}", "--mode", "runtime",
+        "--prompt-max-len", "6", "--adaption-max-len", "4", "--out", str(bundle),
+    ]  # fmt: skip
+    main(argv)
+    return base, tmp, bundle
+
+
+def snapshot(bundle) -> dict[str, bytes]:
+    return {str(p.relative_to(bundle)): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+
+
+def test_export_records_bounds(exported) -> None:
+    _, _, bundle = exported
+    layout = json.loads((bundle / "manifest.json").read_text())["adapters"]
+    assert (layout["prefix_max_len"], layout["prompt_max_len"], layout["adaption_max_len"]) == (
+        4,
+        6,
+        4,
+    )
+    assert layout["installed"]["pre"]["method"] == "prefix_tuning"
+
+
+@pytest.mark.parametrize(
+    ("method", "overrides"),
+    [("prompt_tuning", {"num_virtual_tokens": 6}), ("adaption_prompt", {"adapter_layers": 1})],
+)
+def test_adapters_add_then_run_matches_peft(exported, capsys, method, overrides) -> None:
+    base, tmp, bundle = exported
+    adapter = make_adapter(base, method, tmp / "adapters", name=f"added-{method}", **overrides)
+    code, err = cli(capsys, "adapters", "add", str(bundle), f"{method}={adapter}")
+    assert code == 0, err
+    loaded = load_bundle(bundle)
+    (run,) = run_rows(loaded, [PROMPT], [method])
+    check_row(run, peft_model(base, adapter), PROMPT)
+    (prefix_run,) = run_rows(loaded, [PROMPT], ["pre"])
+    check_row(prefix_run, peft_model(base, tmp / "adapters" / "pre"), PROMPT)
+
+
+def _refused(capsys, bundle, adapter, *needles: str) -> None:
+    before = snapshot(bundle)
+    code, err = cli(capsys, "adapters", "add", str(bundle), f"bad={adapter}")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0]
+    assert snapshot(bundle) == before
+
+
+def test_prefix_longer_than_bundle_allows(exported, capsys) -> None:
+    base, tmp, bundle = exported
+    long = make_adapter(base, "prefix_tuning", tmp / "bad", name="long", num_virtual_tokens=9)
+    _refused(capsys, bundle, long, "9 virtual tokens", "--prefix-max-len 9")
+
+
+def test_hidden_size_mismatch(exported, capsys) -> None:
+    _, tmp, bundle = exported
+    narrow = tiny_model("llama", hidden_size=32, intermediate_size=64)
+    adapter = make_adapter(narrow, "prompt_tuning", tmp / "bad", name="narrow")
+    _refused(capsys, bundle, adapter, "hidden size 64", "another base")
+
+
+def test_prefix_for_another_base(exported, capsys) -> None:
+    _, tmp, bundle = exported
+    deeper = tiny_model("llama", num_hidden_layers=3)
+    adapter = make_adapter(deeper, "prefix_tuning", tmp / "bad", name="deeper")
+    _refused(capsys, bundle, adapter, "another base")
+
+
+def _bundle_copy(bundle, tmp, name: str, edit) -> object:
+    copy = tmp / name
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return load_bundle(copy)
+
+
+def test_adapter_file_for_another_base_refused_at_run_time(exported) -> None:
+    _, tmp, bundle = exported
+
+    def other_base(manifest: dict) -> None:
+        manifest["base_model"]["weights_sha256"] = "0" * 64
+
+    loaded = _bundle_copy(bundle, tmp, "other-base", other_base)
+    with pytest.raises(InferenceError, match="another base model") as info:
+        loaded.generate([PROMPT], adapters="pre", max_new_tokens=2, chat_template=False)
+    assert "\n" not in str(info.value)
+
+
+def test_runtime_refuses_prefix_longer_than_bundle(exported) -> None:
+    _, tmp, bundle = exported
+
+    def shrink(manifest: dict) -> None:
+        manifest["adapters"]["prefix_max_len"] = 2
+
+    loaded = _bundle_copy(bundle, tmp, "short-prefix", shrink)
+    with pytest.raises(InferenceError, match="--prefix-max-len 4"):
+        loaded.generate([PROMPT], adapters="pre", max_new_tokens=2, chat_template=False)
