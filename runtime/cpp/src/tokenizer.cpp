@@ -59,6 +59,46 @@ std::vector<std::string> code_points(const std::string& text) {
   return out;
 }
 
+// Replaces each maximal invalid UTF-8 subpart with U+FFFD, like Rust's from_utf8_lossy
+// (what HF tokenizers' byte-level decoder returns).
+std::string utf8_lossy(const std::string& bytes) {
+  static const std::string kReplacement = "\xef\xbf\xbd";
+  std::string out;
+  std::size_t i = 0;
+  auto at = [&](std::size_t k) { return static_cast<unsigned char>(bytes[k]); };
+  while (i < bytes.size()) {
+    unsigned char lead = at(i);
+    std::size_t need = 0;
+    unsigned char low = 0x80;
+    unsigned char high = 0xbf;
+    if (lead < 0x80) {
+      out += static_cast<char>(lead);
+      ++i;
+      continue;
+    }
+    if (lead >= 0xc2 && lead <= 0xdf) need = 1;
+    if (lead >= 0xe0 && lead <= 0xef) need = 2;
+    if (lead >= 0xf0 && lead <= 0xf4) need = 3;
+    if (lead == 0xe0) low = 0xa0;
+    if (lead == 0xed) high = 0x9f;
+    if (lead == 0xf0) low = 0x90;
+    if (lead == 0xf4) high = 0x8f;
+    std::size_t k = 1;
+    for (; need > 0 && k <= need && i + k < bytes.size(); ++k) {
+      unsigned char c = at(i + k);
+      bool ok = k == 1 ? (c >= low && c <= high) : (c >= 0x80 && c <= 0xbf);
+      if (!ok) break;
+    }
+    if (need > 0 && k == need + 1) {
+      out += bytes.substr(i, k);
+    } else {
+      out += kReplacement;
+    }
+    i += k;
+  }
+  return out;
+}
+
 enum class Kind { kLetter, kDigit, kSpace, kOther };
 
 Kind kind_of(const std::string& cp) {
@@ -194,7 +234,7 @@ class ByteLevelBpe final : public Tokenizer {
         out += byte == byte_of_.end() ? cp : std::string(1, static_cast<char>(byte->second));
       }
     }
-    return out;
+    return utf8_lossy(out);
   }
 
  private:
