@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def refit_targets(onnx_path: Path) -> dict[str, RefitTarget]:
         scopes = _name_scopes(node)
         if len(scopes) < 2:
             continue
-        module, torch_op = scopes[-2], scopes[-1]
+        module, torch_op = scopes[-2], re.sub(r"_\d+$", "", scopes[-1])
         stored_in_out = node.op_type == "MatMul" or not _attribute(node, "transB", 0)
         name = node.input[1]
         transpose = producers.get(name)
