@@ -1,0 +1,132 @@
+// Adapter store semantics: load, LRU eviction, pins while serving, drop, waiting, threads.
+#include <atomic>
+#include <cstring>
+#include <thread>
+
+#include "fixtures.hpp"
+#include "peft_export/adapter_store.hpp"
+#include "peft_export/errors.hpp"
+
+using peft_export::AdapterBanks;
+using peft_export::AdapterStore;
+using peft_export::InferenceError;
+
+namespace {
+
+struct Store {
+  std::filesystem::path dir;
+  peft_export::Manifest manifest;
+  AdapterBanks banks;
+  AdapterStore store;
+  explicit Store(const std::string& name, int slots = 3, double wait = 0.2)
+      : dir(fixtures::lora_bundle(name, slots)),
+        manifest(peft_export::load_manifest(dir)),
+        banks(manifest),
+        store(manifest, dir, &banks, wait) {}
+
+  float a_value(int slot) {
+    float value = 0;
+    std::memcpy(&value, static_cast<const std::byte*>(banks.data(0)) + banks.slot_bytes(0) * static_cast<std::size_t>(slot), 4);
+    return value;
+  }
+};
+
+}  // namespace
+
+TEST(slot_zero_is_the_base_model) {
+  Store s("base");
+  CHECK(s.banks.slots() == 3);
+  CHECK(s.banks.specs().size() == 3);
+  for (int slot = 0; slot < 3; ++slot) CHECK(s.a_value(slot) == 0.0f);
+  float scale = 0;
+  std::memcpy(&scale, s.banks.data(2), 4);
+  CHECK(scale == 1.0f);
+  auto lease = s.store.acquire({"", ""});
+  CHECK(lease.slots() == std::vector<std::int64_t>({0, 0}));
+}
+
+TEST(adapters_are_placed_and_lru_evicted) {
+  Store s("lru");
+  { auto lease = s.store.acquire({"a", "", "a"});
+    CHECK(lease.slots() == std::vector<std::int64_t>({1, 0, 1}));
+    CHECK(s.a_value(1) == 1.0f); }
+  { auto lease = s.store.acquire({"b"}); CHECK(lease.slots()[0] == 2); }
+  { auto lease = s.store.acquire({"a"}); CHECK(lease.slots()[0] == 1); }  // a is now most recent
+  { auto lease = s.store.acquire({"c"}); CHECK(lease.slots()[0] == 2); }  // evicts b
+  CHECK(s.a_value(2) == 3.0f);
+  auto resident = s.store.resident();
+  CHECK(resident.size() == 2 && resident["a"] == 1 && resident["c"] == 2);
+  CHECK(s.store.swaps() == 3);
+  CHECK(s.store.held() == std::vector<std::string>({"a", "b", "c"}));
+}
+
+TEST(pinned_slots_survive_swaps_while_serving) {
+  Store s("pins");
+  auto serving = s.store.acquire({"a"});
+  for (const char* other : {"b", "c", "d", "e"}) {
+    auto lease = s.store.acquire({other});
+    CHECK(lease.slots()[0] == 2);
+  }
+  CHECK(s.a_value(1) == 1.0f);  // never overwritten while in use
+  CHECK(!s.store.drop("a"));     // refused while a request uses it
+  CHECK_THROWS(s.store.acquire({"b", "c", "d"}), InferenceError, "3 different adapters but the banks hold 2");
+  CHECK_THROWS(s.store.acquire({"b"}).slots().size() + s.store.acquire({"c"}).slots().size(), InferenceError,
+               "stayed in use");
+}
+
+TEST(waiting_request_proceeds_when_a_slot_is_released) {
+  Store s("wait", 2, 5.0);
+  auto holder = std::make_unique<AdapterStore::Lease>(s.store.acquire({"a"}));
+  std::atomic<bool> done{false};
+  std::thread waiter([&] {
+    auto lease = s.store.acquire({"b"});
+    CHECK(lease.slots()[0] == 1);
+    done = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK(!done);
+  holder.reset();
+  waiter.join();
+  CHECK(done);
+}
+
+TEST(drop_frees_the_slot_first_in_lru_order) {
+  Store s("drop");
+  { auto lease = s.store.acquire({"a", "b"}); }
+  CHECK(s.store.drop("b"));
+  CHECK(s.store.held() == std::vector<std::string>({"a"}));
+  { auto lease = s.store.acquire({"c"}); CHECK(lease.slots()[0] == 2); }
+  CHECK(s.store.resident().count("a") == 1);
+  CHECK_THROWS(s.store.load("zzz"), InferenceError, "unknown adapter 'zzz'");
+}
+
+TEST(adapters_added_to_the_bundle_while_serving_are_found) {
+  Store s("refresh");
+  auto doc = fixtures::Json::parse(std::ifstream(s.dir / "manifest.json"));
+  check::write_file(s.dir / "adapters/new.safetensors", fixtures::lora_file("new", 9.0f));
+  doc["adapters"]["installed"]["new"] = {{"file", "adapters/new.safetensors"}, {"method", "lora"}};
+  check::write_file(s.dir / "manifest.json", doc.dump());
+  auto lease = s.store.acquire({"new"});
+  CHECK(s.a_value(static_cast<int>(lease.slots()[0])) == 9.0f);
+}
+
+TEST(concurrent_requests_keep_their_slots) {
+  Store s("threads", 4, 10.0);
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  const char* names[] = {"a", "b", "c", "d", "e"};
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 50; ++i) {
+        int which = (t + i) % 5;
+        auto lease = s.store.acquire({names[which]});
+        float expected = static_cast<float>(which + 1);
+        if (s.a_value(static_cast<int>(lease.slots()[0])) != expected) ++wrong;
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  CHECK(wrong == 0);
+}
+
+int main() { return check::run_all(); }

@@ -1,0 +1,155 @@
+// Manifest parsing and safetensors validation: every malformed input fails with the fix.
+#include <unistd.h>
+
+#include "fixtures.hpp"
+#include "peft_export/adapter.hpp"
+#include "peft_export/errors.hpp"
+#include "peft_export/manifest.hpp"
+#include "peft_export/safetensors.hpp"
+
+using peft_export::BundleError;
+using fixtures::Json;
+
+TEST(valid_manifest_parses) {
+  auto manifest = peft_export::parse_manifest(fixtures::manifest().dump());
+  CHECK(manifest.runtime_mode());
+  CHECK(manifest.adapters.slots == 3);
+  CHECK(manifest.adapters.r_max == 2);
+  CHECK(manifest.graph.input("lora.m.A") != nullptr);
+  CHECK(manifest.graph.input("input_ids")->shape[0].name == "batch");
+  CHECK(manifest.graph.input("lora.m.A")->shape[1].size == 2);
+  CHECK(manifest.tokenizer.file.value_or("") == "tokenizer.json");
+}
+
+TEST(manifest_rejections_name_field_and_fix) {
+  auto reject = [](Json doc, const char* part) {
+    CHECK_THROWS(peft_export::parse_manifest(doc.dump()), BundleError, part);
+  };
+  Json doc = fixtures::manifest();
+  reject(Json{{"schema_version", 2}}, "upgrade peft-export");
+  reject(Json::array(), "top level must be an object");
+  Json missing = doc;
+  missing.erase("kv");
+  reject(missing, "manifest.kv is missing; re-export");
+  Json negative = doc;
+  negative["vocab_size"] = -1;
+  reject(negative, "vocab_size must not be negative");
+  Json boolean = doc;
+  boolean["opset"] = true;
+  reject(boolean, "manifest.opset must be an integer");
+  Json mode = doc;
+  mode["mode"] = "fused";
+  reject(mode, "expected one of merged, runtime");
+  Json dtype = doc;
+  dtype["kv"]["dtype"] = "float8";
+  reject(dtype, "unsupported dtype 'float8'");
+  Json escape = doc;
+  escape["graph"]["file"] = "../../etc/passwd";
+  reject(escape, "escapes the bundle");
+  Json absolute = doc;
+  absolute["adapters"]["installed"]["x"] = {{"file", "/tmp/x.safetensors"}, {"method", "lora"}};
+  reject(absolute, "escapes the bundle");
+  Json module = doc;
+  module["adapters"]["modules"][0]["in_features"] = "4";
+  reject(module, "adapters.modules[0].in_features must be an integer");
+  CHECK_THROWS(peft_export::parse_manifest("{not json"), BundleError, "not valid JSON");
+}
+
+TEST(load_manifest_needs_a_bundle_folder) {
+  CHECK_THROWS(peft_export::load_manifest("/nonexistent/bundle"), BundleError, "not a bundle directory");
+  auto dir = check::temp_dir("empty");
+  CHECK_THROWS(peft_export::load_manifest(dir), BundleError, "no manifest.json");
+}
+
+TEST(symlink_escaping_the_bundle_is_refused) {
+  auto dir = check::temp_dir("symlink");
+  auto outside = check::temp_dir("outside");
+  check::write_file(outside / "model.onnx", "x");
+  std::filesystem::create_symlink(outside / "model.onnx", dir / "model.onnx");
+  CHECK_THROWS(peft_export::confined_path(dir, "model.onnx"), BundleError, "resolves outside the bundle");
+}
+
+TEST(safetensors_valid_file_reads_back) {
+  auto dir = check::temp_dir("st_valid");
+  check::write_file(dir / "ok.safetensors", fixtures::lora_file("a", 0.5f));
+  peft_export::SafetensorsFile file(dir / "ok.safetensors");
+  CHECK(file.tensors().size() == 2);
+  CHECK(file.metadata().at("format") == "peft-export-adapter");
+  auto bytes = file.read("lora.m.A");
+  float first = 0;
+  std::memcpy(&first, bytes.data(), 4);
+  CHECK(bytes.size() == 32 && first == 0.5f);
+}
+
+TEST(safetensors_hostile_headers_are_refused) {
+  auto dir = check::temp_dir("st_bad");
+  auto reject = [&](const std::string& bytes, const char* part) {
+    check::write_file(dir / "bad.safetensors", bytes);
+    CHECK_THROWS(peft_export::SafetensorsFile(dir / "bad.safetensors"), BundleError, part);
+  };
+  std::string good = fixtures::lora_file("a", 1.0f);
+  reject("", "no header");
+  reject(good.substr(0, 20), "header length");
+  std::string huge = good;
+  huge[7] = '\x7f';
+  reject(huge, "header length");
+  reject(good.substr(0, good.size() - 4), "points outside the file");
+  auto with_header = [](const std::string& header, std::size_t data_bytes) {
+    std::uint64_t len = header.size();
+    std::string out(8, '\0');
+    std::memcpy(out.data(), &len, 8);
+    return out + header + std::string(data_bytes, '\0');
+  };
+  reject(with_header("[1, 2]", 0), "not an object");
+  reject(with_header("{\"t\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 4]}}", 8),
+         "byte size does not match");
+  reject(with_header("{\"t\": {\"dtype\": \"Q4\", \"shape\": [1], \"data_offsets\": [0, 4]}}", 4),
+         "unsupported dtype");
+  reject(with_header("{\"t\": {\"dtype\": \"F32\", \"shape\": [-1], \"data_offsets\": [0, 4]}}", 4),
+         "invalid shape");
+  reject(with_header("{\"t\": {\"dtype\": \"F32\", \"shape\": [1099511627775, 1099511627775, 1099511627775], \"data_offsets\": [0, 4]}}", 4),
+         "invalid shape");
+  reject(with_header("{\"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]}, "
+                     "\"b\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [4, 12]}}", 12),
+         "overlap");
+  reject(with_header("{\"__metadata__\": {\"k\": 1}}", 0), "__metadata__ must map strings");
+  reject(with_header("{\"t\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [4, 0]}}", 4),
+         "points outside the file");
+}
+
+TEST(non_finite_weights_are_refused) {
+  auto dir = check::temp_dir("st_nan");
+  float nan = std::numeric_limits<float>::quiet_NaN();
+  check::write_file(dir / "nan.safetensors",
+                    fixtures::safetensors({{"t", {"F32", {2}, {1.0f, nan}}}}, {}));
+  peft_export::SafetensorsFile file(dir / "nan.safetensors");
+  CHECK_THROWS(file.read("t"), BundleError, "NaN or Inf");
+}
+
+TEST(adapter_files_must_fit_the_bundle) {
+  auto dir = check::temp_dir("adapter_fit");
+  auto manifest = peft_export::parse_manifest(fixtures::manifest().dump());
+  auto reject = [&](const std::map<std::string, fixtures::Tensor>& tensors,
+                    std::map<std::string, std::string> meta, const char* part) {
+    check::write_file(dir / "x.safetensors", fixtures::safetensors(tensors, meta));
+    CHECK_THROWS(peft_export::read_adapter(manifest, "x", dir / "x.safetensors"), BundleError, part);
+  };
+  fixtures::Tensor a{"F32", {2, 4}, std::vector<float>(8, 1.0f)};
+  auto meta = fixtures::adapter_meta("x");
+  reject({{"lora.m.A", {"F32", {3, 4}, std::vector<float>(12, 1.0f)}}}, meta, "bundle expects [2, 4]");
+  reject({{"lora.other.A", a}}, meta, "has no input in this bundle's graph");
+  auto other_base = meta;
+  other_base["base_weights_sha256"] = "zzz";
+  reject({{"lora.m.A", a}}, other_base, "other base weights");
+  auto method = meta;
+  method["method"] = "loha";
+  reject({{"lora.m.A", a}}, method, "re-export the bundle with --method loha");
+  auto format = meta;
+  format.erase("format");
+  reject({{"lora.m.A", a}}, format, "not a peft-export adapter file");
+  check::write_file(dir / "ok.safetensors", fixtures::safetensors({{"lora.m.A", a}}, meta));
+  auto adapter = peft_export::read_adapter(manifest, "ok", dir / "ok.safetensors");
+  CHECK(adapter.has_lora() && adapter.method == "lora");
+}
+
+int main() { return check::run_all(); }
