@@ -1,0 +1,201 @@
+"""Adapter store slots (LRU, pins, in-place writes) and refused adapters (bundle untouched)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from peft_export.bundle.manifest import load_manifest
+from peft_export.exporter.cli import main
+from peft_export.exporter.errors import ExportError
+from peft_export.exporter.pipeline import InMemoryBase, export_bundle
+from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter, remove_adapter
+from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
+from peft_export.runtime.adapter_store import AdapterStore
+from peft_export.runtime.errors import InferenceError
+from tests.tiny import make_adapter, tiny_model
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """llama bundle with banks on q_proj/v_proj only, r_max 4, lora+dora, 3 slots."""
+    base = tiny_model("llama")
+    tmp = tmp_path_factory.mktemp("store")
+    qv = {"target_modules": ["q_proj", "v_proj"]}
+    dirs = {f"a{i}": make_adapter(base, "lora", tmp, name=f"a{i}", seed=i, **qv) for i in range(4)}
+    dirs["d"] = make_adapter(base, "dora", tmp, name="d", **qv)
+    out = tmp / "bundle"
+    export_bundle(
+        InMemoryBase(base),
+        [("a0", dirs["a0"]), ("d", dirs["d"])],
+        out=out,
+        mode="runtime",
+        planners=[plan_lora_banks],
+        options={"max_rank": 4, "slots": 3},
+    )
+    for name in ("a1", "a2", "a3"):
+        add_adapter(out, name, dirs[name])
+    return base, tmp, out
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_lru_eviction_pins_and_in_place_writes(small):
+    _, _, bundle = small
+    store = AdapterStore(bundle, load_manifest(bundle))
+    bank = next(k for k in store.specs if k.endswith(".A"))
+    pointer = store.bank(bank).ctypes.data
+    first = store.acquire(["a0", None, "a1"])
+    assert first.ids.tolist() == [1, 0, 2]
+    assert store.resident() == {"a0": 1, "a1": 2}
+    with pytest.raises(InferenceError, match="slots"):
+        store.acquire(["a0", "a1", "a2"])
+    store.release(first)
+    held = store.acquire(["a1"])
+    second = store.acquire(["a2"])
+    assert second.ids.tolist() == [1], "a0 is the least recently used unpinned slot"
+    assert store.resident() == {"a1": 2, "a2": 1}
+    store.release(second)
+    store.wait_timeout_s = 0.2
+    with pytest.raises(InferenceError, match="in use"):
+        store.acquire(["a0", "a3"])
+    assert store.drop("a1") is False, "a pinned adapter is never dropped"
+    store.release(held)
+    assert store.drop("a1") is True
+    assert "a1" not in store.held() and "a1" not in store.resident()
+    assert store.bank(bank).ctypes.data == pointer
+    assert not store.bank(bank)[0].any(), "slot 0 stays the base model"
+
+
+def test_slot_holds_the_adapter_file_zero_padded(small):
+    _, _, bundle = small
+    manifest = load_manifest(bundle)
+    store = AdapterStore(bundle, manifest)
+    lease = store.acquire(["d"])
+    tensors = load_file(str(bundle / manifest.adapters.installed["d"].file))
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(store.bank(name)[lease.ids[0]], value)
+    assert any(k.endswith(".out_scale") for k in tensors), "DoRA carries its magnitude ratio"
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("rank", "--max-rank 8"),
+        ("module", "--target-modules"),
+        ("base", "another base model"),
+        ("nan", "NaN or Inf"),
+        ("method", "--methods"),
+    ],
+)
+def test_refused_adapters_leave_the_bundle_unchanged(small, case, match):
+    base, tmp, bundle = small
+    qv = {"target_modules": ["q_proj", "v_proj"]}
+    if case == "rank":
+        source = make_adapter(base, "lora", tmp, name="big", r=8, **qv)
+    elif case == "module":
+        source = make_adapter(base, "lora", tmp, name="wide", target_modules=["q_proj", "o_proj"])
+    elif case == "base":
+        other = tiny_model("llama", hidden_size=32, intermediate_size=64)
+        source = make_adapter(other, "lora", tmp, name="other", **qv)
+    elif case == "nan":
+        source = make_adapter(base, "lora", tmp, name="nan", **qv)
+        weights = source / "adapter_model.safetensors"
+        tensors = load_file(str(weights))
+        first = sorted(tensors)[0]
+        tensors[first] = tensors[first].copy()
+        tensors[first].flat[0] = np.nan
+        save_file(tensors, str(weights))
+    else:
+        source = make_adapter(base, "ia3", tmp, name="ia3", **qv, feedforward_modules=[])
+    before = _snapshot(bundle)
+    with pytest.raises(ExportError, match=match):
+        add_adapter(bundle, case, source)
+    assert _snapshot(bundle) == before
+
+
+def test_cli_error_is_one_line_exit_2(small, capsys):
+    _, tmp, bundle = small
+    with pytest.raises(SystemExit) as exit_info:
+        main(["adapters", "add", str(bundle), f"x={tmp / 'missing'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+
+
+def test_store_refuses_tampered_files(small, tmp_path):
+    _, _, bundle = small
+    manifest = load_manifest(bundle)
+    path = bundle / manifest.adapters.installed["a3"].file
+    original = path.read_bytes()
+    try:
+        tensors = load_file(str(path))
+        meta = dict(
+            json.loads(original[8 : 8 + int.from_bytes(original[:8], "little")])["__metadata__"]
+        )
+        save_file(tensors, str(path), metadata={**meta, "base_weights_sha256": "0" * 64})
+        with pytest.raises(InferenceError, match="another base model"):
+            AdapterStore(bundle, manifest).acquire(["a3"])
+        key = sorted(tensors)[0]
+        tensors[key] = tensors[key].copy()
+        tensors[key].flat[0] = np.inf
+        save_file(tensors, str(path), metadata=meta)
+        with pytest.raises(InferenceError, match="NaN or Inf"):
+            AdapterStore(bundle, manifest).acquire(["a3"])
+        with pytest.raises(InferenceError, match="unknown"):
+            AdapterStore(bundle, manifest).acquire(["nope"])
+    finally:
+        path.write_bytes(original)
+
+
+def test_add_list_remove_and_store_sees_new_adapters(small, capsys):
+    base, tmp, bundle = small
+    store = AdapterStore(bundle, load_manifest(bundle))
+    source = make_adapter(base, "lora", tmp, name="late", seed=7, target_modules=["q_proj"])
+    main_ok(["adapters", "add", str(bundle), f"late={source}"])
+    assert "added late (lora, rank 4)" in capsys.readouterr().out
+    assert store.owns("late")
+    lease = store.acquire(["late"])
+    store.release(lease)
+    main_ok(["adapters", "list", str(bundle)])
+    assert "late\tlora" in capsys.readouterr().out
+    remove_adapter(bundle, "late")
+    assert "late" not in load_manifest(bundle).adapters.installed
+    assert not (bundle / "adapters" / "late.safetensors").exists()
+
+
+def test_convert_bin_reads_only_tensors(tmp_path):
+    folder = tmp_path / "binonly"
+    folder.mkdir()
+    torch.save({"w": torch.ones(2)}, folder / "adapter_model.bin")
+    main_ok(["adapters", "convert-bin", str(folder)])
+    assert load_file(str(folder / "adapter_model.safetensors"))["w"].tolist() == [1.0, 1.0]
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"w": torch.ones(1), "x": _Evil()}, evil / "adapter_model.bin")
+    with pytest.raises(SystemExit):
+        main(["adapters", "convert-bin", str(evil)])
+    assert not (evil / "adapter_model.safetensors").exists()
+
+
+class _Evil:
+    pass
+
+
+def main_ok(argv: list[str]) -> None:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        assert not exc.code, f"exit {exc.code}"
