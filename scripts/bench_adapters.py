@@ -92,8 +92,8 @@ def main() -> None:
 
     write_ms = []
     for i in range(20):
-        adapter = hosted[i % ADAPTERS]
-        write_ms.append(1e3 * timed(lambda a=adapter: store.write_slot(1 + i % ADAPTERS, a.tensors)))
+        adapter, slot = hosted[i % ADAPTERS], 1 + i % ADAPTERS
+        write_ms.append(1e3 * timed(lambda a=adapter, s=slot: store.write_slot(s, a.tensors)))
     for n in names:
         store.release(store.acquire([n]))
     switch_ms = [1e3 * timed(lambda n=n: store.release(store.acquire([n]))) for n in names * 5]
