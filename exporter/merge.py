@@ -42,7 +42,21 @@ def merge_adapter(model: nn.Module, source: AdapterSource) -> nn.Module:
                 f"({type(exc).__name__}: {str(exc).splitlines()[0]:.200}); "
                 "check that it was trained on this base model"
             ) from exc
+        _give_bias_to_lora_bias_layers(peft_model)
         return merge_peft_model(peft_model, source.name)
+
+
+def _give_bias_to_lora_bias_layers(peft_model: nn.Module) -> None:
+    """A zero bias lets PEFT merge `lora_bias` into layers that had none (e.g. Llama)."""
+    for module in peft_model.modules():
+        lora_bias = getattr(module, "lora_bias", None)
+        base_layer = getattr(module, "base_layer", None)
+        if not isinstance(lora_bias, dict) or not any(lora_bias.values()):
+            continue
+        if isinstance(base_layer, nn.Linear) and base_layer.bias is None:
+            weight = base_layer.weight
+            zeros = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            base_layer.bias = nn.Parameter(zeros, requires_grad=False)
 
 
 def merge_peft_model(peft_model: nn.Module, name: str = "adapter") -> nn.Module:
@@ -58,10 +72,10 @@ def merge_peft_model(peft_model: nn.Module, name: str = "adapter") -> nn.Module:
     with _quiet(), torch.no_grad():
         try:
             merged = peft_model.merge_and_unload(safe_merge=True)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:
             raise ExportError(
                 f"merging adapter {name} failed ({str(exc).splitlines()[0]:.200}); "
-                "the adapter weights are broken (NaN/Inf after merge): re-train or re-save it"
+                "export it with --mode runtime, or fix the adapter"
             ) from exc
     return merged.eval()
 

@@ -89,3 +89,37 @@ def test_merged_export_matches_peft(tmp_path, arch, method):
 
     assert manifest.adapters.merged == {"name": "a", "method": method, "source": str(adapter)}
     check_parity(tmp_path / "bundle", reference, base.config.vocab_size)
+
+
+VARIANTS = {
+    "llama-lora-rank-alpha-pattern": (
+        "llama",
+        "lora",
+        {"rank_pattern": {"q_proj": 2, "down_proj": 8}, "alpha_pattern": {"v_proj": 3}},
+    ),
+    "llama-lora-bias": ("llama", "lora", {"lora_bias": True}),
+    "qwen2-lora-modules-to-save": ("qwen2", "lora", {"modules_to_save": ["lm_head"]}),
+    "gpt2-lora-tied-modules-to-save": ("gpt2", "lora", {"modules_to_save": ["lm_head"]}),
+    "gpt2-dora-rank-pattern": ("gpt2", "dora", {"rank_pattern": {"c_fc": 8}}),
+    "qwen2-lokr-decompose-both": ("qwen2", "lokr", {"decompose_both": True, "decompose_factor": 4}),
+    "llama-loha-patterns": (
+        "llama",
+        "loha",
+        {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"q_proj": 1}},
+    ),
+    "llama-ia3-two-feedforward": (
+        "llama",
+        "ia3",
+        {"feedforward_modules": ["down_proj", "up_proj"]},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VARIANTS))
+def test_merged_variants_match_peft(tmp_path, case):
+    arch, method, overrides = VARIANTS[case]
+    base = tiny_model(arch)
+    adapter = make_adapter(base, method, tmp_path, **overrides)
+    reference = PeftModel.from_pretrained(copy.deepcopy(base), adapter).eval()
+    export_bundle(InMemoryBase(base), [("v", adapter)], out=tmp_path / "bundle")
+    check_parity(tmp_path / "bundle", reference, base.config.vocab_size)
