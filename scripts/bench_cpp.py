@@ -1,0 +1,118 @@
+"""Decode speed of the C++ runtime vs the Python runtime on SmolLM2 (one run, one JSON).
+
+A runtime-mode SmolLM2-135M bundle with two seeded LoRA adapters (exported once into
+--workdir, or given with --bundle) is decoded greedily by both runtimes on ONNX Runtime with
+the same settings (threads, denormals flushed to zero on both sides, ignore_eos so both
+decode the same number of tokens): batch 1 with an adapter, and a mixed batch (base and both
+adapters). Runs alternate between the runtimes; the median decode tokens/s is reported.
+
+    python scripts/bench_cpp.py [--bundle DIR | --workdir DIR] [--new-tokens 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Why is the sky blue?",
+]
+
+
+def export(workdir: Path) -> Path:
+    bundle = workdir / "bundle"
+    if (bundle / "manifest.json").is_file():
+        return bundle
+    from test_cpp_smollm2 import seeded_adapters
+
+    from peft_export.exporter.base_model import load_base
+    from peft_export.exporter.pipeline import export_bundle
+    from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
+
+    base = load_base("smollm2-135m")
+    named = seeded_adapters(base.model, workdir)
+    export_bundle(base, named, out=bundle, mode="runtime", planners=[plan_lora_banks])
+    return bundle
+
+
+def decode_rate(steps: int, rows: int, seconds: float) -> float:
+    """Decode tokens/s: every step after the prefill yields one token per row."""
+    return (steps - 1) * rows / seconds if seconds > 0 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None, help="export the bundle here")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    from test_cpp_runtime import CppRuntime, build_cpp
+    from tokenizers import Tokenizer
+
+    from peft_export.runtime.session import load_bundle
+
+    bundle = args.bundle or export(args.workdir or Path(tempfile.mkdtemp(prefix="bench-cpp-")))
+    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    prompts = [tokenizer.encode(p).ids for p in PROMPTS]
+    adapters = sorted(json.loads((bundle / "manifest.json").read_text())["adapters"]["installed"])
+    python = load_bundle(bundle, threads=args.threads, denormals_as_zero=True)
+    cpp = CppRuntime(build_cpp(), bundle, threads=args.threads, denormals_as_zero=True)
+    cases = {
+        "batch1_adapter": ([prompts[0]], [adapters[0]]),
+        "mixed_batch3": (prompts, [None, *adapters[:2]]),
+    }
+    report: dict = {
+        "model": "SmolLM2-135M (fp32, runtime mode, 2 LoRA adapters)",
+        "backend": "onnxruntime CPU",
+        "threads": args.threads,
+        "denormals_as_zero": True,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "cases": {},
+    }
+    for case, (rows, names) in cases.items():
+        py_rates, cpp_rates = [], []
+        same_ids = True
+        for _ in range(args.repeats):
+            py = python.generate(
+                rows, adapters=names, max_new_tokens=args.new_tokens, ignore_eos=True
+            )
+            py_rates.append(decode_rate(py.steps, len(rows), py.decode_seconds))
+            out = cpp.generate(
+                [
+                    {
+                        "prompt_ids": r,
+                        "adapter": a,
+                        "max_new_tokens": args.new_tokens,
+                        "ignore_eos": True,
+                    }
+                    for r, a in zip(rows, names, strict=True)
+                ]
+            )
+            cpp_rates.append(decode_rate(out["steps"], len(rows), out["decode_seconds"]))
+            same_ids &= [r["token_ids"] for r in out["rows"]] == py.token_ids
+        py_median, cpp_median = statistics.median(py_rates), statistics.median(cpp_rates)
+        report["cases"][case] = {
+            "rows": len(rows),
+            "python_decode_tok_s": round(py_median, 2),
+            "cpp_decode_tok_s": round(cpp_median, 2),
+            "cpp_over_python": round(cpp_median / py_median, 3) if py_median else None,
+            "identical_token_ids": same_ids,
+        }
+    cpp.close()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
