@@ -116,11 +116,7 @@ class OrtBackend final : public Backend {
     auto& state = static_cast<OrtState&>(base_state);
     std::vector<Ort::Value> values;
     values.reserve(inputs_.size());
-    const std::int64_t kv_shape_past = state.past.empty() ? 0 : state.past_len_;
-    std::int64_t seeded_past = -1;
-    for (const InputSlot& slot : inputs_) {
-      values.push_back(input_value(slot, in, state, kv_shape_past, seeded_past));
-    }
+    for (const InputSlot& slot : inputs_) values.push_back(input_value(slot, in, state));
     std::vector<Ort::Value> outputs;
     try {
       outputs = session_->Run(Ort::RunOptions{nullptr}, input_names_.data(), values.data(),
@@ -147,8 +143,7 @@ class OrtBackend final : public Backend {
                                     ort_type(dtype));
   }
 
-  Ort::Value input_value(const InputSlot& slot, const StepInputs& in, OrtState& state,
-                         std::int64_t past_len, std::int64_t& seeded_past) {
+  Ort::Value input_value(const InputSlot& slot, const StepInputs& in, OrtState& state) {
     switch (slot.source) {
       case Source::kInputIds:
         return tensor(DType::kInt64, {in.batch, in.seq}, in.input_ids);
@@ -174,9 +169,7 @@ class OrtBackend final : public Backend {
         if (seeded != in.extra.end()) {
           return tensor(seeded->second.dtype, seeded->second.shape, seeded->second.data);
         }
-        (void)seeded_past;
-        return tensor(slot.dtype,
-                      {in.batch, manifest_.kv.num_kv_heads, past_len, manifest_.kv.head_dim},
+        return tensor(slot.dtype, {in.batch, manifest_.kv.num_kv_heads, 0, manifest_.kv.head_dim},
                       nullptr);
       }
       case Source::kExtra: {
