@@ -75,5 +75,11 @@ def test_smollm2_two_adapters_equal_python_runtime(smollm2_bundle):
             for p, a in zip(prompts, adapters, strict=True)
         ]
         assert mixed == alone
+        from tokenizers import Tokenizer
+
+        hf = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
+        for text in [*PROMPTS, "It's 42 degrees -- isn't it?\n  Yes!"]:
+            row = cpp.generate([{"text": text, "max_new_tokens": 1}])["rows"][0]
+            assert row["prompt_ids"] == hf.encode(text, add_special_tokens=False).ids, text
     finally:
         cpp.close()
