@@ -33,24 +33,19 @@ class IOSpec:
     shape: tuple[Dim, ...]
 
 
-@dataclass(frozen=True)
 class TensorView:
-    """A contiguous prefix of a Buffer seen with a shape: what a step binds by pointer."""
+    """A contiguous prefix of a Buffer seen with a shape: what a step binds by pointer.
 
-    buffer: Buffer
-    shape: tuple[int, ...]
+    A plain slotted class: a decode step creates a few hundred of these."""
 
-    @property
-    def dtype(self) -> np.dtype:
-        return self.buffer.dtype
+    __slots__ = ("buffer", "shape", "dtype", "ptr", "on_host")
 
-    @property
-    def ptr(self) -> int:
-        return self.buffer.ptr
-
-    @property
-    def on_host(self) -> bool:
-        return self.buffer.on_host
+    def __init__(self, buffer: Buffer, shape: tuple[int, ...]) -> None:
+        self.buffer = buffer
+        self.shape = shape
+        self.dtype = buffer.dtype
+        self.ptr = buffer.ptr
+        self.on_host = buffer.on_host
 
     def numpy(self) -> np.ndarray:
         """The view as a numpy array over the same memory (host buffers only)."""
@@ -77,7 +72,7 @@ class Buffer(abc.ABC):
     def view(self, shape: tuple[int, ...]) -> TensorView:
         if math.prod(shape) > self.capacity:
             raise ValueError(f"view {shape} exceeds buffer capacity {self.capacity}")
-        return TensorView(self, tuple(int(d) for d in shape))
+        return TensorView(self, shape)
 
 
 class HostBuffer(Buffer):
@@ -86,10 +81,11 @@ class HostBuffer(Buffer):
     def __init__(self, dtype: np.dtype, capacity: int) -> None:
         super().__init__(dtype, capacity, on_host=True)
         self.array = np.zeros(max(capacity, 1), dtype=self.dtype)
+        self._ptr = self.array.ctypes.data
 
     @property
     def ptr(self) -> int:
-        return self.array.ctypes.data
+        return self._ptr
 
     def host_array(self) -> np.ndarray:
         return self.array
