@@ -8,6 +8,7 @@ computed here by the Python runtime, never stored.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import subprocess
@@ -37,6 +38,15 @@ def build_cpp(build_dir: Path | None = None, *extra: str) -> Path:
     if given and build_dir is None:
         return Path(given)
     build_dir = build_dir or REPO / "build" / "cpp"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # pytest-xdist workers share the build folder: one configures and builds at a time.
+    with open(build_dir.parent / f".{build_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _configure_and_build(build_dir, extra)
+    return build_dir
+
+
+def _configure_and_build(build_dir: Path, extra: tuple[str, ...]) -> None:
     headers = subprocess.run(
         [str(REPO / "scripts" / "fetch_ort_headers.sh")], capture_output=True, text=True
     )
@@ -46,7 +56,6 @@ def build_cpp(build_dir: Path | None = None, *extra: str) -> Path:
     for cmd in (configure, ["cmake", "--build", str(build_dir), "-j2"]):
         done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return build_dir
 
 
 class CppRuntime:
