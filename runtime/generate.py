@@ -251,7 +251,7 @@ def _run(
             row.accept(token, bundle.codec, need_text)
             step_ids[b, 0] = token
             if request.stream is not None:
-                request.stream(TokenEvent(b, token, row.stream_delta(), row.finished))
+                request.stream(TokenEvent(b, token, row.stream_delta(), row.finished, last[b]))
         past_len, step_len, step = total, 1, step + 1
         if past_len < capacity:
             mask[:, past_len] = 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from peft_export.runtime.errors import InferenceError
 
 Prompt = str | Sequence[int]
@@ -60,6 +62,9 @@ class TokenEvent:
     """Newly decodable text of the row (may be empty while a multi-byte character is open)."""
     finished: bool
     """True on the row's last token."""
+    logits: np.ndarray | None = None
+    """The row's logits the token was chosen from ([vocab]); a view valid only during the
+    callback (the buffer is reused on the next step): copy it to keep it. `verify` uses it."""
 
 
 StreamCallback = Callable[[TokenEvent], None]

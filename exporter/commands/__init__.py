@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import click
 
-COMMANDS: list[click.Command] = []
+from peft_export.exporter.commands import (
+    adapters,
+    build_engine,
+    export,
+    inspect,
+    run,
+    verify,
+)
 
-from peft_export.exporter.commands import inspect, run  # noqa: E402
-
-COMMANDS += [run.command, inspect.command]
-
-from peft_export.exporter.commands import build_engine  # noqa: E402
-
-COMMANDS.append(build_engine.command)
-
-from peft_export.exporter.commands import export  # noqa: E402
-
-COMMANDS.append(export.command)
-
-from peft_export.exporter.commands import adapters  # noqa: E402
-
-COMMANDS.append(adapters.command)
+COMMANDS: list[click.Command] = [
+    export.command,
+    verify.command,
+    run.command,
+    inspect.command,
+    adapters.command,
+    build_engine.command,
+]
