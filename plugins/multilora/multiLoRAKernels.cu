@@ -39,7 +39,7 @@ namespace {
 // ---------------------------------------------------------------------------------------
 constexpr int64_t kTargetBlocks = 528;       // about 4 blocks per SM on a 132-SM H100/H200
 constexpr int64_t kMaxSplits = 16;           // split-K partial sums per token
-constexpr int64_t kSplitTokenBudget = 8192;  // splits * tokens <= max(tokens, budget)
+constexpr int64_t kSplitTokenBudget = 16384;  // splits * tokens <= max(tokens, budget)
 constexpr int64_t kDecodeMaxSeq = 16;        // AUTO: rows shorter than this use decode
 constexpr int64_t kDecodeMaxSlots = 65536;   // AUTO: the plan kernel scans every slot
 
@@ -52,7 +52,8 @@ constexpr int kSimtRC = 64;        // rank chunk staged in shared memory by the 
 constexpr int kMmaBM = 64;   // tokens per tensor-core tile
 constexpr int kMmaBK = 64;   // shrink: `in` step
 constexpr int kMmaPad = 8;   // shared-memory row padding (elements) against bank conflicts
-constexpr int kExpBN = 128;  // expand: output columns per block
+constexpr int kExpBN = 128;  // expand: output columns per step
+constexpr int kExpSteps = 8;  // expand: column steps per block, re-reading v from L1
 constexpr int kExpBK = 32;   // expand: rank step
 constexpr int kPlanMaxThreads = 1024;
 
@@ -527,12 +528,14 @@ __global__ void __launch_bounds__(128)
 }
 
 // ---------------------------------------------------------------------------------------
-// Tensor-core expand (fp16/bf16 prefill): block = (64-token tile, 128 output columns),
-// 8 warps in a 4 x 2 grid, each 16 tokens x 64 columns. The fp32 v is split into
-// hi = T(v) and lo = T(v - hi), and both are multiplied, so that v keeps ~fp32 precision.
+// Tensor-core expand (fp16/bf16 prefill): block = (64-token tile, 8 steps of 128 output
+// columns), 8 warps in a 4 x 2 grid, each 16 tokens x 64 columns of a step. The fp32 v is
+// split into hi = T(v) and lo = T(v - hi), and both are multiplied, so that v keeps ~fp32
+// precision. Walking several column steps per block reads the tile's partial sums of v
+// from L2 once and from L1 after that.
 // ---------------------------------------------------------------------------------------
 template <typename T>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 2)
     expand_mma(const float* __restrict__ ws, const T* __restrict__ B, Tiles tl, int64_t N,
                int64_t R, int64_t Rp, int64_t tokens, int splits, T* __restrict__ out,
                bool vec) {
@@ -552,103 +555,109 @@ __global__ void __launch_bounds__(256)
 
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
-    const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kExpBN;
     if (ti.slot == 0) {
-        for (int e = threadIdx.x; e < ti.count * kExpBN; e += 256) {
-            const int64_t n = n0 + e % kExpBN;
-            if (n < N) out[static_cast<int64_t>(s_tok[e / kExpBN]) * N + n] = from_float<T>(0.f);
+        const int64_t n_begin = static_cast<int64_t>(blockIdx.y) * kExpBN * kExpSteps;
+        const int64_t n_end = lmin(N, n_begin + kExpBN * kExpSteps);
+        for (int64_t e = threadIdx.x; e < ti.count * (n_end - n_begin); e += 256) {
+            const int64_t n = n_begin + e % (n_end - n_begin);
+            out[static_cast<int64_t>(s_tok[e / (n_end - n_begin)]) * N + n] = from_float<T>(0.f);
         }
         return;
     }
     const T* Bslot = B + ti.slot * N * R;
-
-    float4 vr[kVVecs];
-    uint4 br[kBVecs];
-    auto load_regs = [&](int64_t j0) {
-#pragma unroll
-        for (int i = 0; i < kVVecs; ++i) {
-            const int e = threadIdx.x + i * 256;
-            const int m = e / (kExpBK / 4);
-            const int64_t j = j0 + (e % (kExpBK / 4)) * 4;
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            // Columns [R, Rp) are zeros: shrink_mma multiplies zero-filled rows of A there.
-            if (m < ti.count && j < R) {
-                for (int s = 0; s < splits; ++s) {
-                    const float4 p = *reinterpret_cast<const float4*>(ws + (s * tokens + s_tok[m]) * Rp + j);
-                    v.x += p.x;
-                    v.y += p.y;
-                    v.z += p.z;
-                    v.w += p.w;
-                }
-            }
-            vr[i] = v;
-        }
-#pragma unroll
-        for (int i = 0; i < kBVecs; ++i) {
-            const int e = threadIdx.x + i * 256;
-            const int64_t n = n0 + e / (kExpBK / 8);
-            const int64_t j = j0 + (e % (kExpBK / 8)) * 8;
-            br[i] = n < N ? load_vec(Bslot + n * R, j, R, vec) : make_uint4(0, 0, 0, 0);
-        }
-    };
-
     const int wm = warp & 3;
     const int wn = warp >> 2;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
-#pragma unroll
-    for (int f = 0; f < 4; ++f) wmma::fill_fragment(acc[f], 0.f);
-
-    load_regs(0);
-    for (int64_t j0 = 0; j0 < R; j0 += kExpBK) {
-        __syncthreads();
-#pragma unroll
-        for (int i = 0; i < kVVecs; ++i) {
-            const int e = threadIdx.x + i * 256;
-            const int idx = (e / (kExpBK / 4)) * LD + (e % (kExpBK / 4)) * 4;
-            const float v[4] = {vr[i].x, vr[i].y, vr[i].z, vr[i].w};
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const T hi = from_float<T>(v[c]);
-                vhi[idx + c] = hi;
-                vlo[idx + c] = from_float<T>(v[c] - to_float(hi));
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < kBVecs; ++i) {
-            const int e = threadIdx.x + i * 256;
-            *reinterpret_cast<uint4*>(&bs[(e / (kExpBK / 8)) * LD + (e % (kExpBK / 8)) * 8]) = br[i];
-        }
-        __syncthreads();
-        if (j0 + kExpBK < R) load_regs(j0 + kExpBK);
-#pragma unroll
-        for (int kk = 0; kk < kExpBK; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> ahi, alo;
-            wmma::load_matrix_sync(ahi, vhi + wm * 16 * LD + kk, LD);
-            wmma::load_matrix_sync(alo, vlo + wm * 16 * LD + kk, LD);
-#pragma unroll
-            for (int f = 0; f < 4; ++f) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
-                wmma::load_matrix_sync(bf, bs + (wn * 64 + f * 16) * LD + kk, LD);
-                wmma::mma_sync(acc[f], ahi, bf, acc[f]);
-                wmma::mma_sync(acc[f], alo, bf, acc[f]);
-            }
-        }
-    }
-
-    float* st = stage[warp];
     const int row = lane >> 1;
     const int col = (lane & 1) * 8;
     const int m = wm * 16 + row;
+
+    float4 vr[kVVecs];
+    uint4 br[kBVecs];
+    for (int step = 0; step < kExpSteps; ++step) {
+        const int64_t n0 = (static_cast<int64_t>(blockIdx.y) * kExpSteps + step) * kExpBN;
+        if (n0 >= N) break;
+        auto load_regs = [&](int64_t j0) {
 #pragma unroll
-    for (int f = 0; f < 4; ++f) {
-        wmma::store_matrix_sync(st, acc[f], 16, wmma::mem_row_major);
-        __syncwarp();
-        const int64_t n = n0 + wn * 64 + f * 16 + col;
-        if (m < ti.count && n < N) {
-            store_row8(out + static_cast<int64_t>(s_tok[m]) * N + n, st + row * 16 + col,
-                       static_cast<int>(lmin(8, N - n)), vec);
+            for (int i = 0; i < kVVecs; ++i) {
+                const int e = threadIdx.x + i * 256;
+                const int mm = e / (kExpBK / 4);
+                const int64_t j = j0 + (e % (kExpBK / 4)) * 4;
+                float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+                // Columns [R, Rp) are zeros: shrink_mma multiplies zero-filled rows of A there.
+                if (mm < ti.count && j < R) {
+                    for (int s = 0; s < splits; ++s) {
+                        const float4 p =
+                            *reinterpret_cast<const float4*>(ws + (s * tokens + s_tok[mm]) * Rp + j);
+                        v.x += p.x;
+                        v.y += p.y;
+                        v.z += p.z;
+                        v.w += p.w;
+                    }
+                }
+                vr[i] = v;
+            }
+#pragma unroll
+            for (int i = 0; i < kBVecs; ++i) {
+                const int e = threadIdx.x + i * 256;
+                const int64_t n = n0 + e / (kExpBK / 8);
+                const int64_t j = j0 + (e % (kExpBK / 8)) * 8;
+                br[i] = n < N ? load_vec(Bslot + n * R, j, R, vec) : make_uint4(0, 0, 0, 0);
+            }
+        };
+
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
+#pragma unroll
+        for (int f = 0; f < 4; ++f) wmma::fill_fragment(acc[f], 0.f);
+
+        load_regs(0);
+        for (int64_t j0 = 0; j0 < R; j0 += kExpBK) {
+            __syncthreads();
+#pragma unroll
+            for (int i = 0; i < kVVecs; ++i) {
+                const int e = threadIdx.x + i * 256;
+                const int idx = (e / (kExpBK / 4)) * LD + (e % (kExpBK / 4)) * 4;
+                const float v[4] = {vr[i].x, vr[i].y, vr[i].z, vr[i].w};
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const T hi = from_float<T>(v[c]);
+                    vhi[idx + c] = hi;
+                    vlo[idx + c] = from_float<T>(v[c] - to_float(hi));
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < kBVecs; ++i) {
+                const int e = threadIdx.x + i * 256;
+                *reinterpret_cast<uint4*>(&bs[(e / (kExpBK / 8)) * LD + (e % (kExpBK / 8)) * 8]) = br[i];
+            }
+            __syncthreads();
+            if (j0 + kExpBK < R) load_regs(j0 + kExpBK);
+#pragma unroll
+            for (int kk = 0; kk < kExpBK; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> ahi, alo;
+                wmma::load_matrix_sync(ahi, vhi + wm * 16 * LD + kk, LD);
+                wmma::load_matrix_sync(alo, vlo + wm * 16 * LD + kk, LD);
+#pragma unroll
+                for (int f = 0; f < 4; ++f) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
+                    wmma::load_matrix_sync(bf, bs + (wn * 64 + f * 16) * LD + kk, LD);
+                    wmma::mma_sync(acc[f], ahi, bf, acc[f]);
+                    wmma::mma_sync(acc[f], alo, bf, acc[f]);
+                }
+            }
         }
-        __syncwarp();
+
+        float* st = stage[warp];
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+            wmma::store_matrix_sync(st, acc[f], 16, wmma::mem_row_major);
+            __syncwarp();
+            const int64_t n = n0 + wn * 64 + f * 16 + col;
+            if (m < ti.count && n < N) {
+                store_row8(out + static_cast<int64_t>(s_tok[m]) * N + n, st + row * 16 + col,
+                           static_cast<int>(lmin(8, N - n)), vec);
+            }
+            __syncwarp();
+        }
     }
 }
 
@@ -728,7 +737,7 @@ void run_prefill_mma(const Problem& p, const T* x, const T* A, const T* B, const
     const Split sp = choose_split(tiles * rchunks, p.K, kMmaBK, p.tokens);
     launch_shrink_mma<T>(rt, dim3(static_cast<unsigned>(tiles), sp.splits, static_cast<unsigned>(rchunks)),
                          st, x, A, tl, p, sp.k_chunk, partials, vec);
-    const dim3 eg(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div(p.N, kExpBN)));
+    const dim3 eg(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div(p.N, kExpBN * kExpSteps)));
     launch(expand_mma<T>, eg, 256, st, partials, B, tl, p.N, p.R, p.Rp, p.tokens, sp.splits, out, vec);
 }
 
