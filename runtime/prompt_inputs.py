@@ -83,22 +83,29 @@ def load_prompt_adapter(root: Path, manifest: Manifest, name: str) -> PromptAdap
     return PromptAdapter(name, entry.method, length, arrays)
 
 
-def _check_shapes(name: str, method: str, tensors: dict[str, np.ndarray], m: Manifest) -> int:
-    kv, layout = m.kv, m.adapters
+_BOUNDS = {
+    PREFIX_TUNING: ("prefix_max_len", "--prefix-max-len"),
+    "prompt_tuning": ("prompt_max_len", "--prompt-max-len"),
+    "p_tuning": ("prompt_max_len", "--prompt-max-len"),
+    ADAPTION_PROMPT: ("adaption_max_len", "--adaption-max-len"),
+}
+
+
+def _expected_names(method: str, tensors: dict[str, np.ndarray], num_layers: int) -> set[str]:
     if method == PREFIX_TUNING:
-        expected = {names.prefix_key(i) for i in range(kv.num_layers)}
-        expected |= {names.prefix_value(i) for i in range(kv.num_layers)}
-        bound, option = layout.prefix_max_len, "--prefix-max-len"
-    elif method == ADAPTION_PROMPT:
-        layers = range(kv.num_layers)
-        adapted = [i for i in layers if names.adaption_gate(i) in tensors]
-        expected = {f(i) for i in adapted for f in (names.adaption_key, names.adaption_value)}
-        expected |= {names.adaption_gate(i) for i in adapted} or {"(at least one layer)"}
-        bound, option = layout.adaption_max_len, "--adaption-max-len"
-    else:
-        expected = {names.PROMPT_EMBEDS}
-        bound, option = layout.prompt_max_len, "--prompt-max-len"
-    if set(tensors) != expected:
+        return {f(i) for i in range(num_layers) for f in (names.prefix_key, names.prefix_value)}
+    if method == ADAPTION_PROMPT:
+        parts = (names.adaption_key, names.adaption_value, names.adaption_gate)
+        adapted = [i for i in range(num_layers) if names.adaption_gate(i) in tensors]
+        return {f(i) for i in adapted for f in parts}
+    return {names.PROMPT_EMBEDS}
+
+
+def _check_shapes(name: str, method: str, tensors: dict[str, np.ndarray], m: Manifest) -> int:
+    """The adapter's virtual-token count, after checking it fits the bundle's base and bounds."""
+    kv = m.kv
+    expected = _expected_names(method, tensors, kv.num_layers)
+    if not expected or set(tensors) != expected:
         raise InferenceError(
             f"adapter {name!r}: its tensors do not match a {method} adapter for this bundle's "
             "base (another base?); add it again with 'peft-export adapters add'"
@@ -107,8 +114,7 @@ def _check_shapes(name: str, method: str, tensors: dict[str, np.ndarray], m: Man
         shapes = {v.shape for k, v in tensors.items() if not k.endswith(".gate")}
         gates = {v.shape for k, v in tensors.items() if k.endswith(".gate")}
         length = next(iter(shapes))[1] if len(shapes) == 1 else -1
-        want = (kv.num_kv_heads, length, kv.head_dim)
-        if shapes != {want} or gates - {(1,)}:
+        if shapes != {(kv.num_kv_heads, length, kv.head_dim)} or gates - {(1,)}:
             raise InferenceError(
                 f"adapter {name!r}: KV shapes {sorted(shapes)} do not fit the bundle's base "
                 f"[{kv.num_kv_heads}, n, {kv.head_dim}]; it was made for another base"
@@ -121,6 +127,8 @@ def _check_shapes(name: str, method: str, tensors: dict[str, np.ndarray], m: Man
                 f"bundle's base has hidden size {m.hidden_size}; use an adapter for this base"
             )
         length = embeds.shape[0]
+    field_name, option = _BOUNDS[method]
+    bound = getattr(m.adapters, field_name)
     if bound == 0:
         raise InferenceError(
             f"adapter {name!r} is {method} but this bundle has no {method} inputs; "

@@ -11,7 +11,7 @@ import json
 import shutil
 
 import pytest
-from prompt_helpers import check_row, peft_model, run_rows
+from prompt_helpers import check_row, peft_model, reference_greedy, run_rows
 from tiny import make_adapter, save_tiny_base, tiny_model
 
 from peft_export.exporter.cli import main
@@ -138,3 +138,27 @@ def test_runtime_refuses_prefix_longer_than_bundle(exported) -> None:
     loaded = _bundle_copy(bundle, tmp, "short-prefix", shrink)
     with pytest.raises(InferenceError, match="--prefix-max-len 4"):
         loaded.generate([PROMPT], adapters="pre", max_new_tokens=2, chat_template=False)
+
+
+def test_run_command_mixes_prefix_and_base_rows(exported, capsys) -> None:
+    base, tmp, bundle = exported
+    texts = ["ahoy there", "hello"]
+    argv = ["run", str(bundle), "--json", "--max-new-tokens", "8", "--adapter", "pre"]
+    argv += ["--adapter", "base", "--prompt", texts[0], "--prompt", texts[1]]
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    codec = load_bundle(bundle).codec
+    eos = {2}
+    for text, record, model in zip(
+        texts, records, [peft_model(base, tmp / "adapters" / "pre"), base], strict=True
+    ):
+        ids = list(codec.encode_prompt(text, chat=True))
+        tokens = record["token_ids"]
+        assert tokens == reference_greedy(model, ids, 8)[: len(tokens)]
+        assert len(tokens) == 8 or tokens[-1] in eos
