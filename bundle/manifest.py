@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from peft_export.bundle import names
 from peft_export.bundle.errors import BundleError
-from peft_export.bundle.paths import confined
+from peft_export.bundle.paths import check_links, confined
 
 SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -164,6 +164,7 @@ def load_manifest(bundle_dir: str | Path) -> Manifest:
         raise BundleError(f"{root}: no manifest.json; is this a peft-export bundle?")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest")
+    check_links(root)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

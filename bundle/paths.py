@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 
 from peft_export.bundle.errors import BundleError
@@ -24,3 +25,24 @@ def confined(root: Path, relative: str, *, lexical_only: bool = False) -> Path:
             f"bundle path {relative!r} resolves outside the bundle (symlink?); copy the file in"
         )
     return path
+
+
+def check_links(root: Path) -> None:
+    """Refuse any symlink inside the bundle that leads outside it.
+
+    Files the manifest does not name (model.onnx.data, tokenizer_config.json, a linked
+    adapters/ folder that a later write would go through) are covered too.
+    """
+    real_root = root.resolve()
+    for folder, dirs, files in os.walk(root):
+        for entry in (*dirs, *files):
+            path = Path(folder) / entry
+            if not path.is_symlink():
+                continue
+            real = path.resolve()
+            if real != real_root and real_root not in real.parents:
+                relative = path.relative_to(root).as_posix()
+                raise BundleError(
+                    f"bundle file {relative!r} is a symlink to {real}, outside the bundle; "
+                    "copy the file into the bundle instead"
+                )
