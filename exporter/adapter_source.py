@@ -24,6 +24,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 LORA_FAMILY = ("lora", "rslora", "dora", "adalora", "loha", "lokr", "ia3")
 PROMPT_SIDE = ("prefix_tuning", "prompt_tuning", "p_tuning", "adaption_prompt")
@@ -124,6 +125,7 @@ def read_adapter(
         raise ExportError(f"adapter {name}: {exc}") from None
     if not header.tensors:
         raise ExportError(f"adapter {weights}: holds no tensors; re-save it with PEFT")
+    _check_float(weights, header)
     _read_checked(weights, header)
     source = AdapterSource(name=name, path=path, method=detected, config=config, header=header)
     if base is not None:
@@ -273,6 +275,16 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ExportError(f"{config_file}: must hold a JSON object; re-save it with PEFT")
     return config
+
+
+def _check_float(weights: Path, header: safetensors_io.SafetensorsHeader) -> None:
+    """Adapter weights are floating point; integer or bool tensors mean a broken file."""
+    for key, info in header.tensors.items():
+        if info.dtype not in FLOAT_DTYPES:
+            raise ExportError(
+                f"adapter {weights}: tensor {key!r} has dtype {info.dtype}, adapter weights are "
+                f"{'/'.join(FLOAT_DTYPES)}; re-save the adapter with PEFT"
+            )
 
 
 def _read_checked(weights: Path, header: safetensors_io.SafetensorsHeader) -> dict[str, np.ndarray]:
