@@ -201,7 +201,8 @@ def add_adapter(
             f"({', '.join(LORA_METHODS)}); prompt-side adapters need their own export"
         )
     layout = manifest.adapters
-    weights = read_base_targets(root, layout) if source.method == "dora" else None
+    needs_base = source.method == "dora" and "dora" in layout.methods
+    weights = read_base_targets(root, layout) if needs_base else None
     conv1d = get_arch(manifest.base_model.architecture).conv1d_weights
     converted = convert_adapter(source, layout, conv1d=conv1d, base_weights=weights)
     install_converted(
@@ -224,9 +225,11 @@ def remove_adapter(bundle_dir: str | Path, name: str) -> None:
     if entry is None:
         have = ", ".join(sorted(manifest.adapters.installed)) or "none"
         raise ExportError(f"the bundle has no adapter {name!r} (installed: {have})")
+    files = [confined(root, entry.file)]
+    files.append(confined(root, f"{names.ADAPTERS_DIR}/{name}{ORT_ADAPTER_SUFFIX}"))
     write_text(root / names.MANIFEST, manifest.to_json())
-    confined(root, entry.file).unlink(missing_ok=True)
-    confined(root, f"{names.ADAPTERS_DIR}/{name}{ORT_ADAPTER_SUFFIX}").unlink(missing_ok=True)
+    for file in files:
+        file.unlink(missing_ok=True)
 
 
 def load_runtime_manifest(root: Path) -> Manifest:
