@@ -18,6 +18,7 @@ import numpy as np
 from peft_export.bundle.errors import BundleError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+_FIX = "the file is corrupt or not safetensors; re-create it"
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -52,7 +53,7 @@ def read_header(path: str | Path, *, max_total_bytes: int | None = None) -> Safe
     """Parse and validate the header of a safetensors file."""
     path = Path(path)
     if not path.is_file():
-        raise BundleError(f"{path}: file not found")
+        raise BundleError(f"{path}: file not found; check the path, or re-create the file")
     size = path.stat().st_size
     with open(path, "rb") as fh:
         prefix = fh.read(8)
@@ -60,19 +61,19 @@ def read_header(path: str | Path, *, max_total_bytes: int | None = None) -> Safe
             raise BundleError(f"{path}: truncated safetensors file (no header); re-create it")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise BundleError(f"{path}: safetensors header length {header_len} is invalid")
+            raise BundleError(f"{path}: safetensors header length {header_len} is invalid; {_FIX}")
         raw = fh.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BundleError(f"{path}: safetensors header is not valid JSON; re-create it") from None
     if not isinstance(header, dict):
-        raise BundleError(f"{path}: safetensors header is not an object")
+        raise BundleError(f"{path}: safetensors header is not an object; {_FIX}")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise BundleError(f"{path}: safetensors __metadata__ must map strings to strings")
+        raise BundleError(f"{path}: safetensors __metadata__ must map strings to strings; {_FIX}")
     data_start = 8 + header_len
     data_len = size - data_start
     if max_total_bytes is not None and data_len > max_total_bytes:
@@ -86,30 +87,32 @@ def read_header(path: str | Path, *, max_total_bytes: int | None = None) -> Safe
     spans.sort()
     for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:], strict=False):
         if begin_b < end_a:
-            raise BundleError(f"{path}: tensors {name_a!r} and {name_b!r} overlap")
+            raise BundleError(f"{path}: tensors {name_a!r} and {name_b!r} overlap; {_FIX}")
     return SafetensorsHeader(tensors, dict(metadata), data_start)
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_len: int) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise BundleError(f"{path}: tensor {name!r} has a malformed header entry")
+        raise BundleError(f"{path}: tensor {name!r} has a malformed header entry; {_FIX}")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPES:
-        raise BundleError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        raise BundleError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; {_FIX}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
     ):
-        raise BundleError(f"{path}: tensor {name!r} has an invalid shape {shape!r:.60}")
+        raise BundleError(f"{path}: tensor {name!r} has an invalid shape {shape!r:.60}; {_FIX}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1] <= data_len
     ):
-        raise BundleError(f"{path}: tensor {name!r} points outside the file (truncated?)")
+        raise BundleError(f"{path}: tensor {name!r} points outside the file (truncated?); {_FIX}")
     nbytes = math.prod(shape) * DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != nbytes:
-        raise BundleError(f"{path}: tensor {name!r} byte size does not match dtype and shape")
+        raise BundleError(
+            f"{path}: tensor {name!r} byte size does not match dtype and shape; {_FIX}"
+        )
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
@@ -125,7 +128,7 @@ def read_tensors(
             fh.seek(header.data_start + info.begin)
             buf = fh.read(info.end - info.begin)
             if len(buf) != info.end - info.begin:
-                raise BundleError(f"{path}: tensor {name!r} is truncated")
+                raise BundleError(f"{path}: tensor {name!r} is truncated; {_FIX}")
             out[name] = np.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape).copy()
     return out
 
