@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peft_export.bundle.atomic import staged_file
+from peft_export.bundle.paths import confined
 
 CACHE_ENV = "PEFT_EXPORT_CACHE"
 _CHUNK = 16 * 1024 * 1024
@@ -46,6 +47,7 @@ def onnx_sha256(onnx_path: Path) -> str:
 
 
 def _external_data_files(onnx_path: Path) -> list[Path]:
+    """External data files of the graph; a location leaving its folder is refused (BundleError)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -53,7 +55,7 @@ def _external_data_files(onnx_path: Path) -> list[Path]:
     for tensor in _all_tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             locations.update(e.value for e in tensor.external_data if e.key == "location")
-    return [onnx_path.parent / loc for loc in sorted(locations)]
+    return [confined(onnx_path.parent, loc) for loc in sorted(locations)]
 
 
 def _all_tensors(graph: Any) -> list[Any]:
