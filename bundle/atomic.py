@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import shutil
 import tempfile
@@ -79,6 +80,52 @@ def staged_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_update(target: str | Path) -> Iterator[Path]:
+    """Change an existing bundle as one step: yield a hard-linked copy of it to modify.
+
+    Replace files in the copy (staged_file, write_text, unlink), never write into one in
+    place: its inode is shared with the live bundle. On success the copy takes the bundle's
+    place in one rename, so a killed `adapters add` or engine build leaves the old bundle,
+    whole. Writers of one bundle take turns (a lock on the sibling `.NAME.lock`), so they
+    read the manifest inside the block and never lose each other's changes.
+    """
+    target = Path(target).absolute()
+    if not target.is_dir():
+        raise BundleError(f"{target}: not a bundle directory; pass the folder written by 'export'")
+    with _writer_lock(target), staged_dir(target, overwrite=True) as stage:
+        _link_tree(target, stage)
+        yield stage
+
+
+@contextlib.contextmanager
+def _writer_lock(target: Path) -> Iterator[None]:
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+    """Recreate `source` under `dest` with hard links (copies across file systems)."""
+    for folder, dirs, files in os.walk(source):
+        here = Path(folder)
+        there = dest / here.relative_to(source)
+        for entry in (*dirs, *files):
+            path, copy = here / entry, there / entry
+            if path.is_symlink():
+                os.symlink(os.readlink(path), copy)
+            elif path.is_dir():
+                copy.mkdir()
+            else:
+                try:
+                    os.link(path, copy)
+                except OSError:
+                    shutil.copy2(path, copy)
 
 
 @contextlib.contextmanager

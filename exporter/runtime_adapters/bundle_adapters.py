@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from peft_export.bundle import names, safetensors_io
-from peft_export.bundle.atomic import staged_file, write_text
+from peft_export.bundle.atomic import staged_file, staged_update, write_text
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.manifest import AdapterLayout, InstalledAdapter, Manifest, ModuleSlot
 from peft_export.bundle.manifest import load_manifest as _load_manifest
@@ -184,52 +184,61 @@ def add_adapter(
     replace: bool = False,
     onnx_adapter: bool = False,
 ) -> InstalledAdapter:
-    """Convert a PEFT folder into a runtime bundle's banks layout, without re-export."""
+    """Convert a PEFT folder into a runtime bundle's banks layout, without re-export.
+
+    The bundle changes as one step (peft_export.bundle.atomic.staged_update): a refused or
+    killed add leaves it as it was.
+    """
     root = Path(bundle_dir)
-    manifest = load_runtime_manifest(root)
-    check_name(name)
-    if name == BASE_TARGETS or name.startswith("_"):
-        raise ExportError(f"adapter name {name!r} is reserved; pick a name not starting with '_'")
-    if name in manifest.adapters.installed and not replace:
-        raise ExportError(
-            f"the bundle already has an adapter {name!r}; pass --replace or pick another name"
+    load_runtime_manifest(root)
+    with staged_update(root) as stage:
+        manifest = load_runtime_manifest(root)
+        check_name(name)
+        if name == BASE_TARGETS or name.startswith("_"):
+            raise ExportError(
+                f"adapter name {name!r} is reserved; pick a name not starting with '_'"
+            )
+        if name in manifest.adapters.installed and not replace:
+            raise ExportError(
+                f"the bundle already has an adapter {name!r}; pass --replace or pick another name"
+            )
+        source = read_adapter(peft_dir, name=name)
+        if source.method not in LORA_METHODS:
+            raise ExportError(
+                f"adapter {name} is {source.method}; 'adapters add' installs LoRA-family "
+                f"adapters ({', '.join(LORA_METHODS)}); prompt-side adapters need their own export"
+            )
+        layout = manifest.adapters
+        needs_base = source.method == "dora" and "dora" in layout.methods
+        weights = read_base_targets(root, layout) if needs_base else None
+        conv1d = get_arch(manifest.base_model.architecture).conv1d_weights
+        converted = convert_adapter(source, layout, conv1d=conv1d, base_weights=weights)
+        install_converted(
+            stage,
+            layout,
+            converted,
+            weights_sha256=manifest.base_model.weights_sha256,
+            precision=manifest.precision,
         )
-    source = read_adapter(peft_dir, name=name)
-    if source.method not in LORA_METHODS:
-        raise ExportError(
-            f"adapter {name} is {source.method}; 'adapters add' installs LoRA-family adapters "
-            f"({', '.join(LORA_METHODS)}); prompt-side adapters need their own export"
-        )
-    layout = manifest.adapters
-    needs_base = source.method == "dora" and "dora" in layout.methods
-    weights = read_base_targets(root, layout) if needs_base else None
-    conv1d = get_arch(manifest.base_model.architecture).conv1d_weights
-    converted = convert_adapter(source, layout, conv1d=conv1d, base_weights=weights)
-    install_converted(
-        root,
-        layout,
-        converted,
-        weights_sha256=manifest.base_model.weights_sha256,
-        precision=manifest.precision,
-    )
-    write_text(root / names.MANIFEST, manifest.to_json())
-    if onnx_adapter:
-        write_ort_adapter(root, manifest, name)
+        write_text(stage / names.MANIFEST, manifest.to_json())
+        if onnx_adapter:
+            write_ort_adapter(stage, manifest, name)
     return manifest.adapters.installed[name]
 
 
 def remove_adapter(bundle_dir: str | Path, name: str) -> None:
+    """Remove an installed adapter; the bundle changes as one step, like `add_adapter`."""
     root = Path(bundle_dir)
-    manifest = load_runtime_manifest(root)
-    entry = manifest.adapters.installed.pop(name, None)
-    if entry is None:
-        have = ", ".join(sorted(manifest.adapters.installed)) or "none"
-        raise ExportError(f"the bundle has no adapter {name!r} (installed: {have})")
-    files = [confined(root, entry.file)]
-    files.append(confined(root, f"{names.ADAPTERS_DIR}/{name}{ORT_ADAPTER_SUFFIX}"))
-    write_text(root / names.MANIFEST, manifest.to_json())
-    for file in files:
-        file.unlink(missing_ok=True)
+    load_runtime_manifest(root)
+    with staged_update(root) as stage:
+        manifest = load_runtime_manifest(root)
+        entry = manifest.adapters.installed.pop(name, None)
+        if entry is None:
+            have = ", ".join(sorted(manifest.adapters.installed)) or "none"
+            raise ExportError(f"the bundle has no adapter {name!r} (installed: {have})")
+        write_text(stage / names.MANIFEST, manifest.to_json())
+        confined(stage, entry.file).unlink(missing_ok=True)
+        confined(stage, f"{names.ADAPTERS_DIR}/{name}{ORT_ADAPTER_SUFFIX}").unlink(missing_ok=True)
 
 
 def load_runtime_manifest(root: Path) -> Manifest:
