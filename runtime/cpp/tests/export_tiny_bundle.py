@@ -47,7 +47,12 @@ def main(out: Path) -> int:
     )
     bundle = load_bundle(out / "bundle", threads=1)
     ids = bundle.generate(PROMPTS, adapters=ADAPTERS, max_new_tokens=MAX_NEW).token_ids
-    expected = {"prompts": PROMPTS, "adapters": ADAPTERS, "max_new_tokens": MAX_NEW, "token_ids": ids}
+    expected = {
+        "prompts": PROMPTS,
+        "adapters": ADAPTERS,
+        "max_new_tokens": MAX_NEW,
+        "token_ids": ids,
+    }
     (out / "expected.json").write_text(json.dumps(expected))
     return 0
 
