@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 from torch import nn
 
 from peft_export.bundle import names, safetensors_io
-from peft_export.bundle.atomic import staged_file, write_text
+from peft_export.bundle.atomic import staged_file, staged_update, write_text
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.manifest import AdapterLayout, InstalledAdapter, Manifest, load_manifest
 from peft_export.bundle.paths import confined
@@ -85,29 +85,36 @@ def install_prompt_adapter(
 def add_prompt_adapter(
     bundle_dir: str | Path, name: str, peft_dir: str | Path, *, replace: bool = False
 ) -> InstalledAdapter:
-    """Convert a PEFT prompt-side folder for an exported runtime bundle, in seconds."""
+    """Convert a PEFT prompt-side folder for an exported runtime bundle, in seconds.
+
+    The bundle changes as one step (peft_export.bundle.atomic.staged_update).
+    """
     root = Path(bundle_dir)
-    manifest = _load_runtime_manifest(root)
-    check_name(name)
-    if name.startswith("_"):
-        raise ExportError(f"adapter name {name!r} is reserved; pick a name not starting with '_'")
-    if name in manifest.adapters.installed and not replace:
-        raise ExportError(
-            f"the bundle already has an adapter {name!r}; pass --replace or pick another name"
+    _load_runtime_manifest(root)
+    with staged_update(root) as stage:
+        manifest = _load_runtime_manifest(root)
+        check_name(name)
+        if name.startswith("_"):
+            raise ExportError(
+                f"adapter name {name!r} is reserved; pick a name not starting with '_'"
+            )
+        if name in manifest.adapters.installed and not replace:
+            raise ExportError(
+                f"the bundle already has an adapter {name!r}; pass --replace or pick another name"
+            )
+        source = read_adapter(peft_dir, name=name)
+        if source.method not in PROMPT_METHODS:
+            raise ExportError(
+                f"adapter {name} is {source.method}, not a prompt-side method "
+                f"({', '.join(PROMPT_METHODS)})"
+            )
+        target = PromptTarget.from_manifest(manifest)
+        weights = read_adaption_base(root) if source.method == ADAPTION_PROMPT else None
+        adapter = convert_prompt_adapter(source, target, name=name, base_weights=weights)
+        entry = install_prompt_adapter(
+            stage, manifest.adapters, adapter, target, precision=manifest.precision
         )
-    source = read_adapter(peft_dir, name=name)
-    if source.method not in PROMPT_METHODS:
-        raise ExportError(
-            f"adapter {name} is {source.method}, not a prompt-side method "
-            f"({', '.join(PROMPT_METHODS)})"
-        )
-    target = PromptTarget.from_manifest(manifest)
-    weights = read_adaption_base(root) if source.method == ADAPTION_PROMPT else None
-    adapter = convert_prompt_adapter(source, target, name=name, base_weights=weights)
-    entry = install_prompt_adapter(
-        root, manifest.adapters, adapter, target, precision=manifest.precision
-    )
-    write_text(root / names.MANIFEST, manifest.to_json())
+        write_text(stage / names.MANIFEST, manifest.to_json())
     return entry
 
 
