@@ -17,17 +17,20 @@ def _command(bundle: str, quiet: bool, **params: Any) -> None:
 
     Two optimization profiles are built: prefill (--seq tokens over a past of 0..--past max)
     and decode (one token over --past). Rebuilds of the same graph and options come from
-    the engine cache.
+    the engine cache. The engine and the manifest change as one step: an interrupted build
+    leaves the bundle as it was.
     """
     import dataclasses
     from pathlib import Path
 
+    from peft_export.bundle.atomic import staged_update
     from peft_export.bundle.manifest import load_manifest
     from peft_export.exporter.engines.build import build_engines, engine_options
 
-    manifest = load_manifest(bundle)
+    load_manifest(bundle)
     options = dataclasses.replace(engine_options(params), progress=not quiet)
-    record = build_engines(Path(bundle), manifest, options)
+    with staged_update(Path(bundle)) as stage:
+        record = build_engines(stage, load_manifest(bundle), options)
     targets = f" for sm {record.compute_capability}" if record.compute_capability else ""
     click.echo(f"{record.file}: {record.backend} {record.version}, {record.precision}{targets}")
 
