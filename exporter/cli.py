@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        where = f"; see '{exc.ctx.command_path} --help'" if exc.ctx else ""
+        click.echo(f"error: {exc.format_message().rstrip('.')}{where}", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
