@@ -7,6 +7,7 @@ then reads, so nothing else ever unpickles.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from peft_export.bundle.atomic import staged_file
@@ -26,7 +27,9 @@ def convert_bin_to_safetensors(peft_dir: str | Path) -> Path:
     if target.exists():
         raise ExportError(f"{target} already exists; nothing to convert")
     try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # protocol notes; the refusal below is the message
+            state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError and others
         raise ExportError(
             f"{source} holds more than tensors ({type(exc).__name__}); it is refused: "
