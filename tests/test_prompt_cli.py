@@ -162,3 +162,14 @@ def test_run_command_mixes_prefix_and_base_rows(exported, capsys) -> None:
         tokens = record["token_ids"]
         assert tokens == reference_greedy(model, ids, 8)[: len(tokens)]
         assert len(tokens) == 8 or tokens[-1] in eos
+
+
+def test_verify_passes_for_prompt_side_adapters(exported, capsys) -> None:
+    _, _, bundle = exported
+    argv = ["verify", str(bundle), "--prompt", "ahoy", "--max-new-tokens", "6"]
+    code, err = cli(capsys, *argv, "--decode-steps", "3")
+    assert code == 0, err
+    report = json.loads((bundle / "reports" / "parity.json").read_text())
+    text = json.dumps(report)
+    assert "prefix_tuning" in text
+    assert '"passed": false' not in text
