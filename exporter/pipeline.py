@@ -197,15 +197,19 @@ def export_model(
 ) -> Manifest:
     """Write a bundle for an in-memory HF causal LM (plain, merged, or a LoRA-family PeftModel).
 
-    A LoRA-family PeftModel is merged on a copy first. `precision` None keeps the model's
-    dtype. Used by `export_bundle`, and directly by tests.
+    A LoRA-family PeftModel is merged, and a model of another precision converted, on a copy;
+    `extensions` patch the model they are given. `precision` None keeps the model's dtype.
+    Used by `export_bundle`, and directly by tests.
     """
     console = console or Console(stderr=True, quiet=True)
     check_out_dir(Path(out), force)
     if hasattr(model, "peft_config"):
         model = merge_peft_model(copy.deepcopy(model))
     precision = precision or _precision_of(model)
-    model = model.to(bundle_writer.PRECISION_DTYPES[precision]).eval()
+    dtype = bundle_writer.PRECISION_DTYPES[precision]
+    if _precision_of(model) != precision:
+        model = copy.deepcopy(model).to(dtype)
+    model.eval()
     spec = get_arch(model.config.model_type)
     layout = layout or AdapterLayout()
     base_sha = base_weights_sha256 or bundle_writer.weights_sha256(model)

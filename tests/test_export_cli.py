@@ -22,7 +22,7 @@ from peft_export.bundle import load_manifest
 from peft_export.exporter.bundle_writer import weights_sha256
 from peft_export.exporter.cli import main
 from peft_export.exporter.errors import ExportError
-from peft_export.exporter.pipeline import InMemoryBase, export_bundle
+from peft_export.exporter.pipeline import InMemoryBase, export_bundle, export_model
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +105,10 @@ def test_export_lora_merged(base_dir, adapters, tmp_path, capsys):
 def test_plain_fp16_external_data(tmp_path):
     base = tiny_model("gpt2")
     out = tmp_path / "bundle"
-    manifest = export_bundle(
-        InMemoryBase(base, source="tiny-gpt2"), out=out, precision="fp16", external_data=True
-    )
+    manifest = export_model(base, out, precision="fp16", external_data=True, source="tiny-gpt2")
     assert (out / "model.onnx.data").is_file()
     assert manifest.precision == "fp16" and manifest.kv.dtype == "float16"
+    assert manifest.base_model.source == "tiny-gpt2"
     assert manifest.tokenizer.file is None
     assert manifest.graph.outputs[0].dtype == "float16"
     assert base.dtype == torch.float32, "the caller's model must not be converted"
