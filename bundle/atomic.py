@@ -23,6 +23,12 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -64,6 +70,7 @@ def staged_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the bundle from other users
     try:
         yield stage
         _fsync_dir(stage)
@@ -136,6 +143,7 @@ def staged_file(target: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.staging-", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

@@ -53,3 +53,12 @@ def test_staged_file(tmp_path):
         raise KeyError
     assert target.read_text() == "one"
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_written_bundles_are_readable_by_others(tmp_path):
+    target = tmp_path / "bundle"
+    with staged_dir(target) as stage:
+        (stage / "x").write_text("x")
+    write_text(target / "manifest.json", "{}")
+    assert target.stat().st_mode & 0o055 == 0o055
+    assert (target / "manifest.json").stat().st_mode & 0o044 == 0o044
