@@ -235,7 +235,8 @@ def _left_mask(rows: list[PromptAdapter | None], batch: int, length: int) -> np.
 
 class PromptInputProvider(InputProvider):
     """Resolves prompt-side adapter names of a request; other names are left to other
-    providers. Loaded adapters stay in host memory until `drop`."""
+    providers. Loaded adapters stay in host memory until `drop`; a changed manifest.json
+    (`adapters add`, `--replace`) is re-read, and a replaced adapter file is reloaded."""
 
     accepts_adapters = True
 
@@ -243,8 +244,9 @@ class PromptInputProvider(InputProvider):
         self.root = Path(root)
         self.manifest = manifest
         self.dtype = np.dtype(dtype)
-        self._held: dict[str, PromptAdapter] = {}
+        self._held: dict[str, tuple[str, PromptAdapter]] = {}
         self._lock = threading.Lock()
+        self._manifest_stamp = self._stamp()
 
     def inputs(self) -> set[str]:
         layout = self.manifest.adapters
@@ -266,10 +268,8 @@ class PromptInputProvider(InputProvider):
 
     def owns(self, name: str) -> bool:
         """Whether `name` is a prompt-side adapter of the bundle (re-reads a changed manifest)."""
+        self._refresh_manifest()
         entry = self.manifest.adapters.installed.get(name)
-        if entry is None:
-            self._refresh_manifest()
-            entry = self.manifest.adapters.installed.get(name)
         return entry is not None and is_prompt_method(entry.method)
 
     def _resolve(self, name: str | None) -> PromptAdapter | None:
@@ -277,12 +277,16 @@ class PromptInputProvider(InputProvider):
         return self.get(name) if name is not None and self.owns(name) else None
 
     def get(self, name: str) -> PromptAdapter:
+        manifest = self.manifest
+        entry = manifest.adapters.installed.get(name)
+        digest = entry.sha256 if entry is not None else ""
         with self._lock:
-            adapter = self._held.get(name)
-        if adapter is None:
-            adapter = load_prompt_adapter(self.root, self.manifest, name)
-            with self._lock:
-                self._held[name] = adapter
+            held = self._held.get(name)
+        if held is not None and held[0] == digest:
+            return held[1]
+        adapter = load_prompt_adapter(self.root, manifest, name)
+        with self._lock:
+            self._held[name] = (digest, adapter)
         return adapter
 
     def start(self, ctx: RequestContext) -> Reservation | None:
@@ -294,11 +298,21 @@ class PromptInputProvider(InputProvider):
     def step(self, ctx: RequestContext, state: StepState) -> None:
         state.feeds.update(ctx.state[self].step_feeds(state.index))
 
+    def _stamp(self) -> int:
+        try:
+            return (self.root / names.MANIFEST).stat().st_mtime_ns
+        except OSError:
+            return 0
+
     def _refresh_manifest(self) -> None:
+        stamp = self._stamp()
+        if stamp == self._manifest_stamp:
+            return
         try:
             fresh = load_manifest(self.root)
         except BundleError:
             return
+        self._manifest_stamp = stamp
         if fresh.base_model.weights_sha256 == self.manifest.base_model.weights_sha256:
             self.manifest = fresh
 

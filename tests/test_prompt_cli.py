@@ -77,6 +77,17 @@ def test_adapters_add_then_run_matches_peft(exported, capsys, method, overrides)
     check_row(prefix_run, peft_model(base, tmp / "adapters" / "pre"), PROMPT)
 
 
+def test_loaded_bundle_serves_added_and_replaced_adapters(exported, capsys) -> None:
+    base, tmp, bundle = exported
+    loaded = load_bundle(bundle)
+    for seed in (1, 3):
+        adapter = make_adapter(base, "p_tuning", tmp / f"swap-{seed}", name="swap", seed=seed)
+        code, err = cli(capsys, "adapters", "add", str(bundle), f"swap={adapter}", "--replace")
+        assert code == 0, err
+        (run,) = run_rows(loaded, [PROMPT], ["swap"])
+        check_row(run, peft_model(base, adapter), PROMPT)
+
+
 def _refused(capsys, bundle, adapter, *needles: str) -> None:
     before = snapshot(bundle)
     code, err = cli(capsys, "adapters", "add", str(bundle), f"bad={adapter}")
