@@ -128,6 +128,11 @@ def _parity(root: Path) -> dict[str, Any] | None:
     return {k: v for k, v in report.items() if isinstance(v, str | int | float | bool)}
 
 
+def _adapter_label(name: str, adapter: dict[str, Any]) -> str:
+    rank = f", r{adapter['rank']}" if adapter["rank"] else ""
+    return f"{name} ({adapter['method']}{rank})"
+
+
 def _shape(shape: list[Any]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
@@ -143,9 +148,10 @@ def render(summary: dict[str, Any]) -> str:
         f"opset {summary['opset']}",
         f"graph       {graph['file']} ({graph['bytes'] / 1e6:.1f} MB)",
     ]
+    width = max(len(e["name"]) for e in graph["inputs"] + graph["outputs"]) + 2
     for title, entries in (("inputs", graph["inputs"]), ("outputs", graph["outputs"])):
         lines.append(f"  {title}")
-        lines += [f"    {e['name']:<40} {e['dtype']:<8} {_shape(e['shape'])}" for e in entries]
+        lines += [f"    {e['name']:<{width}}{e['dtype']:<9}{_shape(e['shape'])}" for e in entries]
     kv = summary["kv"]
     lines.append(
         f"kv cache    {kv['num_layers']} layers x {kv['num_kv_heads']} heads x "
@@ -162,7 +168,7 @@ def render(summary: dict[str, Any]) -> str:
             f"prompt <= {adapters['prompt_max_len']}"
         )
         installed = adapters["installed"]
-        listing = ", ".join(f"{n} ({a['method']}, r{a['rank']})" for n, a in installed.items())
+        listing = ", ".join(_adapter_label(n, a) for n, a in installed.items())
         lines.append(f"installed   {listing or 'none'}")
     tokenizer = summary["tokenizer"]
     template = "with chat template" if tokenizer["chat_template"] else "no chat template"
