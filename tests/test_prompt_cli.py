@@ -77,7 +77,7 @@ def test_adapters_add_then_run_matches_peft(exported, capsys, method, overrides)
     check_row(prefix_run, peft_model(base, tmp / "adapters" / "pre"), PROMPT)
 
 
-def test_loaded_bundle_serves_added_and_replaced_adapters(exported, capsys) -> None:
+def test_loaded_bundle_serves_added_replaced_and_removed_adapters(exported, capsys) -> None:
     base, tmp, bundle = exported
     loaded = load_bundle(bundle)
     for seed in (1, 3):
@@ -86,6 +86,11 @@ def test_loaded_bundle_serves_added_and_replaced_adapters(exported, capsys) -> N
         assert code == 0, err
         (run,) = run_rows(loaded, [PROMPT], ["swap"])
         check_row(run, peft_model(base, adapter), PROMPT)
+    code, err = cli(capsys, "adapters", "remove", str(bundle), "swap")
+    assert code == 0, err
+    assert not (bundle / "adapters" / "swap.safetensors").exists()
+    with pytest.raises(InferenceError, match="unknown adapter"):
+        loaded.generate([PROMPT], adapters="swap", max_new_tokens=2, chat_template=False)
 
 
 def _refused(capsys, bundle, adapter, *needles: str) -> None:

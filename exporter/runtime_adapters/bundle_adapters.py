@@ -229,9 +229,9 @@ def add_adapter(
 def remove_adapter(bundle_dir: str | Path, name: str) -> None:
     """Remove an installed adapter; the bundle changes as one step, like `add_adapter`."""
     root = Path(bundle_dir)
-    load_runtime_manifest(root)
+    load_runtime_manifest(root, banks=False)
     with staged_update(root) as stage:
-        manifest = load_runtime_manifest(root)
+        manifest = load_runtime_manifest(root, banks=False)
         entry = manifest.adapters.installed.pop(name, None)
         if entry is None:
             have = ", ".join(sorted(manifest.adapters.installed)) or "none"
@@ -241,12 +241,13 @@ def remove_adapter(bundle_dir: str | Path, name: str) -> None:
         confined(stage, f"{names.ADAPTERS_DIR}/{name}{ORT_ADAPTER_SUFFIX}").unlink(missing_ok=True)
 
 
-def load_runtime_manifest(root: Path) -> Manifest:
+def load_runtime_manifest(root: Path, *, banks: bool = True) -> Manifest:
+    """The manifest of a runtime bundle; `banks`: it must have LoRA banks too."""
     try:
         manifest = _load_manifest(root)
     except BundleError as exc:
         raise ExportError(str(exc)) from None
-    if manifest.mode != "runtime" or not manifest.adapters.modules:
+    if manifest.mode != "runtime" or (banks and not manifest.adapters.modules):
         raise ExportError(
             f"{root} has no runtime LoRA banks (mode {manifest.mode}); export it with "
             "--mode runtime to add adapters without re-export"
