@@ -71,9 +71,14 @@ class AdapterSource:
 def parse_adapter_arg(value: str) -> tuple[str | None, str]:
     """`NAME=DIR` or `DIR` (name then defaults to the folder name)."""
     name, sep, path = value.partition("=")
-    if sep and name and not Path(value).exists():
-        return name, path
-    return None, value
+    if not sep or Path(value).exists():
+        return None, value
+    if not name or not path:
+        raise ExportError(
+            f"--adapter {value!r}: write NAME=DIR with both parts, or just DIR "
+            "(e.g. --adapter fr=./lora-fr)"
+        )
+    return name, path
 
 
 def check_name(name: str) -> str:
