@@ -215,6 +215,10 @@ def _run(
         for opt in request.options
     ]
     need_text = request.stream is not None or any(o.stop_strings for o in request.options)
+    if bundle.codec is None and any(o.stop_strings for o in request.options):
+        raise InferenceError(
+            "stop strings need the bundle's tokenizer, which it does not ship; use stop_token_ids"
+        )
     for row in rows:
         if row.options.max_new_tokens == 0:
             row.reason = "length"

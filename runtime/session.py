@@ -86,8 +86,8 @@ class Bundle:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop_token_ids: Sequence[int] = (),
-        stop_strings: Sequence[str] = (),
+        stop_token_ids: Sequence[int] | int = (),
+        stop_strings: Sequence[str] | str = (),
         ignore_eos: bool = False,
         chat_template: bool = True,
         system_prompt: str | None = None,
@@ -99,6 +99,10 @@ class Bundle:
         ):
             prompts = [prompts]
         rows = len(prompts)
+        if isinstance(stop_strings, str):
+            stop_strings = (stop_strings,)
+        if isinstance(stop_token_ids, int):
+            stop_token_ids = (stop_token_ids,)
         options = [
             SamplingOptions(
                 max_new_tokens=max_new_tokens,

@@ -135,7 +135,7 @@ def test_stop_string_cuts_text(bundle):
     start = next(i for i in range(2, len(text) - 2) if "\ufffd" not in text[i : i + 2])
     stop = text[start : start + 2]
     result = bundle.generate(
-        ["Hello"], max_new_tokens=16, ignore_eos=True, chat_template=False, stop_strings=[stop]
+        ["Hello"], max_new_tokens=16, ignore_eos=True, chat_template=False, stop_strings=stop
     )
     assert result.texts[0] == text[: text.find(stop)]
     assert result.rows[0].finish_reason == "stop_string"
@@ -274,3 +274,14 @@ def test_refusals(bundle):
     with pytest.raises(InferenceError, match="unknown ORT backend option"):
         load_bundle(bundle.root, threads=1, turbo=True)
     assert bundle.generate(["Hi"], max_new_tokens=0).token_ids == [[]]
+
+
+def test_fp16_bundle_keeps_fp16_buffers(model, tmp_path):
+    from peft_export.exporter.pipeline import export_model
+
+    export_model(copy.deepcopy(model), tmp_path / "fp16", precision="fp16")
+    half = load_bundle(tmp_path / "fp16", threads=1)
+    result = half.generate([PROMPTS[0]], max_new_tokens=4, ignore_eos=True)
+    assert len(result.token_ids[0]) == 4
+    workspace = half.workspaces.acquire()
+    assert {b.dtype for b in workspace.buffers()} == {np.dtype(np.float16)}
