@@ -8,7 +8,7 @@ Python runtime and must match PEFT on prefill and decode logits and 16 greedy to
 from __future__ import annotations
 
 import pytest
-from prompt_helpers import check_row, peft_model, run_rows
+from prompt_helpers import check_row, peft_model, reference_logits, run_rows
 from tiny import make_adapter, save_tiny_tokenizer, tiny_model
 
 from peft_export.exporter.pipeline import InMemoryBase, export_bundle
@@ -122,3 +122,24 @@ def test_mixed_batch_equals_each_row_alone(llama: ArchBundle) -> None:
         assert err <= 1e-4, f"{name}: {err:.3g}"
     check_row(mixed[4], llama.model("lora"), PROMPT[1:])
     check_row(mixed[5], llama.model(None), PROMPT[:3])
+
+
+def test_fp16_bundle_tracks_peft_fp32(tmp_path) -> None:
+    """fp16 graph inputs (prefix past, prompt_embeds, AdaptionPrompt) cast and place right."""
+    base = tiny_model("llama")
+    methods = {"pre": "prefix_tuning", "pt": "p_tuning", "ad": "adaption_prompt"}
+    dirs = {name: make_adapter(base, m, tmp_path, name=name) for name, m in methods.items()}
+    export_bundle(
+        InMemoryBase(base),
+        list(dirs.items()),
+        out=tmp_path / "bundle",
+        mode="runtime",
+        precision="fp16",
+        planners=[plan_prompt_inputs],
+    )
+    bundle = load_bundle(tmp_path / "bundle")
+    runs = run_rows(bundle, [PROMPT] * 3, list(dirs), n=8)
+    for name, run in zip(dirs, runs, strict=True):
+        reference = reference_logits(peft_model(base, dirs[name]), PROMPT + run.tokens[:-1])
+        err = float(abs(run.logits - reference).max())
+        assert err <= 5e-3, f"{name}: {err:.3g}"
