@@ -149,7 +149,12 @@ class Manifest:
             )
         if version < 1:
             raise BundleError(f"manifest.json: schema_version {version} is invalid; re-export")
-        manifest = _parse(cls, data, "manifest")
+        try:
+            manifest = _parse(cls, data, "manifest")
+        except BundleError as exc:
+            if "re-export" in str(exc):
+                raise
+            raise BundleError(f"{exc}; the bundle is damaged: re-export it") from None
         _check_paths(manifest)
         return manifest
 
