@@ -148,9 +148,11 @@ def convert_adapter(
         peft.inject_adapter_in_model(config, skeleton, adapter_name=_ADAPTER, state_dict=state)
         result = set_peft_model_state_dict(skeleton, state, adapter_name=_ADAPTER)
     except (RuntimeError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next((line for line in lines if "mismatch" in line), lines[0] if lines else "")
         raise ExportError(
-            f"adapter {source.name} does not fit this bundle's base model "
-            f"({str(exc).splitlines()[0]:.200}); it was trained on another base model"
+            f"adapter {source.name} does not fit this bundle's base model ({reason:.200}); "
+            "it was trained on another base model"
         ) from None
     if result.unexpected_keys:
         raise ExportError(
