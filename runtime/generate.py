@@ -194,7 +194,7 @@ def _run(
         )
     pad = bundle.pad_token_id
     vocab = manifest.vocab_size
-    workspace.reserve(batch, capacity, prompt + text_len, vocab)
+    workspace.reserve(batch, capacity, prompt + min(text_len, bundle.prefill_chunk), vocab)
 
     mask = np.zeros((batch, capacity), dtype=np.int64)
     mask[:, :prefix] = _part_mask(reservation.prefix_mask, batch, prefix, "prefix")
@@ -224,29 +224,18 @@ def _run(
             row.reason = "length"
 
     result = GenerationResult(rows=[])
-    past_len, step_len, step = prefix, prompt + text_len, 0
-    step_ids = input_ids
+    if all(row.finished for row in rows):
+        return _finish(bundle, ctx, rows, need_text, result)
+    runner = _Stepper(bundle, ctx, workspace, mask, prefix)
     clock = time.perf_counter()
-    while not all(row.finished for row in rows):
-        total = past_len + step_len
-        step_mask = np.ascontiguousarray(mask[:, :total])
-        positions = np.cumsum(step_mask, axis=1) - 1
-        positions = np.where(step_mask == 0, 1, positions)[:, past_len:]
-        state = StepState(
-            index=step,
-            past_len=past_len,
-            input_ids=step_ids,
-            attention_mask=step_mask,
-            position_ids=np.ascontiguousarray(positions),
-        )
-        for name in workspace.kv_names:
-            state.feeds[name.past] = workspace.past(name, past_len)
-        for provider in bundle.input_providers:
-            provider.step(ctx, state)
-        last = _run_step(bundle, workspace, state, total, step_len)[:, -1, :]
-        if step == 0:
-            result.prefill_seconds = time.perf_counter() - clock
-            clock = time.perf_counter()
+    chunk = bundle.prefill_chunk
+    for start in range(0, text_len, chunk):
+        ids = input_ids[:, start : start + chunk]
+        last = runner.step(ids, ids.shape[1] + (prompt if start == 0 else 0))
+    result.prefill_seconds = time.perf_counter() - clock
+    clock = time.perf_counter()
+    decode_steps = 0
+    while True:
         step_ids = np.full((batch, 1), pad, dtype=np.int64)
         for b, row in enumerate(rows):
             if row.finished:
@@ -256,15 +245,66 @@ def _run(
             step_ids[b, 0] = token
             if request.stream is not None:
                 request.stream(TokenEvent(b, token, row.stream_delta(), row.finished, last[b]))
-        past_len, step_len, step = total, 1, step + 1
-        if past_len < capacity:
-            mask[:, past_len] = 1
-    result.decode_seconds = time.perf_counter() - clock if step > 1 else 0.0
-    result.steps = step
+        if all(row.finished for row in rows):
+            break
+        mask[:, runner.past_len] = 1
+        last = runner.step(step_ids, 1)
+        decode_steps += 1
+    result.decode_seconds = time.perf_counter() - clock if decode_steps else 0.0
+    result.steps = runner.index
+    return _finish(bundle, ctx, rows, need_text, result)
+
+
+def _finish(
+    bundle: Bundle, ctx: RequestContext, rows: list[_Row], need_text: bool, result: GenerationResult
+) -> GenerationResult:
     for b, row in enumerate(rows):
         text = row.text if need_text or bundle.codec is None else bundle.codec.decode(row.tokens)
         result.rows.append(RowResult(ctx.prompt_ids[b], row.tokens, text, row.reason or "length"))
     return result
+
+
+class _Stepper:
+    """Runs steps of one request: assembles the base inputs, lets providers add theirs, binds
+    the workspace buffers and advances the cache. Returns each step's last-position logits."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        ctx: RequestContext,
+        workspace: Workspace,
+        mask: np.ndarray,
+        prefix_len: int,
+    ) -> None:
+        self.bundle = bundle
+        self.ctx = ctx
+        self.workspace = workspace
+        self.mask = mask
+        self.past_len = prefix_len
+        """Cached positions; a prefix enters as the past of step 0 (fed by its provider)."""
+        self.index = 0
+
+    def step(self, ids: np.ndarray, step_len: int) -> np.ndarray:
+        past_len = self.past_len
+        total = past_len + step_len
+        step_mask = np.ascontiguousarray(self.mask[:, :total])
+        positions = np.cumsum(step_mask, axis=1) - 1
+        positions = np.where(step_mask == 0, 1, positions)[:, past_len:]
+        state = StepState(
+            index=self.index,
+            past_len=past_len,
+            input_ids=ids,
+            attention_mask=step_mask,
+            position_ids=np.ascontiguousarray(positions),
+        )
+        for name in self.workspace.kv_names:
+            state.feeds[name.past] = self.workspace.past(name, past_len)
+        for provider in self.bundle.input_providers:
+            provider.step(self.ctx, state)
+        logits = _run_step(self.bundle, self.workspace, state, total, step_len)
+        self.past_len = total
+        self.index += 1
+        return logits[:, -1, :]
 
 
 def _run_step(

@@ -42,7 +42,12 @@ class Bundle:
         backend: Backend,
         codec: TextCodec | None,
         providers: Sequence[InputProvider] = (),
+        prefill_chunk: int = 512,
     ) -> None:
+        if prefill_chunk < 1:
+            raise InferenceError("prefill_chunk must be at least 1 token; pass e.g. 512")
+        self.prefill_chunk = prefill_chunk
+        """Prompt tokens per prefill step: bounds the logits buffer ([batch, chunk, vocab])."""
         self.root = root
         self.manifest = manifest
         self.backend = backend
@@ -142,16 +147,20 @@ def load_bundle(
     backend: str = "ort",
     *,
     providers: Sequence[InputProvider] = (),
+    prefill_chunk: int = 512,
     **backend_options: Any,
 ) -> Bundle:
-    """Load `path` for generation. `backend_options` go to the backend (ORT: OrtOptions)."""
+    """Load `path` for generation. `backend_options` go to the backend (ORT: OrtOptions).
+
+    Prompts longer than `prefill_chunk` tokens are prefilled in several steps, which bounds
+    the memory of the logits (batch x chunk x vocab) without changing the result."""
     root = Path(path)
     manifest = load_manifest(root)
     _kv_dtype(manifest)
     codec = TextCodec.from_bundle(root, manifest)
     backend_cls = _backend_class(backend)
     loaded = backend_cls.from_bundle(root, manifest, **backend_options)
-    bundle = Bundle(root, manifest, loaded, codec)
+    bundle = Bundle(root, manifest, loaded, codec, prefill_chunk=prefill_chunk)
     for factory in _provider_factories():
         provider = factory(bundle)
         if provider is not None:

@@ -94,6 +94,16 @@ def test_left_padded_batch_equals_rows_alone(arch_pair):
         assert row.token_ids == alone.token_ids[0] == torch_greedy(model, prompt, 10)
 
 
+def test_chunked_prefill_matches_pytorch(arch_pair):
+    """Prompts prefilled 2 tokens per step (short rows start with all-padding chunks)."""
+    model, bundle = arch_pair
+    chunked = load_bundle(bundle.root, threads=1, prefill_chunk=2)
+    result = chunked.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+    assert result.steps == 4 + 5
+    for prompt, row in zip(PROMPTS, result.rows, strict=True):
+        assert row.token_ids == torch_greedy(model, prompt, 6)
+
+
 def test_sampling_reproducible_and_top_k_1_is_greedy(bundle):
     kwargs = {"max_new_tokens": 10, "ignore_eos": True, "temperature": 0.9, "top_p": 0.95}
     first = bundle.generate(PROMPTS, seed=7, **kwargs)
@@ -240,7 +250,7 @@ def test_prefix_reservation_matches_pytorch_past(model, bundle_dir):
 
     plain = load_bundle(bundle_dir, threads=1)
     provider = RandomPrefix(plain.manifest.kv, length=3)
-    hooked = load_bundle(bundle_dir, threads=1, providers=[provider])
+    hooked = load_bundle(bundle_dir, threads=1, providers=[provider], prefill_chunk=3)
     result = hooked.generate([PROMPTS[0], PROMPTS[1]], max_new_tokens=6, ignore_eos=True)
     assert result.token_ids[1] == plain.generate([PROMPTS[1]], max_new_tokens=6).token_ids[0]
 
