@@ -75,7 +75,8 @@ class StepState:
     """
 
     index: int
-    """0 for the first (prefill) step, then 1, 2, ..."""
+    """0 for the first step (the only one that carries prefix past and prompt embeddings);
+    long prompts take several prefill steps (seq > 1) before the one-token decode steps."""
     past_len: int
     """Positions already in the KV cache before this step (prefix included)."""
     input_ids: np.ndarray
