@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace, repeats: int, batches: list[int], workdir: Pat
         "session.set_denormal_as_zero=1 (ours and transformers' graphs)",
         "tokens_per_second": {},
         "export_seconds": {},
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
     base = load_base("smollm2-135m")
@@ -171,6 +173,7 @@ def run(args: argparse.Namespace, repeats: int, batches: list[int], workdir: Pat
     }
     report["ratios"] = _ratios(report["tokens_per_second"], batches)
     report["bundle_dir"] = str(bundle_dir)
+    report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
 
 
