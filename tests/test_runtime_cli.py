@@ -51,6 +51,11 @@ def test_run_stream_and_raw_prompt(bundle_dir, capsys):
     assert code == 0
     code, plain, _ = run_cli(base, capsys)
     assert code == 0 and streamed == plain
+    two = [*base, "--prompt", "Hello there"]
+    code, streamed, _ = run_cli([*two, "--stream"], capsys)
+    assert code == 0
+    code, plain, _ = run_cli(two, capsys)
+    assert code == 0 and sorted(streamed.split("\n[")) == sorted(plain.split("\n["))
     code, raw, _ = run_cli([*base, "--no-chat-template", "--json"], capsys)
     expected = load_bundle(bundle_dir, threads=1).generate(
         ["Hi"], max_new_tokens=4, chat_template=False

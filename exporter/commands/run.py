@@ -59,11 +59,17 @@ def command(
     options = {"threads": threads} if threads and backend == "ort" else {}
     loaded = load_bundle(bundle, backend=backend, **options)
     single = len(prompts) == 1
+    pieces: dict[int, list[str]] = {}
 
     def on_token(event: TokenEvent) -> None:
+        """One prompt: text as it comes. Several: each row's line as soon as it finishes."""
         if single:
             sys.stdout.write(event.text)
             sys.stdout.flush()
+            return
+        pieces.setdefault(event.row, []).append(event.text)
+        if event.finished:
+            click.echo(f"[{event.row}] {''.join(pieces.pop(event.row))}")
 
     result = loaded.generate(
         list(prompts),
@@ -78,8 +84,9 @@ def command(
         system_prompt=system_prompt,
         stream=on_token if stream and not as_json else None,
     )
-    if stream and single and not as_json:
-        sys.stdout.write("\n")
+    if stream and not as_json:
+        if single:
+            sys.stdout.write("\n")
         return
     for i, row in enumerate(result.rows):
         if as_json:
