@@ -189,21 +189,3 @@ def test_verify_passes_for_prompt_side_adapters(exported, capsys) -> None:
     text = json.dumps(report)
     assert "prefix_tuning" in text
     assert '"passed": false' not in text
-
-
-def test_adaption_prompt_on_gpt2_is_refused_before_writing(tmp_path) -> None:
-    from peft_export.exporter.errors import ExportError
-    from peft_export.exporter.pipeline import InMemoryBase, export_bundle
-    from peft_export.exporter.prompt_adapters.planner import plan_prompt_inputs
-
-    model = tiny_model("gpt2")
-    adapter = make_adapter(model, "adaption_prompt", tmp_path, name="a")
-    with pytest.raises(ExportError, match="supported for llama, mistral bases, not gpt2"):
-        export_bundle(
-            InMemoryBase(model),
-            [("a", adapter)],
-            out=tmp_path / "bundle",
-            mode="runtime",
-            planners=[plan_prompt_inputs],
-        )
-    assert not (tmp_path / "bundle").exists()

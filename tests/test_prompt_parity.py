@@ -25,17 +25,18 @@ VARIANTS = {
     "ptune_mlp": ("p_tuning", {}),
     "ptune_lstm": ("p_tuning", {"encoder_reparameterization_type": "LSTM"}),
 }
-LLAMA_ONLY = {
+ADAPTION = {
     "adaption": ("adaption_prompt", {}),
     "adaption_top1": ("adaption_prompt", {"adapter_layers": 1, "adapter_len": 3}),
-    "lora": ("lora", {}),
 }
+"""PEFT has AdaptionPrompt for Llama-family models and GPT-2, not Qwen2."""
+EXTRA = {"llama": {**ADAPTION, "lora": ("lora", {})}, "gpt2": ADAPTION, "qwen2": {}}
 
 
 class ArchBundle:
     def __init__(self, arch: str, tmp) -> None:
         self.base = tiny_model(arch)
-        variants = {**VARIANTS, **(LLAMA_ONLY if arch == "llama" else {})}
+        variants = {**VARIANTS, **EXTRA[arch]}
         self.dirs = {
             name: make_adapter(self.base, method, tmp / "adapters", name=name, **overrides)
             for name, (method, overrides) in variants.items()
@@ -87,10 +88,12 @@ def test_matches_peft_forward(arch_bundle: ArchBundle, variant: str) -> None:
     check_row(run, arch_bundle.model(variant), PROMPT)
 
 
-@pytest.mark.parametrize("variant", ["adaption", "adaption_top1"])
-def test_adaption_prompt_matches_peft_forward(llama: ArchBundle, variant: str) -> None:
-    (run,) = run_rows(llama.bundle, [PROMPT], [variant])
-    check_row(run, llama.model(variant), PROMPT)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("variant", sorted(ADAPTION))
+def test_adaption_prompt_matches_peft_forward(tmp_path_factory, arch: str, variant: str) -> None:
+    arch_bundle = _arch_bundle(arch, tmp_path_factory)
+    (run,) = run_rows(arch_bundle.bundle, [PROMPT], [variant])
+    check_row(run, arch_bundle.model(variant), PROMPT)
 
 
 def test_manifest_records_prompt_inputs(llama: ArchBundle) -> None:

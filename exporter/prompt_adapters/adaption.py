@@ -3,6 +3,7 @@
 Mirrors PEFT's `AdaptedAttention.forward`: the attention's output gains
 `o_proj(gate * softmax(q k_a^T / sqrt(d)) v_a)`, with q the layer's rotary queries and
 (k_a, v_a) the layer's k/v projections of the adapter prompt, which conversion precomputed.
+GPT-2 follows `AdaptedAttentionGPT`: q from the fused c_attn, no rotary, no output projection.
 The gate and keys are inputs, so adapters swap without re-export and rows of one batch
 may use different adapters (or none: gate 0); `adaption_mask` hides pad columns.
 """
@@ -21,11 +22,12 @@ from peft_export.bundle.manifest import AdapterLayout
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.graph.extension import ExtraInput, GraphExtension
 from peft_export.exporter.prompt_adapters.convert import ADAPTION_ARCHITECTURES, ADAPTION_PROMPT
+from peft_export.models.architectures import get_arch
 
 TRACE_ADAPTION_LEN = 6
 """Differs from the other trace sizes so dynamo keeps `adaption_len` its own dim."""
 
-_ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn$")
+_ATTENTION = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.(?:self_attn|attn)$")
 
 
 class AdaptionExtension(GraphExtension):
@@ -35,12 +37,12 @@ class AdaptionExtension(GraphExtension):
                 f"AdaptionPrompt is supported for {', '.join(ADAPTION_ARCHITECTURES)} bases, not "
                 f"{config.model_type}; drop --adaption-max-len for this base"
             )
-        self.num_layers = int(config.num_hidden_layers)
-        self.num_heads = int(config.num_attention_heads)
-        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
-        self.head_dim = int(
-            getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        )
+        spec = get_arch(config.model_type)
+        self.gpt2 = config.model_type == "gpt2"
+        self.num_layers = spec.num_layers(config)
+        self.num_heads = spec.num_heads(config)
+        self.num_kv_heads = spec.num_kv_heads(config)
+        self.head_dim = spec.head_dim(config)
         self.max_len = max_len
         self.dtype = dtype
         self._feeds: dict[str, torch.Tensor] = {}
@@ -68,8 +70,7 @@ class AdaptionExtension(GraphExtension):
             match = _ATTENTION.search(path)
             if match is None:
                 continue
-            bias = getattr(module.o_proj, "bias", None)
-            if bias is not None:
+            if getattr(getattr(module, "o_proj", None), "bias", None) is not None:
                 raise ExportError(
                     "AdaptionPrompt on a base whose o_proj has a bias is not supported (a row "
                     "without the adapter would gain the bias); export without --adaption-max-len"
@@ -78,8 +79,8 @@ class AdaptionExtension(GraphExtension):
             found += 1
         if found != self.num_layers:
             raise ExportError(
-                f"found {found} attention modules named layers.N.self_attn, expected "
-                f"{self.num_layers}; AdaptionPrompt needs a Llama-family layout"
+                f"found {found} attention modules (layers.N.self_attn or h.N.attn), expected "
+                f"{self.num_layers}; AdaptionPrompt needs a Llama-family or GPT-2 layout"
             )
 
     def bind(self, feeds: dict[str, torch.Tensor]) -> None:
@@ -94,7 +95,7 @@ class AdaptionExtension(GraphExtension):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             attn_output, *rest = output
-            extra = self._adapter_output(module, layer, hidden, kwargs["position_embeddings"])
+            extra = self._adapter_output(module, layer, hidden, kwargs.get("position_embeddings"))
             return (attn_output + extra, *rest)
 
         return hook
@@ -104,14 +105,15 @@ class AdaptionExtension(GraphExtension):
         attn: nn.Module,
         layer: int,
         hidden: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         feeds = self._feeds
-        batch, q_len, _ = hidden.shape
-        query = attn.q_proj(hidden).view(batch, q_len, self.num_heads, self.head_dim)
-        query = query.transpose(1, 2)
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-        query = query * cos + _rotate_half(query) * sin
+        batch, q_len, width = hidden.shape
+        query = attn.c_attn(hidden)[..., :width] if self.gpt2 else attn.q_proj(hidden)
+        query = query.view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        if not self.gpt2:
+            cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+            query = query * cos + _rotate_half(query) * sin
         dtype = query.dtype
         repeat = self.num_heads // self.num_kv_heads
         keys = feeds[names.adaption_key(layer)].to(dtype).repeat_interleave(repeat, dim=1)
@@ -122,7 +124,7 @@ class AdaptionExtension(GraphExtension):
         gate = feeds[names.adaption_gate(layer)].to(dtype)[:, None, None, None]
         weights = gate * torch.softmax(scores, dim=-1).to(dtype)
         out = torch.matmul(weights, values).transpose(1, 2).reshape(batch, q_len, -1)
-        return attn.o_proj(out)
+        return out if self.gpt2 else attn.o_proj(out)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

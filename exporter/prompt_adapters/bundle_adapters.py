@@ -32,17 +32,17 @@ from peft_export.exporter.prompt_adapters.convert import (
 from peft_export.exporter.prompt_adapters.target import PromptTarget
 
 ADAPTION_BASE_FILE = names.adapter_file("_adaption_base")
-_PROJECTIONS = ("k_proj", "v_proj")
+_KV_PROJECTIONS = (".self_attn.k_proj.", ".self_attn.v_proj.", ".attn.c_attn.")
+"""Parameters holding each layer's key/value projections (Llama family; GPT-2's fused QKV)."""
 
 
 def adaption_base_weights(model: nn.Module) -> dict[str, np.ndarray]:
-    """`model.layers.{i}.self_attn.{k,v}_proj.{weight,bias}` of the base, as fp32 numpy."""
-    out = {}
-    for name, param in model.named_parameters():
-        parts = name.split(".")
-        if len(parts) >= 2 and parts[-2] in _PROJECTIONS and ".self_attn." in name:
-            out[name] = param.detach().float().cpu().numpy()
-    return out
+    """The base's key/value projection weights and biases, as fp32 numpy."""
+    return {
+        name: param.detach().float().cpu().numpy()
+        for name, param in model.named_parameters()
+        if any(part in name for part in _KV_PROJECTIONS)
+    }
 
 
 def write_adaption_base(bundle_dir: Path, weights: dict[str, np.ndarray]) -> None:

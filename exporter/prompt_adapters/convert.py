@@ -27,10 +27,12 @@ P_TUNING = "p_tuning"
 ADAPTION_PROMPT = "adaption_prompt"
 PROMPT_METHODS = (PREFIX_TUNING, PROMPT_TUNING, P_TUNING, ADAPTION_PROMPT)
 
-ADAPTION_ARCHITECTURES = ("llama", "mistral")
-"""Where PEFT's AdaptedAttention (q/k/v/o projections, rotary queries) applies."""
+ADAPTION_ARCHITECTURES = ("llama", "mistral", "gpt2")
+"""Where PEFT has AdaptionPrompt: AdaptedAttention (Llama family) and AdaptedAttentionGPT."""
 
-_ADAPTION_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.adaption_(prompt|gate)$")
+_ADAPTION_KEY = re.compile(
+    r"(?:^|\.)(?:layers|h)\.(\d+)\.(?:self_attn|attn)\.adaption_(prompt|gate)$"
+)
 _BOUND_OPTION = {
     PREFIX_TUNING: ("prefix_max_len", "--prefix-max-len"),
     PROMPT_TUNING: ("prompt_max_len", "--prompt-max-len"),
@@ -203,8 +205,8 @@ def _convert_adaption(
                 f"base has hidden size {target.hidden_size}; it was made for another base"
             )
         lengths.add(prompt.shape[0])
-        for proj, out_name in (("k_proj", names.adaption_key), ("v_proj", names.adaption_value)):
-            states = _linear(base_weights, f"model.layers.{layer}.self_attn.{proj}", prompt)
+        keys, values = _adaption_kv(target, base_weights, layer, prompt)
+        for states, out_name in ((keys, names.adaption_key), (values, names.adaption_value)):
             states = states.reshape(prompt.shape[0], target.num_kv_heads, target.head_dim)
             out[out_name(layer)] = np.ascontiguousarray(states.transpose(1, 0, 2))
         out[names.adaption_gate(layer)] = gates[layer].reshape(1).astype(np.float32)
@@ -213,10 +215,28 @@ def _convert_adaption(
     return PromptAdapter(name, ADAPTION_PROMPT, lengths.pop(), out)
 
 
-def _linear(weights: Mapping[str, Any], module: str, x: np.ndarray) -> np.ndarray:
+def _adaption_kv(
+    target: PromptTarget, weights: Mapping[str, Any], layer: int, prompt: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's keys and values of the adapter prompt, as PEFT computes them."""
+    if target.architecture == "gpt2":
+        # Conv1D c_attn: [in, 3 * hidden] -> query | key | value.
+        qkv = _linear(weights, f"transformer.h.{layer}.attn.c_attn", prompt, transposed=True)
+        hidden = target.hidden_size
+        return qkv[:, hidden : 2 * hidden], qkv[:, 2 * hidden :]
+    attention = f"model.layers.{layer}.self_attn"
+    keys = _linear(weights, f"{attention}.k_proj", prompt)
+    return keys, _linear(weights, f"{attention}.v_proj", prompt)
+
+
+def _linear(
+    weights: Mapping[str, Any], module: str, x: np.ndarray, *, transposed: bool = False
+) -> np.ndarray:
+    """x @ W^T + b for nn.Linear; x @ W + b for transformers' Conv1D (`transposed`)."""
     weight = _as_numpy(weights, f"{module}.weight")
     bias = _as_numpy(weights, f"{module}.bias", required=False)
-    y = x.astype(np.float64) @ weight.astype(np.float64).T
+    weight = weight if transposed else weight.T
+    y = x.astype(np.float64) @ weight.astype(np.float64)
     if bias is not None:
         y = y + bias.astype(np.float64)
     return y.astype(np.float32)
@@ -228,7 +248,7 @@ def _as_numpy(weights: Mapping[str, Any], key: str, *, required: bool = True) ->
         if required:
             raise ExportError(
                 f"base weight {key!r} not found; AdaptionPrompt needs the base model's "
-                "k/v projections (is the base a Llama-family model?)"
+                "k/v projections; pass the base the bundle was exported from"
             )
         return None
     if hasattr(value, "detach"):
