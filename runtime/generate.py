@@ -192,6 +192,9 @@ def _run(
             f"prompt ({prefix + prompt + text_len} positions) + max_new_tokens ({max_new}) "
             f"exceeds the model's {limit} positions; shorten the prompt or max_new_tokens"
         )
+    bundle.backend.check_steps(
+        _extreme_steps(batch, prefix, prompt, text_len, max_new, bundle.prefill_chunk)
+    )
     pad = bundle.pad_token_id
     vocab = manifest.vocab_size
     workspace.reserve(batch, capacity, prompt + min(text_len, bundle.prefill_chunk), vocab)
@@ -253,6 +256,23 @@ def _run(
     result.decode_seconds = time.perf_counter() - clock if decode_steps else 0.0
     result.steps = runner.index
     return _finish(bundle, ctx, rows, need_text, result)
+
+
+def _extreme_steps(
+    batch: int, prefix: int, prompt: int, text_len: int, max_new: int, chunk: int
+) -> list[dict[str, int]]:
+    """Named dims of the first and last prefill chunk and decode step (what `_run` will run)."""
+    chunks = -(-text_len // chunk)
+    steps = [{"batch": batch, "seq": min(chunk, text_len), "past": prefix, "prompt_len": prompt}]
+    if chunks > 1:
+        last = text_len - (chunks - 1) * chunk
+        past = prefix + prompt + (chunks - 1) * chunk
+        steps.append({"batch": batch, "seq": last, "past": past, "prompt_len": 0})
+    if max_new >= 2:
+        first = prefix + prompt + text_len
+        for past in sorted({first, first + max_new - 2}):
+            steps.append({"batch": batch, "seq": 1, "past": past, "prompt_len": 0})
+    return steps
 
 
 def _finish(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,14 @@ class Backend(abc.ABC):
         outputs: Mapping[str, TensorView],
     ) -> None:
         """Run one step: every graph input in `feeds`, every graph output into `outputs`."""
+
+    def check_steps(self, steps: Sequence[Mapping[str, int]]) -> None:  # noqa: B027
+        """Refuse, before any work, a request whose steps this backend cannot run.
+
+        `steps` holds the named dimensions ("batch", "seq", "past", "prompt_len") of the
+        request's extreme steps. Raise InferenceError naming the limit; ONNX Runtime takes any
+        shape, a TensorRT engine only those of its profiles.
+        """
 
     def describe(self) -> dict[str, object]:
         """A short, JSON-able summary (backend, device, providers, options) for logs."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,10 @@ class TrtBackend(Backend):
         trt_cuda.upload(staging.ptr, array, binding.stream)
         binding.in_flight.append(array)
         return staging.ptr
+
+    def check_steps(self, steps: Sequence[Mapping[str, int]]) -> None:
+        for dims in steps:
+            trt_plan.choose_profile(self.record, dims)
 
     def refit(self, name: str | None) -> None:
         """Make the engine's weights those of merged adapter `name` (None: the base model)."""
