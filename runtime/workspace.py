@@ -9,8 +9,8 @@ only when a request needs more room than any before it.
 
 from __future__ import annotations
 
-import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +101,7 @@ class Workspace:
 class WorkspacePool:
     """Hands each concurrent request its own workspace; idle ones are kept for reuse."""
 
-    def __init__(self, factory: callable) -> None:
+    def __init__(self, factory: Callable[[], Workspace]) -> None:
         self._factory = factory
         self._idle: list[Workspace] = []
         self._lock = threading.Lock()
@@ -119,7 +119,3 @@ class WorkspacePool:
     def clear(self) -> None:
         with self._lock:
             self._idle.clear()
-
-
-def kv_elements(batch: int, kv: KVLayout, tokens: int) -> int:
-    return math.prod((batch, kv.num_kv_heads, tokens, kv.head_dim))
