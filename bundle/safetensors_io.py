@@ -95,7 +95,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_len: int) -> TensorI
     if not isinstance(entry, dict):
         raise BundleError(f"{path}: tensor {name!r} has a malformed header entry; {_FIX}")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise BundleError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; {_FIX}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
