@@ -110,6 +110,8 @@ def _check_header(path, header, manifest, name, dtype, specs) -> None:
             f"{path}: adapter {name!r} was converted for another base model "
             "(base_weights_sha256 differs); re-add it with 'peft-export adapters add'"
         )
+    if not meta.get("rank", "0").isdigit():
+        raise BundleError(f"{path}: metadata rank {meta['rank']!r:.20} is not a count; re-add it")
     method = meta.get("method")
     if method not in manifest.adapters.methods:
         raise BundleError(
