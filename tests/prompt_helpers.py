@@ -59,7 +59,8 @@ def run_rows(
 
     def capture(binding, feeds, outputs):
         original(binding, feeds, outputs)
-        steps.append(outputs[names.LOGITS].numpy().copy())
+        text_len = feeds[names.INPUT_IDS].shape[1]
+        steps.append(outputs[names.LOGITS].numpy()[:, -text_len:].copy())
 
     backend.run = capture
     try:
@@ -68,9 +69,10 @@ def run_rows(
         )
     finally:
         del backend.run
+    prefill = np.concatenate(steps[: len(steps) - (n - 1)], axis=1)
     rows = []
     for b, ids in enumerate(prompts):
-        logits = [steps[0][b, -len(ids) :]] + [s[b, -1:] for s in steps[1:n]]
+        logits = [prefill[b, -len(ids) :]] + [s[b, -1:] for s in steps[len(steps) - (n - 1) :]]
         rows.append(RowRun(result.rows[b].token_ids, np.concatenate(logits)))
     return rows
 

@@ -146,3 +146,12 @@ def test_fp16_bundle_tracks_peft_fp32(tmp_path) -> None:
         reference = reference_logits(peft_model(base, dirs[name]), PROMPT + run.tokens[:-1])
         err = float(abs(run.logits - reference).max())
         assert err <= 5e-3, f"{name}: {err:.3g}"
+
+
+def test_chunked_prefill_matches_peft(llama: ArchBundle) -> None:
+    """Prompt embeddings and prefix past enter with the first chunk only."""
+    chunked = load_bundle(llama.path, prefill_chunk=3)
+    names = ["prefix_proj", "prompt_text", "adaption", None]
+    runs = run_rows(chunked, [PROMPT] * len(names), names, n=4)
+    for name, run in zip(names, runs, strict=True):
+        check_row(run, llama.model(name), PROMPT)
