@@ -31,6 +31,9 @@ _ATTENTION = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.(?:self_attn|attn)$")
 
 
 class AdaptionExtension(GraphExtension):
+    """Inputs for every layer (rows or layers without an adapter feed gate 0), hooked onto
+    each attention module's output so the decoder code stays untouched."""
+
     def __init__(self, config: Any, max_len: int, dtype: torch.dtype = torch.float32) -> None:
         if config.model_type not in ADAPTION_ARCHITECTURES:
             raise ExportError(
