@@ -9,6 +9,7 @@ float64 and cast to the bundle's dtype once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -138,22 +139,26 @@ def convert_adapter(
             "modules; re-export with --methods including dora"
         )
     skeleton = build_skeleton(slots, conv1d=conv1d, base_weights=base_weights)
-    config = peft.PeftConfig.from_peft_type(**_config_kwargs(source.config))
-    config.inference_mode = True
     state = {
         k.removeprefix(_PEFT_PREFIX): torch.as_tensor(v).double()
         for k, v in source.load_tensors().items()
     }
     try:
+        config = peft.PeftConfig.from_peft_type(**_config_kwargs(source.config))
+        config.inference_mode = True
         peft.inject_adapter_in_model(config, skeleton, adapter_name=_ADAPTER, state_dict=state)
+    except RuntimeError as exc:
+        raise _does_not_fit(source, exc) from None
+    except (TypeError, AttributeError, KeyError, ValueError, re.error) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(
+            f"adapter {source.name}: its adapter_config.json is not a valid {source.method} "
+            f"config ({reason:.160}); re-save the adapter with PEFT"
+        ) from None
+    try:
         result = set_peft_model_state_dict(skeleton, state, adapter_name=_ADAPTER)
     except (RuntimeError, ValueError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = next((line for line in lines if "mismatch" in line), lines[0] if lines else "")
-        raise ExportError(
-            f"adapter {source.name} does not fit this bundle's base model ({reason:.200}); "
-            "it was trained on another base model"
-        ) from None
+        raise _does_not_fit(source, exc) from None
     if result.unexpected_keys:
         raise ExportError(
             f"adapter {source.name} has tensors this converter does not place "
@@ -166,7 +171,22 @@ def convert_adapter(
             layer = skeleton.get_submodule(slot.path)
             rank = _convert_layer(layer, slot, source.method, layout, conv1d, out.tensors)
             out.rank = max(out.rank, rank)
+    for key, value in out.tensors.items():
+        if not np.isfinite(value).all():
+            raise ExportError(
+                f"adapter {source.name}: converting it gives NaN or Inf in {key} (check "
+                "lora_alpha and the scales in adapter_config.json); re-save it with PEFT"
+            )
     return pad_slot(out, layout.r_max) if pad else out
+
+
+def _does_not_fit(source: AdapterSource, exc: Exception) -> ExportError:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = next((line for line in lines if "mismatch" in line), lines[0] if lines else "")
+    return ExportError(
+        f"adapter {source.name} does not fit this bundle's base model ({reason:.200}); "
+        "it was trained on another base model"
+    )
 
 
 def pad_slot(adapter: SlotTensors, r_max: int) -> SlotTensors:
