@@ -24,11 +24,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from tiny import make_adapter, save_tiny_base, tiny_model
 
+from peft_export.bundle.errors import PeftExportError
+from peft_export.bundle.manifest import load_manifest
 from peft_export.exporter.cli import main
+from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter, remove_adapter
+from peft_export.runtime import InferenceError
+from peft_export.runtime.adapter_store import AdapterStore
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -895,3 +902,91 @@ def test_doc_lists_every_case():
         _, command, _, line, _ = rows[case_id]
         assert command == f"`{case.command}`", case_id
         assert case.message.replace("|", "\\|") in line, case_id
+
+
+# -- fuzzing the readers of adapter files (only the project's own error type, no hang) -----
+
+
+@pytest.fixture(scope="module")
+def fuzz_bundle(fx, tmp_path_factory) -> Path:
+    return shutil.copytree(fx.runtime, tmp_path_factory.mktemp("fuzz") / "bundle")
+
+
+def _mutated(data: bytes, draw) -> bytes:
+    """Truncate, overwrite bytes (header or tensor data), or rewrite one header field."""
+    kind = draw(st.sampled_from(["truncate", "bytes", "header"]))
+    if kind == "truncate":
+        return data[: draw(st.integers(0, len(data) - 1))]
+    if kind == "bytes":
+        out = bytearray(data)
+        for _ in range(draw(st.integers(1, 8))):
+            out[draw(st.integers(0, len(out) - 1))] = draw(st.integers(0, 255))
+        return bytes(out)
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    name = draw(st.sampled_from(sorted(header)))
+    value = draw(FIELD_VALUES)
+    if name == "__metadata__":
+        header[name][draw(st.sampled_from(sorted(header[name])))] = value
+    else:
+        header[name][draw(st.sampled_from(["dtype", "shape", "data_offsets"]))] = value
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data[8 + length :]
+
+
+FIELD_VALUES = st.one_of(
+    st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "F8_E4M3", "x", ""]),
+    st.lists(st.integers(-2, 2**40), max_size=4),
+    st.integers(-(2**63), 2**64),
+    st.none(),
+    st.text(max_size=8),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_store_load_of_a_mutated_adapter_file(fuzz_bundle, fx, data):
+    """The runtime store reading a damaged adapters/NAME.safetensors: InferenceError or a
+    correct adapter (every tensor a bank slot's shape, finite), never another exception."""
+    pristine = _installed(fx.runtime).read_bytes()
+    _installed(fuzz_bundle).write_bytes(_mutated(pristine, data.draw))
+    store = AdapterStore(fuzz_bundle, load_manifest(fuzz_bundle))
+    try:
+        adapter = store.load("fr")
+    except InferenceError:
+        return
+    for key, value in adapter.tensors.items():
+        assert value.shape == store.specs[key].slot_shape
+        assert np.isfinite(value).all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    key=st.sampled_from(["r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern"])
+    | st.sampled_from(["use_rslora", "use_dora", "fan_in_fan_out", "peft_type", "layers_pattern"]),
+    value=st.one_of(
+        st.integers(-3, 64),
+        st.floats(allow_nan=True),
+        st.text(max_size=6),
+        st.none(),
+        st.lists(st.text(max_size=4), max_size=3),
+        st.dictionaries(st.text(max_size=12), st.integers(-2, 9), max_size=2),
+        st.booleans(),
+    ),
+)
+def test_fuzz_adapters_add_with_a_hostile_config(fuzz_bundle, fx, tmp_path_factory, key, value):
+    """`adapters add` of a PEFT folder whose adapter_config.json field holds any JSON value:
+    installed as a file the runtime accepts, or refused with a PeftExportError (bundle
+    untouched), never another exception."""
+    folder = tmp_path_factory.mktemp("hostile-config") / "adapter"
+    shutil.copytree(fx.adapters / "de", folder)
+    _edit_json(folder / "adapter_config.json", lambda c: c.__setitem__(key, value))
+    _installed(fuzz_bundle).write_bytes(_installed(fx.runtime).read_bytes())
+    before = _snapshot(fuzz_bundle)
+    try:
+        add_adapter(fuzz_bundle, "fuzzed", folder)
+    except PeftExportError:
+        assert _snapshot(fuzz_bundle) == before
+        return
+    AdapterStore(fuzz_bundle, load_manifest(fuzz_bundle)).load("fuzzed")
+    remove_adapter(fuzz_bundle, "fuzzed")
