@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 
@@ -36,11 +37,12 @@ def merge_adapter(model: nn.Module, source: AdapterSource) -> nn.Module:
     with _quiet():
         try:
             peft_model = PeftModel.from_pretrained(model, str(source.path), is_trainable=False)
-        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, re.error) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
             raise ExportError(
                 f"PEFT could not load adapter {source.name} onto this base "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0]:.200}); "
-                "check that it was trained on this base model"
+                f"({type(exc).__name__}: {first:.200}); check its adapter_config.json and that "
+                "it was trained on this base model"
             ) from exc
         _give_bias_to_lora_bias_layers(peft_model)
         return merge_peft_model(peft_model, source.name)
