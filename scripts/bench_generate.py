@@ -11,6 +11,7 @@ q_proj/v_proj, rank 8), 64 new tokens, batch 1 and 8, every side measured in thi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -51,7 +52,9 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="peft-export-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(run(args, repeats, batches, workdir), indent=2))
+    with contextlib.redirect_stdout(sys.stderr):  # exporters print progress; keep stdout JSON
+        report = run(args, repeats, batches, workdir)
+    print(json.dumps(report, indent=2))
 
 
 def run(args: argparse.Namespace, repeats: int, batches: list[int], workdir: Path) -> dict:
