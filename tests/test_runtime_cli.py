@@ -108,3 +108,36 @@ def test_bad_manifest_is_refused(bundle_dir, tmp_path, capsys):
     (broken / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run_cli(["run", str(broken), "--prompt", "x"], capsys)
     assert code == 2 and "escapes the bundle" in err
+
+
+def test_runtime_bundle_inspect_and_adapters(tmp_path, capsys):
+    from tiny import make_adapter, save_tiny_base
+
+    base = save_tiny_base("llama", tmp_path / "base")
+    model = tiny_model("llama", seed=0)
+    lora = make_adapter(model, "lora", tmp_path, name="fr")
+    prefix = make_adapter(model, "prefix_tuning", tmp_path, name="pre")
+    out = tmp_path / "bundle"
+    export = ["export", "--base", str(base), "--mode", "runtime", "--out", str(out)]
+    export += ["--adapter", f"fr={lora}", "--adapter", f"pre={prefix}"]
+    code, _, err = run_cli(export, capsys)
+    assert code == 0, err
+
+    code, text, _ = run_cli(["inspect", str(out), "--json"], capsys)
+    summary = json.loads(text)
+    assert summary["mode"] == "runtime"
+    assert summary["adapters"]["installed"]["fr"]["method"] == "lora"
+    assert summary["adapters"]["installed"]["pre"]["method"] == "prefix_tuning"
+    assert "adapter_ids" in [entry["name"] for entry in summary["graph"]["inputs"]]
+
+    args = ["run", str(out), "--max-new-tokens", "4", "--json", "--threads", "1"]
+    prompts = ["--prompt", "Hi", "--prompt", "Hi", "--prompt", "Hi"]
+    adapters = ["--adapter", "fr", "--adapter", "pre", "--adapter", "base"]
+    code, text, err = run_cli([*args, *prompts, *adapters], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert [r["adapter"] for r in rows] == ["fr", "pre", None]
+    assert len({tuple(r["token_ids"]) for r in rows}) == 3
+
+    code, _, err = run_cli([*args, "--prompt", "Hi", "--adapter", "nope"], capsys)
+    assert code == 2 and "unknown adapter(s) nope (installed: fr, pre)" in err
