@@ -221,6 +221,19 @@ def _add(adapter: str, name: str = "x", kind: str = "runtime", *extra: str):
     return argv
 
 
+def _add_damaged(damage: Callable[[Path], object]) -> Callable[[Work], list]:
+    def argv(w: Work) -> list:
+        folder = w.adapter("de")
+        damage(folder)
+        return ["adapters", "add", w.bundle(), f"x={folder}"]
+
+    return argv
+
+
+def _config(folder: Path, **fields: object) -> None:
+    _edit_json(folder / "adapter_config.json", lambda c: c.update(fields))
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -476,6 +489,12 @@ CASES: dict[str, Case] = {
         ),
         "PEFT type 'FOURIERFT' is not supported; supported methods: lora",
     ),
+    "adapter-config-bad-pattern": Case(
+        "export",
+        'rank_pattern {"(": 2} (not a regular expression)',
+        _export_damaged(lambda f: _config(f, rank_pattern={"(": 2})),
+        "PEFT could not load adapter fr onto this base (error: missing ), unterminated subpattern",
+    ),
     "pickle-only-adapter": Case(
         "export",
         "adapter folder with only adapter_model.bin",
@@ -544,6 +563,18 @@ CASES: dict[str, Case] = {
         "a LoRA trained on another base",
         _add("other"),
         "does not fit this bundle's base model (size mismatch for model.layers.0.self_attn.v_proj",
+    ),
+    "add-config-wrong-type": Case(
+        "adapters add",
+        'adapter_config.json with r "x"',
+        _add_damaged(lambda f: _config(f, r="x")),
+        "its adapter_config.json is not a valid lora config",
+    ),
+    "add-config-nan-alpha": Case(
+        "adapters add",
+        "adapter_config.json with lora_alpha NaN",
+        _add_damaged(lambda f: _config(f, lora_alpha=float("nan"))),
+        "converting it gives NaN or Inf in lora.model.layers.0.self_attn.q_proj.B",
     ),
     "add-duplicate-name": Case(
         "adapters add",
@@ -966,7 +997,7 @@ def test_fuzz_store_load_of_a_mutated_adapter_file(fuzz_bundle, fx, data):
     | st.sampled_from(["use_rslora", "use_dora", "fan_in_fan_out", "peft_type", "layers_pattern"]),
     value=st.one_of(
         st.integers(-3, 64),
-        st.floats(allow_nan=True),
+        st.floats(allow_nan=True, allow_subnormal=False),
         st.text(max_size=6),
         st.none(),
         st.lists(st.text(max_size=4), max_size=3),
