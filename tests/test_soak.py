@@ -9,6 +9,7 @@ single-threaded reference of the same request (same prompts, same adapters, same
 
 from __future__ import annotations
 
+import hashlib
 import random
 import shutil
 import threading
@@ -158,3 +159,29 @@ def test_soak_16_threads_2000_requests(soak_bundle):
     assert not mismatches, mismatches[:3]
     assert late_added.is_set() and any(late_served), "the adapter added on disk was served"
     assert store.swaps > 50, "slots must have been rewritten while requests ran"
+
+
+def test_concurrent_adapters_add_lose_nothing(soak_bundle, tmp_path):
+    """Writers take turns on the bundle: adds from 6 threads at once all land, consistently."""
+    root, dirs = soak_bundle
+    bundle = shutil.copytree(root, tmp_path / "bundle")
+    names = [f"c{i}" for i in range(6)]
+    errors: list[str] = []
+
+    def add(name: str) -> None:
+        try:
+            add_adapter(bundle, name, dirs[NAMES[int(name[1:])]])
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(f"{name}: {exc}")
+
+    threads = [threading.Thread(target=add, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    installed = load_bundle(bundle, threads=1).manifest.adapters.installed
+    assert set(names) <= set(installed)
+    for name in names:
+        digest = hashlib.sha256((bundle / installed[name].file).read_bytes()).hexdigest()
+        assert digest == installed[name].sha256
