@@ -45,7 +45,8 @@ class OrtOptions:
 
     `denormals_as_zero` flushes denormal floats to zero: on some CPUs adapter math that
     produces denormals runs several times slower without it (docs/environment.md). It can
-    change results in the last bits only for values below ~1e-38.
+    change results in the last bits only for values below ~1e-38. ONNX Runtime also leaves
+    flush-to-zero on in the thread that created the session (see runtime/README.md).
     """
 
     device: str = "cpu"
