@@ -9,6 +9,7 @@ so a padded row computes exactly what it would compute alone. Finished rows keep
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -129,14 +130,15 @@ def _check_adapters(
 
 def _prompt_ids(bundle: Bundle, request: GenerationRequest, row: int) -> list[int]:
     prompt = request.prompts[row]
+    is_chat = not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], Mapping)
+    if (isinstance(prompt, str) or is_chat) and bundle.codec is None:
+        raise InferenceError("this bundle ships no tokenizer; pass token ids instead of text")
     if isinstance(prompt, str):
-        if bundle.codec is None:
-            raise InferenceError(
-                "this bundle ships no tokenizer; pass token ids instead of text prompts"
-            )
         ids = bundle.codec.encode_prompt(
             prompt, chat=request.chat_template, system=request.system_prompt
         )
+    elif is_chat:
+        ids = bundle.codec.encode_messages([dict(m) for m in prompt])
     else:
         ids = [int(t) for t in prompt]
     if not ids:

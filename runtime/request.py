@@ -6,15 +6,16 @@ names), so the loop keeps no state between calls and several requests may run at
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from peft_export.runtime.errors import InferenceError
 
-Prompt = str | Sequence[int]
-"""Text (tokenized, with the chat template unless disabled) or token ids used as they are."""
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+"""Text (a user turn, through the chat template unless disabled), a conversation as chat
+messages ({"role": ..., "content": ...}, always through the template), or token ids."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ backend and input providers, checked against each other."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +98,11 @@ class Bundle:
         system_prompt: str | None = None,
         stream: StreamCallback | None = None,
     ) -> GenerationResult:
-        """Generate for one prompt or a batch. Row i samples with seed `seed + i`."""
+        """Generate for one prompt or a batch. Row i samples with seed `seed + i`.
+
+        A prompt is text, token ids, or a conversation (a list of chat message dicts)."""
         if isinstance(prompts, str) or (
-            prompts and isinstance(prompts, Sequence) and isinstance(prompts[0], int)
+            prompts and isinstance(prompts, Sequence) and isinstance(prompts[0], int | Mapping)
         ):
             prompts = [prompts]
         rows = len(prompts)

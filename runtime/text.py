@@ -57,6 +57,14 @@ class TextCodec:
             return self.encode_text(rendered, add_special_tokens=False)
         return self.encode_text(prompt)
 
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Ids of a conversation rendered through the chat template, ready for the reply."""
+        if not self.chat_template:
+            raise InferenceError(
+                "chat messages need a chat template, which this bundle lacks; pass text instead"
+            )
+        return self.encode_text(self.render_chat(messages), add_special_tokens=False)
+
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         if not self.chat_template:
             raise InferenceError("this bundle has no chat template; pass chat_template=False")

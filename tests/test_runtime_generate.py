@@ -172,6 +172,22 @@ def test_chat_template_rendering(bundle):
     assert result.rows[0].prompt_ids == expected.ids
 
 
+def test_chat_messages_prompt(bundle):
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
+    text = "<s>system: Be brief.</s><s>user: Hi</s><s>assistant: Hello</s><s>user: Bye</s>"
+    expected = tiny_tokenizer().encode(text + "<s>assistant: ", add_special_tokens=False).ids
+    single = bundle.generate(conversation, max_new_tokens=1)
+    batch = bundle.generate([conversation, "Hi"], max_new_tokens=1)
+    assert single.rows[0].prompt_ids == batch.rows[0].prompt_ids == expected
+    system = bundle.generate(["Hi"], system_prompt="Be brief.", max_new_tokens=1)
+    assert system.rows[0].prompt_ids == expected[: len(system.rows[0].prompt_ids)]
+
+
 def test_kv_and_logits_buffers_are_bound_in_place(bundle):
     backend = bundle.backend
     seen: dict[str, set[int]] = {}
