@@ -79,7 +79,13 @@ class TrtBackend(Backend):
             from peft_export.plugins import load_trt_plugin
 
             load_trt_plugin(trt)
-        data = confined(root, record.file).read_bytes()
+        engine_file = confined(root, record.file)
+        if not engine_file.is_file():
+            raise InferenceError(
+                f"{engine_file}: the bundle's engine is missing; rebuild it with "
+                "'peft-export build-engine BUNDLE'"
+            )
+        data = engine_file.read_bytes()
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
