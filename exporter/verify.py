@@ -27,6 +27,7 @@ from peft_export.bundle.atomic import write_text
 from peft_export.bundle.manifest import Manifest, load_manifest
 from peft_export.bundle.paths import confined
 from peft_export.bundle.safetensors_io import read_header
+from peft_export.exporter.adapter_source import read_adapter
 from peft_export.exporter.errors import ExportError
 
 DEFAULT_PROMPTS = (
@@ -183,6 +184,7 @@ def _source_dir(name: str, path: str | None) -> Path:
             f"the PEFT folder of adapter {name!r} ({path}) is not available; "
             f"pass --source {name}=DIR to verify against it"
         )
+    read_adapter(path, name=name)  # safetensors only (never a pickle), checked, before PEFT
     return Path(path)
 
 
