@@ -234,6 +234,12 @@ def _config(folder: Path, **fields: object) -> None:
     _edit_json(folder / "adapter_config.json", lambda c: c.update(fields))
 
 
+def _verify_pickled_source(w: Work) -> list:
+    folder = w.adapter("fr")
+    (folder / PEFT_WEIGHTS).rename(folder / "adapter_model.bin")
+    return ["verify", w.bundle("merged"), "--source", f"fr={folder}"]
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -853,6 +859,12 @@ CASES: dict[str, Case] = {
         "model.onnx whose external data location is '../weights.data'",
         _engine_dotdot_build,
         "bundle path '../weights.data' escapes the bundle",
+    ),
+    "verify-pickle-source": Case(
+        "verify",
+        "--source fr=DIR where DIR holds only adapter_model.bin",
+        _verify_pickled_source,
+        "which are never loaded; convert them once with 'peft-export adapters convert-bin",
     ),
     "verify-unknown-adapter": Case(
         "verify",
