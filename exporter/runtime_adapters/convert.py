@@ -43,6 +43,11 @@ class SlotTensors:
 
 def adapter_modules(source: AdapterSource) -> list[str]:
     """Dotted module paths the adapter's tensors touch (as in the HF model)."""
+    if source.config.get("lora_bias"):
+        raise ExportError(
+            f"adapter {source.name} trains a bias on lora_B (lora_bias), which the bank "
+            "inputs cannot carry; export it with --mode merged"
+        )
     paths: set[str] = set()
     for key in source.header.tensors:
         inner = key.removeprefix(_PEFT_PREFIX)

@@ -1,0 +1,30 @@
+"""Runtime mode refuses LoRA variants its bank inputs cannot represent, instead of serving
+them wrongly."""
+
+from __future__ import annotations
+
+from tiny import make_adapter, save_tiny_base, tiny_model
+
+from peft_export.exporter.cli import main
+
+
+def _run(*argv: str) -> int:
+    try:
+        main(list(argv))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_lora_bias_is_refused_in_runtime_mode(tmp_path, capsys):
+    base = save_tiny_base("llama", tmp_path / "base")
+    adapter = make_adapter(tiny_model("llama"), "lora", tmp_path, lora_bias=True)
+    out = tmp_path / "bundle"
+    args = ("--base", str(base), "--mode", "runtime", "--adapter", f"b={adapter}")
+    assert _run("export", *args, "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "Traceback" not in err
+    assert "lora_bias" in line and "--mode merged" in line
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "lora"]
