@@ -31,7 +31,7 @@ def export(workdir: Path) -> Path:
     bundle = workdir / "bundle"
     if (bundle / "manifest.json").is_file():
         return bundle
-    from test_cpp_smollm2 import seeded_adapters
+    from smollm2_helpers import seeded_adapters
 
     from peft_export.exporter.base_model import load_base
     from peft_export.exporter.pipeline import export_bundle

