@@ -221,3 +221,32 @@ def _check_graph(manifest: Manifest, backend: Backend) -> None:
             f"{manifest.graph.file}: the graph lacks {shown}, which the manifest promises; "
             "the bundle is inconsistent, re-export it"
         )
+    _check_sizes(manifest, backend, kv)
+
+
+def _check_sizes(manifest: Manifest, backend: Backend, kv: list[KVName]) -> None:
+    """Sizes the runtime allocates by (vocab, KV heads and head size, bank shapes) must be the
+    graph's own: a manifest that disagrees would size buffers wrong, or absurdly large."""
+    want: list[tuple[str, tuple[int | None, ...]]] = [
+        (names.LOGITS, (None, None, manifest.vocab_size))
+    ]
+    want += [(n.past, (None, manifest.kv.num_kv_heads, None, manifest.kv.head_dim)) for n in kv]
+    want.append((names.PROMPT_EMBEDS, (None, None, manifest.hidden_size)))
+    want += [
+        (spec.name, tuple(d if isinstance(d, int) else None for d in spec.shape))
+        for spec in manifest.graph.inputs
+    ]
+    graph = {spec.name: spec.shape for spec in [*backend.inputs(), *backend.outputs()]}
+    for name, expected in want:
+        shape = graph.get(name)
+        if shape is None:
+            continue
+        pairs = zip(shape, expected, strict=False)
+        if len(shape) != len(expected) or any(
+            isinstance(got, int) and need is not None and got != need for got, need in pairs
+        ):
+            shown = [d if d is not None else "*" for d in expected]
+            raise InferenceError(
+                f"{manifest.graph.file}: {name} is {list(shape)} in the graph but {shown} by "
+                "the manifest; the bundle is inconsistent, re-export it"
+            )
