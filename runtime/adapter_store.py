@@ -13,10 +13,12 @@ evicted. A request needing more adapters than free slots waits for other request
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +135,22 @@ def _check_header(path, header, manifest, name, dtype, specs) -> None:
             )
 
 
+def _check_bank_memory(slots: int, specs: Iterable[BankSpec], dtype: np.dtype) -> None:
+    """Refuse banks larger than half this machine's memory (a huge `slots` in a manifest):
+    filling them would take the machine down instead of failing."""
+    need = slots * sum(math.prod(spec.slot_shape) for spec in specs) * dtype.itemsize
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have // 2:
+        raise InferenceError(
+            f"{slots} adapter slots need {need / 2**30:.1f} GiB of banks, more than half of this "
+            f"machine's {have / 2**30:.1f} GiB; load the bundle with fewer slots, or re-export "
+            "it with a smaller --slots"
+        )
+
+
 class AdapterStore:
     """Host copies of adapters plus the bank slots the graph reads; thread-safe."""
 
@@ -155,6 +173,7 @@ class AdapterStore:
         if self.slots < 2:
             raise InferenceError("an adapter store needs at least 2 slots (slot 0 is the base)")
         self.wait_timeout_s = wait_timeout_s
+        _check_bank_memory(self.slots, self.specs.values(), self.dtype)
         allocate = allocate or (lambda dtype, n: HostBuffer(dtype, n))
         self._views: dict[str, TensorView] = {}
         self._arrays: dict[str, np.ndarray] = {}

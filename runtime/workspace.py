@@ -18,6 +18,7 @@ import numpy as np
 from peft_export.bundle import names
 from peft_export.bundle.manifest import KVLayout
 from peft_export.runtime.backends.base import Backend, Buffer, StepBinding, TensorView
+from peft_export.runtime.errors import InferenceError
 
 
 @dataclass(frozen=True)
@@ -56,18 +57,26 @@ class Workspace:
         """Make room for `batch` rows of `max_tokens` cached positions and one step of
         `max_step_tokens` logits; reset the cache to empty."""
         kv_needed = batch * self.kv.num_kv_heads * max_tokens * self.kv.head_dim
-        if kv_needed > self._kv_capacity:
-            self._kv = {
-                name: (
-                    self.backend.allocate(self.kv_dtype, kv_needed),
-                    self.backend.allocate(self.kv_dtype, kv_needed),
-                )
-                for name in self.kv_names
-            }
-            self._kv_capacity = kv_needed
         logits_needed = batch * max_step_tokens * vocab
-        if self._logits is None or logits_needed > self._logits.capacity:
-            self._logits = self.backend.allocate(self.logits_dtype, logits_needed, on_host=True)
+        try:
+            if kv_needed > self._kv_capacity:
+                self._kv = {
+                    name: (
+                        self.backend.allocate(self.kv_dtype, kv_needed),
+                        self.backend.allocate(self.kv_dtype, kv_needed),
+                    )
+                    for name in self.kv_names
+                }
+                self._kv_capacity = kv_needed
+            if self._logits is None or logits_needed > self._logits.capacity:
+                self._logits = self.backend.allocate(self.logits_dtype, logits_needed, on_host=True)
+        except MemoryError:
+            kv_bytes = 2 * len(self.kv_names) * kv_needed * self.kv_dtype.itemsize
+            gib = (kv_bytes + logits_needed * self.logits_dtype.itemsize) / 2**30
+            raise InferenceError(
+                f"this request needs {gib:.1f} GiB of KV cache and logits, more than can be "
+                "allocated here; use a smaller batch, shorter prompts or fewer max_new_tokens"
+            ) from None
         self.batch = batch
         self._front = 0
 
