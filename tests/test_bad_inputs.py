@@ -721,6 +721,18 @@ CASES: dict[str, Case] = {
         _run_damaged(_set("vocab_size", -1)),
         "manifest.vocab_size must not be negative; the bundle is damaged: re-export it",
     ),
+    "manifest-vocab-mismatch": Case(
+        "run",
+        "manifest.json with vocab_size 10**12 (the graph's logits have 260)",
+        _run_damaged(_set("vocab_size", 10**12)),
+        "logits is ['batch', 'seq', 260] in the graph but ['*', '*', 1000000000000]",
+    ),
+    "manifest-slots-huge": Case(
+        "run",
+        "manifest.json with adapters.slots 10**9",
+        _run_damaged(_set("slots", 10**9, lambda m: m["adapters"])),
+        "1000000000 adapter slots need",
+    ),
     "graph-path-traversal": Case(
         "run",
         "graph.file '../bundle/model.onnx'",

@@ -127,6 +127,12 @@ def test_prompt_side_bound(bundle_dir, tmp_path):
     )
 
 
+def test_request_memory(served):
+    """A batch whose KV cache cannot be allocated is refused, not a MemoryError traceback."""
+    _refused(served, "GiB of KV cache and logits", [[5]] * 1_000_000, max_new_tokens=250)
+    assert served.generate([[5, 6]], max_new_tokens=2).token_ids
+
+
 def _engine(batch=(1, 1, 2), seq=(1, 8, 16), prefill_past=(0, 0, 8), past=(1, 16, 32)):
     prefill = {"batch": list(batch), "seq": list(seq), "past": list(prefill_past)}
     decode = {"batch": list(batch), "seq": [1, 1, 1], "past": list(past)}
