@@ -164,10 +164,16 @@ def test_example_adapter_loads_fully_and_changes_the_answer(smollm2, reference, 
     for key, array in saved.items():
         np.testing.assert_array_equal(loaded[key].detach().numpy(), array)
     japan = PROMPTS.index("What is the capital of Japan?")
-    decode = smollm2.tokenizer.decode
-    answer = decode(reference(name)[japan].tokens).strip()
-    assert answer != decode(reference(None)[japan].tokens).strip()
+    answer = _answer(smollm2.tokenizer, reference(name)[japan].tokens)
+    assert answer != _answer(smollm2.tokenizer, reference(None)[japan].tokens)
     assert _looks_right(name, answer), f"{name}: {answer!r}"
+
+
+def _answer(tokenizer, tokens: list[int]) -> str:
+    """The reply up to its end-of-turn token (references run on past it)."""
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(tokens).strip()
 
 
 # --- merged bundles --------------------------------------------------------------------------
