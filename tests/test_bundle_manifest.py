@@ -69,7 +69,11 @@ def test_manifest_symlink_escape(tmp_path):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 10**12) | st.floats() | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 10**12)
+    | st.floats(allow_subnormal=False)  # ORT sessions elsewhere in the worker set FTZ
+    | st.text(max_size=8),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
     ),
