@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,18 @@ def check_name(name: str) -> str:
             "'_', '-' or '.', e.g. --adapter fr=./lora-fr"
         )
     return name
+
+
+def check_new_adapter_name(name: str, installed: Mapping[str, object], *, replace: bool) -> None:
+    """A name `adapters add` may install: names starting with '_' belong to the bundle's side
+    files (DoRA base targets, AdaptionPrompt projections); an existing one needs --replace."""
+    check_name(name)
+    if name.startswith("_"):
+        raise ExportError(f"adapter name {name!r} is reserved; pick a name not starting with '_'")
+    if name in installed and not replace:
+        raise ExportError(
+            f"the bundle already has an adapter {name!r}; pass --replace or pick another name"
+        )
 
 
 def read_adapter(

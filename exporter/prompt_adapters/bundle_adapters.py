@@ -20,7 +20,7 @@ from peft_export.bundle.atomic import staged_file, staged_update, write_text
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.manifest import AdapterLayout, InstalledAdapter, Manifest, load_manifest
 from peft_export.bundle.paths import confined
-from peft_export.exporter.adapter_source import check_name, read_adapter
+from peft_export.exporter.adapter_source import check_new_adapter_name, read_adapter
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.prompt_adapters.adapter_file import write_prompt_adapter
 from peft_export.exporter.prompt_adapters.convert import (
@@ -93,15 +93,7 @@ def add_prompt_adapter(
     _load_runtime_manifest(root)
     with staged_update(root) as stage:
         manifest = _load_runtime_manifest(root)
-        check_name(name)
-        if name.startswith("_"):
-            raise ExportError(
-                f"adapter name {name!r} is reserved; pick a name not starting with '_'"
-            )
-        if name in manifest.adapters.installed and not replace:
-            raise ExportError(
-                f"the bundle already has an adapter {name!r}; pass --replace or pick another name"
-            )
+        check_new_adapter_name(name, manifest.adapters.installed, replace=replace)
         source = read_adapter(peft_dir, name=name)
         if source.method not in PROMPT_METHODS:
             raise ExportError(

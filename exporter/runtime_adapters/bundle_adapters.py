@@ -24,7 +24,11 @@ from peft_export.bundle.errors import BundleError
 from peft_export.bundle.manifest import AdapterLayout, InstalledAdapter, Manifest, ModuleSlot
 from peft_export.bundle.manifest import load_manifest as _load_manifest
 from peft_export.bundle.paths import confined
-from peft_export.exporter.adapter_source import AdapterSource, check_name, read_adapter
+from peft_export.exporter.adapter_source import (
+    AdapterSource,
+    check_new_adapter_name,
+    read_adapter,
+)
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.runtime_adapters.banks import LORA_METHODS
 from peft_export.exporter.runtime_adapters.convert import (
@@ -139,7 +143,14 @@ def read_base_targets(bundle_dir: Path, layout: AdapterLayout) -> dict[str, np.n
 def write_slot(adapter: SlotTensors, path: Path, *, weights_sha256: str, precision: str) -> str:
     """Write `adapters/NAME.safetensors` atomically; returns its sha256."""
     dtype = _DTYPES[precision]
-    tensors = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in adapter.tensors.items()}
+    with np.errstate(over="ignore"):
+        tensors = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in adapter.tensors.items()}
+    for key, value in tensors.items():
+        if not np.isfinite(value).all():
+            raise ExportError(
+                f"adapter {adapter.name}: {key} overflows {precision} (check lora_alpha and the "
+                "scales in adapter_config.json); re-save it with PEFT"
+            )
     metadata = {
         "format": names.ADAPTER_FILE_FORMAT,
         "version": names.ADAPTER_FILE_VERSION,
@@ -193,15 +204,7 @@ def add_adapter(
     load_runtime_manifest(root)
     with staged_update(root) as stage:
         manifest = load_runtime_manifest(root)
-        check_name(name)
-        if name == BASE_TARGETS or name.startswith("_"):
-            raise ExportError(
-                f"adapter name {name!r} is reserved; pick a name not starting with '_'"
-            )
-        if name in manifest.adapters.installed and not replace:
-            raise ExportError(
-                f"the bundle already has an adapter {name!r}; pass --replace or pick another name"
-            )
+        check_new_adapter_name(name, manifest.adapters.installed, replace=replace)
         source = read_adapter(peft_dir, name=name)
         if source.method not in LORA_METHODS:
             raise ExportError(
