@@ -196,12 +196,15 @@ def merged_fp16(tmp_path_factory) -> Path:
 
 
 def test_merged_fp32_passes_verify(merged_fp32):
-    prompts = [arg for text in PROMPTS for arg in ("--prompt", text)]
-    assert run_cli("verify", str(merged_fp32), *prompts, "--max-new-tokens", str(NEW_TOKENS)) == 0
+    """Two prompts, 8 tokens: the five-prompt parity is checked below with references
+    computed here; this is the `verify` command itself on a real model."""
+    prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1])
+    args = ("--max-new-tokens", "8", "--decode-steps", "4")
+    assert run_cli("verify", str(merged_fp32), *prompts, *args) == 0
     report = json.loads((merged_fp32 / "reports" / "parity.json").read_text())
     assert report["passed"]
     (entry,) = report["adapters"]
-    assert entry["prompts_identical"] == len(PROMPTS)
+    assert entry["prompts_identical"] == 2
 
 
 def test_merged_fp32_generate_matches_peft(merged_fp32, prompt_ids, reference):
