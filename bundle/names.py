@@ -82,3 +82,13 @@ def adaption_gate(layer: int) -> str:
 
 def adapter_file(name: str) -> str:
     return f"{ADAPTERS_DIR}/{name}.safetensors"
+
+
+REFIT_DIR = f"{ENGINES_DIR}/refit"
+REFIT_BASE = "base"
+"""Refit set holding the base value of every weight any other set (or the export) changes."""
+
+
+def refit_file(name: str) -> str:
+    """Merged bundles: the refit set of adapter `name` (or REFIT_BASE)."""
+    return f"{REFIT_DIR}/{name}.safetensors"

@@ -114,6 +114,12 @@ def _check_adapters(
     if not any(p.accepts_adapters for p in providers):
         merged = bundle.manifest.adapters.merged
         baked = f" (adapter {merged.get('name')!r} is merged into it)" if merged else ""
+        if bundle.manifest.mode == "merged" and bundle.manifest.adapters.installed:
+            raise InferenceError(
+                f"adapter(s) {', '.join(named)} are refit sets for a TensorRT engine built with "
+                f"--refit; the {bundle.backend.name} backend runs this merged bundle as "
+                "exported: run it with the trt backend, or drop --adapter"
+            )
         raise InferenceError(
             f"adapter(s) {', '.join(named)} requested, but this {bundle.manifest.mode}-mode "
             f"bundle takes no adapters at run time{baked}; drop --adapter, or export with "

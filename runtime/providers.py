@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 PROVIDER_FACTORIES: tuple[str, ...] = (
     "peft_export.runtime.adapters_provider:provider_for_bundle",
     "peft_export.runtime.prompt_inputs:provider_for_bundle",
+    "peft_export.runtime.refit_swap:provider_for_bundle",
 )
 """Built-in providers, "module:function"; each returns a provider for a bundle, or None."""
 

@@ -8,6 +8,7 @@ GPT-2 Conv1D transposes), shapes and dtypes against PyTorch/PEFT's own merged mo
 from __future__ import annotations
 
 import copy
+import shutil
 
 import numpy as np
 import onnx
@@ -16,6 +17,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from safetensors.numpy import load_file
+from transformers import AutoModelForCausalLM
 
 from peft_export.bundle import names
 from peft_export.bundle.manifest import load_manifest
@@ -70,8 +72,8 @@ def test_refit_sets_reproduce_another_merged_adapter(tmp_path, arch, method) -> 
     second_model = merged(base, second)
     stored = refit.write_refit_set(bundle, "second", base_w, weights(second_model))
     assert stored and set(stored) <= set(refit.refittable_initializers(targets))
-    second_set = load_file(str(bundle / refit.REFIT_DIR / "second.safetensors"))
-    base_set = load_file(str(bundle / refit.REFIT_DIR / "base.safetensors"))
+    second_set = load_file(str(bundle / names.refit_file("second")))
+    base_set = load_file(str(bundle / names.refit_file("base")))
     assert set(second_set) <= set(base_set)
 
     for name, value in {**base_set, **second_set}.items():
@@ -106,3 +108,117 @@ def test_unknown_or_reshaped_weights_are_refused(tmp_path) -> None:
     out = refit.refit_tensors(targets, {q: np.arange(64 * 64, dtype=np.float64).reshape(64, 64)})
     (value,) = out.values()
     assert value.dtype == np.float32 and value[0, 1] == 64.0  # stored transposed, [in, out]
+
+
+def _run_cli(argv: list[str]) -> int:
+    from peft_export.exporter.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def _apply_sets(graph_path, bundle, *set_names: str) -> onnx.ModelProto:
+    graph = onnx.load(str(graph_path))
+    initializers = {t.name: t for t in graph.graph.initializer}
+    for set_name in set_names:
+        for name, value in load_file(str(bundle / names.refit_file(set_name))).items():
+            initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+    return graph
+
+
+@pytest.fixture(scope="module")
+def merged_bundle(tmp_path_factory):
+    """A merged bundle exported by the CLI from an HF folder, with its adapters."""
+    from tiny import make_adapter, save_tiny_base
+
+    root = tmp_path_factory.mktemp("refit-cli")
+    base_dir = save_tiny_base("llama", root / "base")
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    adapters = {
+        "first": make_adapter(base, "lora", root, name="first", seed=1),
+        "second": make_adapter(base, "dora", root, name="second", seed=2, r=2),
+        "prefix": make_adapter(base, "prefix_tuning", root, name="prefix"),
+    }
+    bundle = root / "bundle"
+    args = ["export", "--base", str(base_dir), "--adapter", f"first={adapters['first']}"]
+    assert _run_cli([*args, "--out", str(bundle)]) == 0
+    return base_dir, base, adapters, bundle
+
+
+def test_adapters_add_on_merged_bundle_writes_refit_sets(merged_bundle, tmp_path, capsys) -> None:
+    """`adapters add` on a merged bundle: refit sets that, applied to the graph's initializers,
+    give PEFT's merged model of the new adapter, and of the export-time adapter back."""
+    _, base, adapters, original = merged_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(original, bundle)
+    assert _run_cli(["adapters", "add", str(bundle), f"second={adapters['second']}"]) == 0
+    assert "refit set" in capsys.readouterr().out
+    manifest = load_manifest(bundle)
+    assert set(manifest.adapters.installed) == {"first", "second"}
+    assert manifest.adapters.installed["second"].method == "dora"
+
+    ids = np.random.default_rng(0).integers(4, 200, (2, 6)).astype(np.int64)
+
+    def run_sets(*set_names: str) -> np.ndarray:
+        graph = _apply_sets(bundle / names.GRAPH, bundle, *set_names)
+        path = tmp_path / f"refitted-{'-'.join(set_names)}.onnx"
+        onnx.save(graph, str(path))
+        return logits(ort.InferenceSession(str(path)), manifest, ids)
+
+    with torch.no_grad():
+        want = {
+            name: merged(base, adapters[name])(input_ids=torch.from_numpy(ids)).logits.numpy()
+            for name in ("first", "second")
+        }
+    assert np.abs(want["first"] - want["second"]).max() > 1e-3
+    assert np.abs(run_sets("base", "second") - want["second"]).max() < 1e-4
+    assert np.abs(run_sets("base", "first") - want["first"]).max() < 1e-4
+
+    assert _run_cli(["adapters", "list", str(bundle)]) == 0
+    assert "second" in capsys.readouterr().out
+    assert _run_cli(["adapters", "remove", str(bundle), "second"]) == 0
+    assert "second" not in load_manifest(bundle).adapters.installed
+    assert not (bundle / names.refit_file("second")).exists()
+
+
+def test_adapters_add_on_merged_bundle_refusals(merged_bundle, tmp_path, capsys) -> None:
+    from tiny import save_tiny_base
+
+    _, _, adapters, original = merged_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(original, bundle)
+    before = sorted(p.relative_to(bundle) for p in bundle.rglob("*"))
+    other_base = save_tiny_base("llama", tmp_path / "other-base", seed=7)
+    cases = [
+        (["adapters", "add", str(bundle), f"p={adapters['prefix']}"], "cannot be merged"),
+        (
+            ["adapters", "add", str(bundle), f"x={adapters['second']}", "--base", str(other_base)],
+            "weights hash differs",
+        ),
+        (["adapters", "add", str(bundle), f"x={adapters['second']}", "--onnx-adapter"], "runtime"),
+        (["adapters", "remove", str(bundle), "nope"], "no adapter 'nope'"),
+    ]
+    capsys.readouterr()
+    for argv, message in cases:
+        assert _run_cli(argv) == 2, argv
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0], err
+    assert sorted(p.relative_to(bundle) for p in bundle.rglob("*")) == before
+
+
+def test_ort_refuses_refit_sets_with_a_clear_error(merged_bundle, tmp_path) -> None:
+    from peft_export.runtime import load_bundle
+    from peft_export.runtime.errors import InferenceError
+
+    _, _, adapters, original = merged_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(original, bundle)
+    assert _run_cli(["adapters", "add", str(bundle), f"second={adapters['second']}"]) == 0
+    loaded = load_bundle(bundle)
+    with pytest.raises(InferenceError, match="refit sets for a TensorRT engine"):
+        loaded.generate([[5, 6, 7]], adapters="second", max_new_tokens=2)
+    assert len(loaded.generate([[5, 6, 7]], max_new_tokens=2).token_ids[0]) == 2

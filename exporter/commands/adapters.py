@@ -12,7 +12,11 @@ from peft_export.exporter.errors import ExportError
 
 @click.group("adapters")
 def command() -> None:
-    """Add, list or remove runtime-mode adapters of a bundle (no re-export)."""
+    """Add, list or remove a bundle's adapters (no re-export).
+
+    Runtime bundles take them into their banks or prompt inputs; merged bundles get refit sets
+    that swap the merged adapter of a TensorRT engine built with --refit.
+    """
 
 
 @command.command("add")
@@ -24,15 +28,33 @@ def command() -> None:
     is_flag=True,
     help="Also write adapters/NAME.onnx_adapter for ONNX Runtime's RunOptions.add_active_adapter.",
 )
-def add(bundle: str, adapters: tuple[str, ...], replace: bool, onnx_adapter: bool) -> None:
-    """Install NAME=PEFT_DIR adapters into BUNDLE's banks."""
+@click.option(
+    "--base",
+    default=None,
+    help="Merged bundles: the base model, when it moved since export (default: the manifest's).",
+)
+def add(
+    bundle: str, adapters: tuple[str, ...], replace: bool, onnx_adapter: bool, base: str | None
+) -> None:
+    """Install NAME=PEFT_DIR adapters into BUNDLE (banks, prompt inputs or refit sets)."""
     from peft_export.exporter.adapter_source import parse_adapter_arg, read_adapter
+    from peft_export.exporter.engines.refit_adapters import add_refit_adapter
     from peft_export.exporter.prompt_adapters.bundle_adapters import add_prompt_adapter
     from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
 
+    merged = _mode(bundle) == "merged"
+    if merged and onnx_adapter:
+        raise ExportError("--onnx-adapter applies to runtime bundles; drop it for a merged one")
     for value in adapters:
         name, path = parse_adapter_arg(value)
         name = name or Path(path).resolve().name
+        if merged:
+            entry = add_refit_adapter(bundle, name, path, base=base, replace=replace)
+            click.echo(
+                f"added {name} ({entry.method}) -> {entry.file}: a refit set for TensorRT "
+                "engines built with --refit"
+            )
+            continue
         if read_adapter(path, name=name).prompt_side:
             entry = add_prompt_adapter(bundle, name, path, replace=replace)
         else:
@@ -45,14 +67,7 @@ def add(bundle: str, adapters: tuple[str, ...], replace: bool, onnx_adapter: boo
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_(bundle: str, as_json: bool) -> None:
     """List BUNDLE's installed adapters."""
-    from peft_export.bundle.errors import BundleError
-    from peft_export.bundle.manifest import load_manifest
-
-    try:
-        manifest = load_manifest(bundle)
-    except BundleError as exc:
-        raise ExportError(str(exc)) from None
-    installed = manifest.adapters.installed
+    installed = _manifest(bundle).adapters.installed
     if as_json:
         click.echo(json.dumps({k: vars(v) for k, v in installed.items()}, indent=2))
         return
@@ -65,10 +80,12 @@ def list_(bundle: str, as_json: bool) -> None:
 @click.argument("names", nargs=-1, required=True)
 def remove(bundle: str, names: tuple[str, ...]) -> None:
     """Remove adapters NAMES from BUNDLE."""
+    from peft_export.exporter.engines.refit_adapters import remove_refit_adapter
     from peft_export.exporter.runtime_adapters.bundle_adapters import remove_adapter
 
+    remove_one = remove_refit_adapter if _mode(bundle) == "merged" else remove_adapter
     for name in names:
-        remove_adapter(bundle, name)
+        remove_one(bundle, name)
         click.echo(f"removed {name}")
 
 
@@ -83,3 +100,17 @@ def convert_bin(peft_dir: str) -> None:
 
     out = convert_bin_to_safetensors(peft_dir)
     click.echo(f"wrote {out}")
+
+
+def _manifest(bundle: str):  # noqa: ANN202 - keeps the manifest import lazy
+    from peft_export.bundle.errors import BundleError
+    from peft_export.bundle.manifest import load_manifest
+
+    try:
+        return load_manifest(bundle)
+    except BundleError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def _mode(bundle: str) -> str:
+    return _manifest(bundle).mode

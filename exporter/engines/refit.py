@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from peft_export.bundle import names
 from peft_export.exporter.errors import ExportError
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
-REFIT_DIR = "engines/refit"
-REFIT_BASE = "base"
 REFIT_FORMAT = "peft-export-refit"
 _WEIGHT_OPS = ("MatMul", "Gemm")
 _TORCH_IN_OUT_OPS = ("addmm", "mm", "matmul")
@@ -176,27 +175,48 @@ def write_refit_set(
         if not np.array_equal(value, base_weights[param])
     }
     new_set = refit_tensors(targets, touched)
-    base_path = confined(bundle_dir, f"{REFIT_DIR}/{REFIT_BASE}.safetensors")
+    base_path = confined(bundle_dir, names.refit_file(names.REFIT_BASE))
     base_set = load_file(str(base_path)) if base_path.is_file() else {}
     base_set.update(refit_tensors(targets, {p: base_weights[p] for p in touched}))
-    base_set.update(_export_merge_base(bundle_dir, manifest.graph.file, targets, base_weights))
+    base_set.update(_export_merge_diff(bundle_dir, manifest.graph.file, targets, base_weights)[0])
     info = {"format": REFIT_FORMAT, "version": "1", **(metadata or {})}
-    for file_name, tensors in ((REFIT_BASE, base_set), (name, new_set)):
-        with staged_file(confined(bundle_dir, f"{REFIT_DIR}/{file_name}.safetensors")) as tmp:
+    for file_name, tensors in ((names.REFIT_BASE, base_set), (name, new_set)):
+        with staged_file(confined(bundle_dir, names.refit_file(file_name))) as tmp:
             save_file(tensors, str(tmp), metadata={**info, "name": file_name})
     return sorted(new_set)
 
 
-def _export_merge_base(
+def write_export_set(bundle_dir: Path, name: str, base_weights: dict[str, np.ndarray]) -> list[str]:
+    """Write engines/refit/NAME.safetensors holding the graph's own (export-time merged) values
+    of the weights that differ from the base, so a refitted engine can return to them."""
+    from safetensors.numpy import save_file
+
+    from peft_export.bundle.atomic import staged_file
+    from peft_export.bundle.manifest import load_manifest
+    from peft_export.bundle.paths import confined
+
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir)
+    targets = refit_targets(confined(bundle_dir, manifest.graph.file))
+    _, exported = _export_merge_diff(bundle_dir, manifest.graph.file, targets, base_weights)
+    if exported:
+        path = confined(bundle_dir, names.refit_file(name))
+        with staged_file(path) as tmp:
+            metadata = {"format": REFIT_FORMAT, "version": "1", "name": name}
+            save_file(exported, str(tmp), metadata=metadata)
+    return sorted(exported)
+
+
+def _export_merge_diff(
     bundle_dir: Path, graph_file: str, targets: dict[str, RefitTarget], base: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """Base values of the weights where the engine's own weights differ from the base model."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Base and graph values of the weights where the graph's own weights differ from the base."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(bundle_dir / graph_file))
     stored = {t.name: t for t in model.graph.initializer}
-    out = {}
+    base_values, graph_values = {}, {}
     for param, value in base.items():
         try:
             target = resolve(targets, param)
@@ -205,5 +225,6 @@ def _export_merge_base(
         want = refit_tensors({target.module: target}, {target.module + ".weight": value})
         current = numpy_helper.to_array(stored[target.initializer])
         if not np.array_equal(current, want[target.initializer]):
-            out.update(want)
-    return out
+            base_values.update(want)
+            graph_values[target.initializer] = np.ascontiguousarray(current)
+    return base_values, graph_values

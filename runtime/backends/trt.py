@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from peft_export.bundle import names
 from peft_export.bundle.manifest import EngineRecord, Manifest
 from peft_export.bundle.paths import confined
 from peft_export.bundle.safetensors_io import read_tensors
@@ -32,8 +33,6 @@ from peft_export.runtime.backends.base import (
 from peft_export.runtime.errors import InferenceError
 
 MODULES = {"tensorrt": "tensorrt", "tensorrt_rtx": "tensorrt_rtx"}
-REFIT_DIR = "engines/refit"
-REFIT_BASE = "base"
 
 
 def installed_tensorrt() -> dict[str, Any]:
@@ -194,7 +193,7 @@ class TrtBackend(Backend):
                 f"{self.record.file} is not refittable; rebuild it with "
                 "'peft-export build-engine BUNDLE --refit' to swap merged adapters"
             )
-        base = _read_refit(self.root, REFIT_BASE)
+        base = _read_refit(self.root, names.REFIT_BASE)
         wanted = {} if name is None else _read_refit(self.root, name)
         modified = set(base) if self._refit_modified is None else self._refit_modified
         refitter = self.trt.Refitter(self.engine, self.logger)
@@ -227,7 +226,7 @@ class TrtBackend(Backend):
 
 
 def _read_refit(root: Path, name: str) -> dict[str, np.ndarray]:
-    path = confined(root, f"{REFIT_DIR}/{name}.safetensors")
+    path = confined(root, names.refit_file(name))
     if not path.is_file():
         raise InferenceError(
             f"no refit weights for {name!r} in the bundle; add the adapter with "
