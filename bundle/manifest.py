@@ -37,6 +37,8 @@ class GraphSpec:
     file: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    ort_fusions: str | None = None
+    """Set ("cpu") when the graph holds ONNX Runtime contrib ops: ONNX Runtime only."""
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)

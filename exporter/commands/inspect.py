@@ -51,6 +51,7 @@ def summarize(root: Path) -> dict[str, Any]:
         "graph": {
             "file": manifest.graph.file,
             "bytes": graph_bytes,
+            "ort_fusions": manifest.graph.ort_fusions,
             "inputs": _collapse(manifest.graph.inputs),
             "outputs": _collapse(manifest.graph.outputs),
         },
@@ -146,7 +147,8 @@ def render(summary: dict[str, Any]) -> str:
         f"base        {base['source']} ({base['architecture']})",
         f"mode        {summary['mode']}    precision {summary['precision']}    "
         f"opset {summary['opset']}",
-        f"graph       {graph['file']} ({graph['bytes'] / 1e6:.1f} MB)",
+        f"graph       {graph['file']} ({graph['bytes'] / 1e6:.1f} MB)"
+        + (f", fused for ONNX Runtime ({graph['ort_fusions']})" if graph["ort_fusions"] else ""),
     ]
     width = max(len(e["name"]) for e in graph["inputs"] + graph["outputs"]) + 2
     for title, entries in (("inputs", graph["inputs"]), ("outputs", graph["outputs"])):

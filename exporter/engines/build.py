@@ -126,6 +126,12 @@ def engine_options(params: dict[str, Any]) -> EngineOptions:
 def build_engines(bundle_dir: Path, manifest: Manifest, options: EngineOptions) -> EngineRecord:
     """Build (or fetch from the cache) the engine; record it in manifest.json atomically."""
     bundle_dir = Path(bundle_dir)
+    if manifest.graph.ort_fusions:
+        raise ExportError(
+            f"the bundle's graph was fused for ONNX Runtime (--ort-fusions "
+            f"{manifest.graph.ort_fusions}), which TensorRT cannot build; re-export it without "
+            "--ort-fusions"
+        )
     backend = select_backend(options.trt_backend)
     targets = backend.compute_capabilities(list(options.compute_capability))
     built_for = ",".join(targets) if backend.is_rtx else gpu_compute_capability()
