@@ -106,6 +106,7 @@ def export_bundle(
     planners: Sequence[Planner] = (),
     post_steps: Sequence[PostStep] = (),
     options: dict[str, Any] | None = None,
+    opset: int = OPSET,
     console: Console | None = None,
 ) -> Manifest:
     """Export `base` with `adapters` ((name, dir) pairs or "NAME=DIR") into the bundle `out`.
@@ -174,6 +175,7 @@ def export_bundle(
         post_steps=[
             lambda stage, manifest, step=step: step(stage, manifest, context) for step in post_steps
         ],
+        opset=opset,
         console=console,
     )
 
@@ -193,6 +195,7 @@ def export_model(
     base_weights_sha256: str | None = None,
     force: bool = False,
     post_steps: Sequence[Callable[[Path, Manifest], None]] = (),
+    opset: int = OPSET,
     console: Console | None = None,
 ) -> Manifest:
     """Write a bundle for an in-memory HF causal LM (plain, merged, or a LoRA-family PeftModel).
@@ -217,7 +220,11 @@ def export_model(
     try:
         with staged_dir(out, overwrite=force) as stage:
             graph = export_onnx(
-                wrapper, stage / names.GRAPH, external_data=external_data, console=console
+                wrapper,
+                stage / names.GRAPH,
+                external_data=external_data,
+                opset=opset,
+                console=console,
             )
             for extension in extensions:
                 extension.describe(layout)
@@ -231,7 +238,7 @@ def export_model(
                 base_sha256=base_sha,
                 mode=mode,
                 precision=precision,
-                opset=OPSET,
+                opset=opset,
                 graph=graph,
                 adapters=layout,
                 tokenizer=bundle_writer.tokenizer_info(stage, model),

@@ -95,6 +95,7 @@ def command(
         read_adapter(path, name=name, method=method)
     console = Console(stderr=True)
     from peft_export.exporter.base_model import load_base
+    from peft_export.exporter.graph.ort_fusions import graph_opset
     from peft_export.exporter.pipeline import check_out_dir, export_bundle
 
     check_out_dir(Path(out), force)
@@ -112,6 +113,7 @@ def command(
         planners=[_resolve(ref) for ref in PLANNERS],
         post_steps=[_resolve(ref) for ref in POST_STEPS],
         options=options,
+        opset=graph_opset(options),
         console=console,
     )
     inputs = len(manifest.graph.inputs)

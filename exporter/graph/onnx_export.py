@@ -23,6 +23,8 @@ from peft_export.exporter.errors import ExportError
 from peft_export.exporter.graph.wrapper import DecoderWrapper, GraphIO
 
 OPSET = 18
+"""Default opset: what TensorRT's and TensorRT-RTX's parsers build (opset 23's Attention,
+RMSNormalization and RotaryEmbedding are not all buildable there)."""
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 1024**3)
 """Weights above this go to model.onnx.data (protobuf caps a file at 2 GB)."""
 
@@ -46,6 +48,7 @@ def export_onnx(
     path: str | Path,
     *,
     external_data: bool | None = None,
+    opset: int = OPSET,
     console: Console | None = None,
 ) -> GraphSpec:
     """Write `path` (and `path`.data when external) and return the graph's GraphSpec.
@@ -71,7 +74,7 @@ def export_onnx(
                 input_names=[io.name for io in inputs],
                 output_names=[io.name for io in outputs],
                 dynamic_shapes=(dynamic,),
-                opset_version=OPSET,
+                opset_version=opset,
                 dynamo=True,
                 custom_translation_table=translations or None,
                 external_data=external_data,

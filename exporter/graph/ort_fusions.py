@@ -1,11 +1,12 @@
-"""`--ort-fusions cpu`: rewrite the bundle's graph into ONNX Runtime's fused contrib ops.
+"""`--ort-fusions cpu`: a graph for ONNX Runtime alone, traced at opset 23 and then fused.
 
-The portable graph (standard ops only) is what TensorRT and any ONNX runtime take. On a CPU,
-ONNX Runtime runs faster when norms, rotary embeddings and attention over the cache are its
-own `com.microsoft` ops; transformers' exporter ships that rewrite (`fuse_for_onnxruntime`,
-built on onnxscript's ORT fusions), so the bundle reuses it rather than a pattern set of its
-own. A fused bundle is for ONNX Runtime only (Python and C++ runtimes); engine builds refuse
-it. Inputs, outputs and numerics stay those of the portable graph (`verify` checks).
+The portable graph (opset 18, standard ops) is what TensorRT and any ONNX runtime take. On a
+CPU, ONNX Runtime runs faster when norms, rotary embeddings and attention are single kernels:
+opset 23 has them as standard ops (RMSNormalization, RotaryEmbedding, Attention), and
+transformers' exporter ships the rewrite into ONNX Runtime's own fused ops
+(`fuse_for_onnxruntime`, built on onnxscript's ORT fusions), which the bundle reuses rather
+than a pattern set of its own. Engine builds refuse such a bundle. Inputs, outputs and
+numerics stay those of the portable graph (`verify` checks).
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from peft_export.bundle.manifest import Manifest
 from peft_export.exporter.errors import ExportError
 
 CHOICES = ("none", "cpu")
+ORT_OPSET = 23
+
+
+def graph_opset(options: dict[str, Any]) -> int:
+    """The opset to trace at: 23 for an ONNX Runtime-only graph, else the portable default."""
+    from peft_export.exporter.graph.onnx_export import OPSET
+
+    return ORT_OPSET if options.get("ort_fusions", "none") != "none" else OPSET
 
 
 def ort_fusion_options(command: Any) -> Any:

@@ -15,7 +15,6 @@ from onnx import helper
 
 from peft_export.bundle import names
 
-OPSET = 18
 _CUSTOM_OPSET = onnxscript.values.Opset(names.MULTILORA_DOMAIN, names.MULTILORA_VERSION)
 
 
@@ -72,8 +71,10 @@ TRANSLATION_TABLE = {torch.ops.peft_export.multi_lora.default: _multi_lora_onnx}
 """For torch.onnx.export(dynamo=True, custom_translation_table=...)."""
 
 
-def function_proto() -> onnx.FunctionProto:
-    """The reference body: Gather the banks by adapter_ids, Transpose, two batched MatMuls."""
+def function_proto(opset: int) -> onnx.FunctionProto:
+    """The reference body: Gather the banks by adapter_ids, Transpose, two batched MatMuls.
+
+    `opset` must be the model's own (ONNX requires a function to import the same version)."""
     nodes = [
         helper.make_node("Gather", ["A", "adapter_ids"], ["a_rows"], axis=0),
         helper.make_node("Gather", ["B", "adapter_ids"], ["b_rows"], axis=0),
@@ -88,7 +89,7 @@ def function_proto() -> onnx.FunctionProto:
         list(_INPUTS),
         [_OUTPUT],
         nodes,
-        [helper.make_opsetid("", OPSET)],
+        [helper.make_opsetid("", opset)],
     )
 
 
@@ -97,7 +98,8 @@ def add_function(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(
         f.domain == names.MULTILORA_DOMAIN and f.name == names.MULTILORA_OP for f in model.functions
     ):
-        model.functions.append(function_proto())
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        model.functions.append(function_proto(opset))
     if not any(o.domain == names.MULTILORA_DOMAIN for o in model.opset_import):
         model.opset_import.append(
             helper.make_opsetid(names.MULTILORA_DOMAIN, names.MULTILORA_VERSION)
