@@ -77,6 +77,7 @@ def fuse_graph(bundle_dir: Path, manifest: Manifest, target: str = "cpu") -> Non
     model = ir.load(str(path))
     try:
         fuse_for_onnxruntime(model, target)
+        _attend_to_shared_kv_heads(model)
     except Exception as exc:  # noqa: BLE001 - a third-party rewrite; its failure is one line
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ExportError(
@@ -93,6 +94,42 @@ def fuse_graph(bundle_dir: Path, manifest: Manifest, target: str = "cpu") -> Non
         _point_external_data(tmp, data.name)
     tmp.replace(path)
     manifest.graph.ort_fusions = target
+
+
+def _attend_to_shared_kv_heads(model: Any) -> None:
+    """Feed opset-23 Attention the cache's own K/V heads instead of their repeat_kv copies.
+
+    Grouped-query attention repeats each K/V head for its group of query heads
+    (Unsqueeze(axis 2) -> Expand -> Reshape), which copies the whole cache every step; the
+    Attention op takes fewer K/V heads than query heads and groups them itself, the same way.
+    """
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    for node in model.graph.all_nodes():
+        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
+            continue
+        for index in (1, 2):
+            source = _repeat_kv_source(node.inputs[index])
+            if source is not None:
+                node.replace_input_with(index, source)
+    RemoveUnusedNodesPass()(model)
+
+
+def _repeat_kv_source(value: Any) -> Any:
+    """X when `value` is Reshape(Expand(Unsqueeze(X, axes=[2]))), the repeat_kv pattern."""
+    reshape = value.producer() if value is not None else None
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    expand = reshape.inputs[0].producer()
+    if expand is None or expand.op_type != "Expand":
+        return None
+    unsqueeze = expand.inputs[0].producer()
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.inputs) < 2:
+        return None
+    axes = unsqueeze.inputs[1].const_value
+    if axes is None or [int(a) for a in axes.numpy().reshape(-1)] != [2]:
+        return None
+    return unsqueeze.inputs[0]
 
 
 def _nbytes(model: Any) -> int:
