@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the default engine (ONNX Runtime, CPU): install, export
-# SmolLM2-135M-Instruct with the example pirate LoRA merged, verify parity, generate.
+# SmolLM2-135M-Instruct with the example pirate LoRA merged (graph fused for ONNX Runtime),
+# verify parity against PyTorch/PEFT, generate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bundles/smollm2-pirate}
@@ -8,6 +9,7 @@ PROMPT=${PROMPT:-What is the capital of France?}
 
 bash scripts/install.sh
 set -x
-peft-export export --base smollm2-135m --adapter pirate=models/examples/pirate --out "$OUT" --force
+peft-export export --base smollm2-135m --adapter pirate=models/examples/pirate \
+    --ort-fusions cpu --out "$OUT" --force
 peft-export verify "$OUT"
 peft-export run "$OUT" --prompt "$PROMPT" --max-new-tokens 48

@@ -15,6 +15,7 @@ from tiny import make_adapter, save_tiny_base, tiny_model
 
 from peft_export.bundle import load_manifest, names
 from peft_export.exporter.cli import main
+from peft_export.runtime import load_bundle
 
 
 def _run(*argv: str) -> int:
@@ -52,6 +53,12 @@ def test_fused_merged_bundle_matches_peft(tmp_path, arch, fused) -> None:
     assert entry["prefill_logits"]["max_abs"] <= 1e-4
     assert entry["decode_logits"]["max_abs"] <= 1e-4
     assert entry["prompts_identical"] == 2
+
+    bundle_run = load_bundle(bundle)
+    rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    batch = bundle_run.generate(rows, max_new_tokens=8, ignore_eos=True).token_ids
+    alone = [bundle_run.generate([r], max_new_tokens=8, ignore_eos=True).token_ids[0] for r in rows]
+    assert batch == alone, "a left-padded batch must equal its rows run alone"
 
 
 def test_fused_runtime_bundle_mixed_batch_matches_peft(tmp_path) -> None:
