@@ -91,6 +91,20 @@ def check_name(name: str) -> str:
     return name
 
 
+def uninstall(stage: Path, manifest: Any, name: str) -> None:
+    """`adapters remove` inside a staged update: drop the manifest entry and its file."""
+    from peft_export.bundle import names
+    from peft_export.bundle.atomic import write_text
+    from peft_export.bundle.paths import confined
+
+    entry = manifest.adapters.installed.pop(name, None)
+    if entry is None:
+        have = ", ".join(sorted(manifest.adapters.installed)) or "none"
+        raise ExportError(f"the bundle has no adapter {name!r} (installed: {have})")
+    write_text(stage / names.MANIFEST, manifest.to_json())
+    confined(stage, entry.file).unlink(missing_ok=True)
+
+
 def check_new_adapter_name(name: str, installed: Mapping[str, object], *, replace: bool) -> None:
     """A name `adapters add` may install: names starting with '_' belong to the bundle's side
     files (DoRA base targets, AdaptionPrompt projections); an existing one needs --replace."""

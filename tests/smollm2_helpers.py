@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cli_run import run_cli  # noqa: F401 - test_smollm2 imports it from here
 from prompt_helpers import run_rows
-
-from peft_export.exporter.cli import main
 
 PROMPT_SIDE_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "ADAPTION_PROMPT")
 
@@ -28,15 +27,6 @@ class Greedy:
     tokens: list[int]
     logits: np.ndarray
     """[len(tokens), vocab]: the logits each token was chosen from."""
-
-
-def run_cli(*argv: str) -> int:
-    """The `peft-export` CLI in-process; returns its exit code."""
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:

@@ -11,19 +11,11 @@ import json
 
 import onnx
 import pytest
+from cli_run import run_cli
 from tiny import make_adapter, save_tiny_base, tiny_model
 
 from peft_export.bundle import load_manifest, names
-from peft_export.exporter.cli import main
 from peft_export.runtime import load_bundle
-
-
-def _run(*argv: str) -> int:
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _ops(bundle) -> set[str]:
@@ -44,11 +36,11 @@ def test_fused_merged_bundle_matches_peft(tmp_path, arch, fused) -> None:
     adapter = make_adapter(tiny_model(arch), "lora", tmp_path, seed=3)
     bundle = tmp_path / "bundle"
     argv = ["export", "--base", str(base), "--adapter", f"a={adapter}", "--ort-fusions", "cpu"]
-    assert _run(*argv, "--out", str(bundle)) == 0
+    assert run_cli(*argv, "--out", str(bundle)) == 0
     assert load_manifest(bundle).graph.ort_fusions == "cpu"
     assert fused <= _ops(bundle)
     args = ("--prompt", "hello", "--prompt", "a b c", "--max-new-tokens", "16")
-    assert _run("verify", str(bundle), *args, "--decode-steps", "8") == 0
+    assert run_cli("verify", str(bundle), *args, "--decode-steps", "8") == 0
     (entry,) = json.loads((bundle / names.PARITY_REPORT).read_text())["adapters"]
     assert entry["prefill_logits"]["max_abs"] <= 1e-4
     assert entry["decode_logits"]["max_abs"] <= 1e-4
@@ -69,9 +61,9 @@ def test_fused_runtime_bundle_mixed_batch_matches_peft(tmp_path) -> None:
     bundle = tmp_path / "bundle"
     argv = ["export", "--base", str(base), "--mode", "runtime", "--ort-fusions", "cpu"]
     argv += ["--adapter", f"l={lora}", "--adapter", f"d={dora}", "--out", str(bundle)]
-    assert _run(*argv) == 0
+    assert run_cli(*argv) == 0
     assert {"Attention", "RotaryEmbedding"} <= _ops(bundle)
-    assert _run("verify", str(bundle), "--prompt", "hello", "--max-new-tokens", "8") == 0
+    assert run_cli("verify", str(bundle), "--prompt", "hello", "--max-new-tokens", "8") == 0
 
 
 def test_tensorrt_refuses_fused_graphs(tmp_path, capsys) -> None:
@@ -79,14 +71,14 @@ def test_tensorrt_refuses_fused_graphs(tmp_path, capsys) -> None:
     out = tmp_path / "both"
     capsys.readouterr()
     argv = ["export", "--base", str(base), "--ort-fusions", "cpu", "--engine", "trt"]
-    assert _run(*argv, "--out", str(out)) == 2
+    assert run_cli(*argv, "--out", str(out)) == 2
     assert "drop --ort-fusions" in capsys.readouterr().err
     assert not out.exists()
     fused = tmp_path / "fused"
-    assert _run("export", "--base", str(base), "--ort-fusions", "cpu", "--out", str(fused)) == 0
+    assert run_cli("export", "--base", str(base), "--ort-fusions", "cpu", "--out", str(fused)) == 0
     before = sorted(p.name for p in fused.rglob("*"))
     capsys.readouterr()
-    assert _run("build-engine", str(fused)) == 2
+    assert run_cli("build-engine", str(fused)) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "re-export it without --ort-fusions" in errors[0]
     assert sorted(p.name for p in fused.rglob("*")) == before

@@ -3,17 +3,8 @@ them wrongly."""
 
 from __future__ import annotations
 
+from cli_run import run_cli
 from tiny import make_adapter, save_tiny_base, tiny_model
-
-from peft_export.exporter.cli import main
-
-
-def _run(*argv: str) -> int:
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def test_lora_bias_is_refused_in_runtime_mode(tmp_path, capsys):
@@ -21,7 +12,7 @@ def test_lora_bias_is_refused_in_runtime_mode(tmp_path, capsys):
     adapter = make_adapter(tiny_model("llama"), "lora", tmp_path, lora_bias=True)
     out = tmp_path / "bundle"
     args = ("--base", str(base), "--mode", "runtime", "--adapter", f"b={adapter}")
-    assert _run("export", *args, "--out", str(out)) == 2
+    assert run_cli("export", *args, "--out", str(out)) == 2
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("error:")]
     assert "Traceback" not in err
@@ -41,7 +32,7 @@ def test_scale_that_overflows_the_bundle_precision_is_refused(tmp_path, capsys):
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     out = tmp_path / "bundle"
     args = ("--base", str(base), "--mode", "runtime", "--adapter", f"b={adapter}")
-    assert _run("export", *args, "--out", str(out)) == 2
+    assert run_cli("export", *args, "--out", str(out)) == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert "overflows fp32" in line
     assert not out.exists()

@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from cli_run import run_cli
 from onnx import numpy_helper
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
@@ -110,16 +111,6 @@ def test_unknown_or_reshaped_weights_are_refused(tmp_path) -> None:
     assert value.dtype == np.float32 and value[0, 1] == 64.0  # stored transposed, [in, out]
 
 
-def _run_cli(argv: list[str]) -> int:
-    from peft_export.exporter.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 def _apply_sets(graph_path, bundle, *set_names: str) -> onnx.ModelProto:
     graph = onnx.load(str(graph_path))
     initializers = {t.name: t for t in graph.graph.initializer}
@@ -144,7 +135,7 @@ def merged_bundle(tmp_path_factory):
     }
     bundle = root / "bundle"
     args = ["export", "--base", str(base_dir), "--adapter", f"first={adapters['first']}"]
-    assert _run_cli([*args, "--out", str(bundle)]) == 0
+    assert run_cli(*args, "--out", str(bundle)) == 0
     return base_dir, base, adapters, bundle
 
 
@@ -154,7 +145,7 @@ def test_adapters_add_on_merged_bundle_writes_refit_sets(merged_bundle, tmp_path
     _, base, adapters, original = merged_bundle
     bundle = tmp_path / "bundle"
     shutil.copytree(original, bundle)
-    assert _run_cli(["adapters", "add", str(bundle), f"second={adapters['second']}"]) == 0
+    assert run_cli("adapters", "add", str(bundle), f"second={adapters['second']}") == 0
     assert "refit set" in capsys.readouterr().out
     manifest = load_manifest(bundle)
     assert set(manifest.adapters.installed) == {"first", "second"}
@@ -177,9 +168,9 @@ def test_adapters_add_on_merged_bundle_writes_refit_sets(merged_bundle, tmp_path
     assert np.abs(run_sets("base", "second") - want["second"]).max() < 1e-4
     assert np.abs(run_sets("base", "first") - want["first"]).max() < 1e-4
 
-    assert _run_cli(["adapters", "list", str(bundle)]) == 0
+    assert run_cli("adapters", "list", str(bundle)) == 0
     assert "second" in capsys.readouterr().out
-    assert _run_cli(["adapters", "remove", str(bundle), "second"]) == 0
+    assert run_cli("adapters", "remove", str(bundle), "second") == 0
     assert "second" not in load_manifest(bundle).adapters.installed
     assert not (bundle / names.refit_file("second")).exists()
 
@@ -203,7 +194,7 @@ def test_adapters_add_on_merged_bundle_refusals(merged_bundle, tmp_path, capsys)
     ]
     capsys.readouterr()
     for argv, message in cases:
-        assert _run_cli(argv) == 2, argv
+        assert run_cli(*argv) == 2, argv
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and message in errors[0], err
@@ -217,7 +208,7 @@ def test_ort_refuses_refit_sets_with_a_clear_error(merged_bundle, tmp_path) -> N
     _, _, adapters, original = merged_bundle
     bundle = tmp_path / "bundle"
     shutil.copytree(original, bundle)
-    assert _run_cli(["adapters", "add", str(bundle), f"second={adapters['second']}"]) == 0
+    assert run_cli("adapters", "add", str(bundle), f"second={adapters['second']}") == 0
     loaded = load_bundle(bundle)
     with pytest.raises(InferenceError, match="refit sets for a TensorRT engine"):
         loaded.generate([[5, 6, 7]], adapters="second", max_new_tokens=2)

@@ -5,17 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_run import run_cli
 from tiny import make_adapter, save_tiny_base, tiny_model
-
-from peft_export.exporter.cli import main
-
-
-def _run(*argv: str) -> int:
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _report(bundle):
@@ -39,13 +30,13 @@ def tiny(tmp_path_factory):
 def merged(tiny):
     bundle = tiny["root"] / "merged"
     base, lora = str(tiny["base"]), f"fr={tiny['lora']}"
-    assert _run("export", "--base", base, "--adapter", lora, "--out", str(bundle)) == 0
+    assert run_cli("export", "--base", base, "--adapter", lora, "--out", str(bundle)) == 0
     return bundle
 
 
 def test_merged_bundle_passes(merged, capsys):
     args = ("--prompt", "hello", "--prompt", "a b c", "--max-new-tokens", "8")
-    assert _run("verify", str(merged), *args, "--decode-steps", "4") == 0
+    assert run_cli("verify", str(merged), *args, "--decode-steps", "4") == 0
     report = _report(merged)
     assert report["passed"]
     (entry,) = report["adapters"]
@@ -57,7 +48,7 @@ def test_merged_bundle_passes(merged, capsys):
 
 def test_merged_bundle_fails_against_another_adapter(merged, tiny):
     other = f"fr={tiny['other']}"
-    code = _run(
+    code = run_cli(
         "verify", str(merged), "--prompt", "hello", "--max-new-tokens", "4", "--source", other
     )
     assert code == 1
@@ -68,8 +59,8 @@ def test_runtime_bundle_checks_each_adapter_and_a_mixed_batch(tiny):
     bundle = tiny["root"] / "runtime"
     adapters = ("--adapter", f"a={tiny['lora']}", "--adapter", f"d={tiny['dora']}")
     args = ("--base", str(tiny["base"]), "--mode", "runtime", *adapters, "--out", str(bundle))
-    assert _run("export", *args) == 0
-    assert _run("verify", str(bundle), "--prompt", "hello", "--max-new-tokens", "6") == 0
+    assert run_cli("export", *args) == 0
+    assert run_cli("verify", str(bundle), "--prompt", "hello", "--max-new-tokens", "6") == 0
     report = _report(bundle)
     assert [a["adapter"] for a in report["adapters"]] == [None, "a", "d"]
     assert all(a["prefill_logits"]["max_abs"] <= 1e-4 for a in report["adapters"])
@@ -77,12 +68,12 @@ def test_runtime_bundle_checks_each_adapter_and_a_mixed_batch(tiny):
 
 
 def test_verify_trt_without_gpu_stops_cleanly(merged, capsys):
-    assert _run("verify", str(merged), "--engine", "trt") == 2
+    assert run_cli("verify", str(merged), "--engine", "trt") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:")
 
 
 def test_verify_bad_bundle_is_one_line(tmp_path, capsys):
-    assert _run("verify", str(tmp_path / "nope")) == 2
+    assert run_cli("verify", str(tmp_path / "nope")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a bundle directory" in err[0]

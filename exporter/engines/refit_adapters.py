@@ -20,7 +20,12 @@ from peft_export.bundle.atomic import staged_update, write_text
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.manifest import InstalledAdapter, Manifest, load_manifest
 from peft_export.bundle.paths import confined
-from peft_export.exporter.adapter_source import check_fits, check_new_adapter_name, read_adapter
+from peft_export.exporter.adapter_source import (
+    check_fits,
+    check_new_adapter_name,
+    read_adapter,
+    uninstall,
+)
 from peft_export.exporter.engines import refit
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.merge import check_mergeable, merge_adapter
@@ -72,13 +77,7 @@ def remove_refit_adapter(bundle_dir: str | Path, name: str) -> None:
     root = Path(bundle_dir)
     load_merged_manifest(root)
     with staged_update(root) as stage:
-        manifest = load_merged_manifest(root)
-        entry = manifest.adapters.installed.pop(name, None)
-        if entry is None:
-            have = ", ".join(sorted(manifest.adapters.installed)) or "none"
-            raise ExportError(f"the bundle has no adapter {name!r} (installed: {have})")
-        write_text(stage / names.MANIFEST, manifest.to_json())
-        confined(stage, entry.file).unlink(missing_ok=True)
+        uninstall(stage, load_merged_manifest(root), name)
 
 
 def load_merged_manifest(root: Path) -> Manifest:

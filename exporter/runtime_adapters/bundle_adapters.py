@@ -28,6 +28,7 @@ from peft_export.exporter.adapter_source import (
     AdapterSource,
     check_new_adapter_name,
     read_adapter,
+    uninstall,
 )
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.runtime_adapters.banks import LORA_METHODS
@@ -234,13 +235,7 @@ def remove_adapter(bundle_dir: str | Path, name: str) -> None:
     root = Path(bundle_dir)
     load_runtime_manifest(root, banks=False)
     with staged_update(root) as stage:
-        manifest = load_runtime_manifest(root, banks=False)
-        entry = manifest.adapters.installed.pop(name, None)
-        if entry is None:
-            have = ", ".join(sorted(manifest.adapters.installed)) or "none"
-            raise ExportError(f"the bundle has no adapter {name!r} (installed: {have})")
-        write_text(stage / names.MANIFEST, manifest.to_json())
-        confined(stage, entry.file).unlink(missing_ok=True)
+        uninstall(stage, load_runtime_manifest(root, banks=False), name)
         confined(stage, f"{names.ADAPTERS_DIR}/{name}{ORT_ADAPTER_SUFFIX}").unlink(missing_ok=True)
 
 
