@@ -189,3 +189,22 @@ def test_verify_passes_for_prompt_side_adapters(exported, capsys) -> None:
     text = json.dumps(report)
     assert "prefix_tuning" in text
     assert '"passed": false' not in text
+
+
+def test_values_beyond_fp16_are_refused_before_writing(tmp_path) -> None:
+    import numpy as np
+
+    from peft_export.exporter.errors import ExportError
+    from peft_export.exporter.prompt_adapters.adapter_file import write_prompt_adapter
+    from peft_export.exporter.prompt_adapters.convert import PromptAdapter
+    from peft_export.exporter.prompt_adapters.target import PromptTarget
+
+    target = PromptTarget("llama", 2, 4, 2, 16, 64, "0" * 64, prompt_max_len=4)
+    embeds = np.full((2, 64), 1e5, np.float32)
+    adapter = PromptAdapter("big", "prompt_tuning", 2, {"prompt_embeds": embeds})
+    path = tmp_path / "adapters" / "big.safetensors"
+    with pytest.raises(ExportError, match="prompt_embeds overflows fp16"):
+        write_prompt_adapter(adapter, path, target, precision="fp16")
+    assert not path.exists() and not any(tmp_path.rglob("*.staging-*"))
+    write_prompt_adapter(adapter, path, target, precision="fp32")
+    assert path.is_file()
