@@ -160,15 +160,18 @@ def run(args: argparse.Namespace, repeats: int, batches: list[int], workdir: Pat
             "fixed batch 1: batch 8 runs the 8 prompts one after another"
         )
 
-    outputs: dict[str, dict[int, list[list[int]]]] = {}
-    for name, generate in sides.items():
+    for generate in sides.values():
         generate(1)  # warm-up (session arenas, torch kernels)
-        report["tokens_per_second"][name] = {}
-        outputs[name] = {}
-        for batch in batches:
-            seconds, outputs[name][batch] = _median_time(generate, batch, repeats)
-            report["tokens_per_second"][name][str(batch)] = round(batch * new / seconds, 2)
+    times, outputs = _round_robin(sides, batches, repeats)
+    for name in sides:
+        report["tokens_per_second"][name] = {
+            str(b): round(b * new / statistics.median(times[name][b]), 2) for b in batches
+        }
         print(f"{name}: {report['tokens_per_second'][name]}", file=sys.stderr)
+    report["timing"] = (
+        "repeats interleaved round-robin over the sides, so a slow spell of the machine "
+        "hits every side alike; median per side"
+    )
 
     eos = set(bundle.manifest.tokenizer.eos_token_ids)
     reference = outputs["torch_merged"]
@@ -312,15 +315,19 @@ def _agree_before_eos(rows: list[list[int]], reference: list[list[int]], eos: se
     return True
 
 
-def _median_time(
-    fn: Callable[[int], list[list[int]]], batch: int, repeats: int
-) -> tuple[float, list[list[int]]]:
-    times, out = [], []
+def _round_robin(
+    sides: dict[str, Callable[[int], list[list[int]]]], batches: list[int], repeats: int
+) -> tuple[dict[str, dict[int, list[float]]], dict[str, dict[int, list[list[int]]]]]:
+    """Seconds of every repeat and the last outputs, per side and batch."""
+    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in sides}
+    outputs: dict[str, dict[int, list[list[int]]]] = {n: {} for n in sides}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn(batch)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        for batch in batches:
+            for name, generate in sides.items():
+                start = time.perf_counter()
+                outputs[name][batch] = generate(batch)
+                times[name][batch].append(time.perf_counter() - start)
+    return times, outputs
 
 
 def _ratios(tps: dict[str, dict[str, float]], batches: list[int]) -> dict:

@@ -26,8 +26,8 @@ def _ops(bundle) -> set[str]:
 @pytest.mark.parametrize(
     ("arch", "fused"),
     [
-        ("llama", {"Attention", "RotaryEmbedding", "RMSNormalization"}),
-        ("qwen2", {"Attention", "RotaryEmbedding", "RMSNormalization"}),
+        ("llama", {"Attention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"}),
+        ("qwen2", {"Attention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"}),
         ("gpt2", {"Attention", "SkipLayerNormalization"}),
     ],
 )

@@ -79,6 +79,7 @@ def fuse_graph(bundle_dir: Path, manifest: Manifest, target: str = "cpu") -> Non
         fuse_for_onnxruntime(model, target)
         _attend_to_shared_kv_heads(model)
         _attend_on_packed_heads(model)
+        _skip_rms_norms(model)
     except Exception as exc:  # noqa: BLE001 - a third-party rewrite; its failure is one line
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ExportError(
@@ -235,6 +236,46 @@ def _repack_attention(graph: Any, node: Any) -> None:
             old.name = f"{name}.unused"
             new.name = name
     output.shape, output.dtype = flatten.outputs[0].shape, flatten.outputs[0].dtype
+
+
+def _skip_rms_norms(model: Any) -> None:
+    """RMSNormalization(Add(a, b)) -> SkipSimplifiedLayerNormalization(a, b), sum kept.
+
+    A pre-norm decoder adds the residual right before each norm; ONNX Runtime's contrib op
+    does both in one pass and also returns the sum that the next residual reads.
+    """
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    for norm in list(model.graph):
+        if norm.op_type != "RMSNormalization" or norm.domain not in ("", "ai.onnx"):
+            continue
+        add = _producer(norm.inputs[0], "Add")
+        axis = norm.attributes.get_int("axis", -1)
+        if add is None or len(norm.inputs) != 2 or axis != -1 or len(norm.outputs) != 1:
+            continue
+        a, b = add.inputs
+        if a.shape is None or b.shape is None or list(a.shape) != list(b.shape):
+            continue
+        epsilon = ir.AttrFloat32("epsilon", norm.attributes.get_float("epsilon", 1e-5))
+        fused = ir.Node(
+            "com.microsoft",
+            "SkipSimplifiedLayerNormalization",
+            [a, b, norm.inputs[1]],
+            [epsilon],
+            num_outputs=4,
+        )
+        model.graph.insert_before(norm, fused)
+        for old, new in ((norm.outputs[0], fused.outputs[0]), (add.outputs[0], fused.outputs[3])):
+            new.shape, new.dtype = old.shape, old.dtype
+            name, is_output = old.name, old.is_graph_output()
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+            if is_output:
+                old.name = f"{name}.unused"
+                new.name = name
+    if "com.microsoft" not in model.opset_imports:
+        model.opset_imports["com.microsoft"] = 1
+    RemoveUnusedNodesPass()(model)
 
 
 def _nbytes(model: Any) -> int:
