@@ -594,11 +594,17 @@ CASES: dict[str, Case] = {
         _add("de", name="_base"),
         "adapter name '_base' is reserved; pick a name not starting with '_'",
     ),
-    "add-merged-bundle": Case(
+    "add-merged-prefix": Case(
         "adapters add",
-        "into a merged-mode bundle",
-        _add("de", kind="merged"),
-        "has no runtime LoRA banks (mode merged); export it with --mode runtime",
+        "a prefix-tuning adapter into a merged bundle (refit sets take LoRA-family adapters)",
+        _add("prefix", kind="merged"),
+        "adapter x is prefix_tuning, which adds inputs rather than weights and cannot be merged",
+    ),
+    "add-merged-onnx-adapter": Case(
+        "adapters add",
+        "--onnx-adapter on a merged bundle",
+        _add("de", "x", "merged", "--onnx-adapter"),
+        "--onnx-adapter applies to runtime bundles; drop it for a merged one",
     ),
     "add-prefix-unsupported": Case(
         "adapters add",

@@ -321,3 +321,35 @@ def test_malformed_bundles_are_refused_with_the_fix(cpp_build, tiny_bundle, tmp_
     with pytest.raises(RuntimeError, match="points outside the file"):
         runtime.ids([PROMPTS[1]], ["lora"], max_new_tokens=1)
     runtime.close()
+
+
+def test_ort_fused_bundle_equals_python_runtime(cpp_build, tmp_path):
+    """A bundle exported with --ort-fusions cpu (opset 23 + contrib ops) runs in C++ too."""
+    import onnx
+    from transformers import AutoModelForCausalLM
+
+    from peft_export.exporter.graph.ort_fusions import ORT_OPSET, ort_fusion_step
+    from peft_export.exporter.pipeline import InMemoryBase, export_bundle
+    from peft_export.runtime.session import load_bundle
+
+    base = tiny_model("llama")
+    sdpa = AutoModelForCausalLM.from_config(base.config, attn_implementation="sdpa")
+    sdpa.load_state_dict(base.state_dict())
+    adapter = make_adapter(base, "lora", tmp_path, seed=5)
+    bundle = tmp_path / "fused"
+    export_bundle(
+        InMemoryBase(sdpa.eval(), save_tiny_tokenizer(tmp_path / "tokenizer")),
+        [("a", adapter)],
+        out=bundle,
+        options={"ort_fusions": "cpu"},
+        post_steps=[ort_fusion_step],
+        opset=ORT_OPSET,
+    )
+    ops = {n.op_type for n in onnx.load(str(bundle / "model.onnx")).graph.node}
+    assert {"Attention", "SkipSimplifiedLayerNormalization"} <= ops
+    runtime = CppRuntime(cpp_build, bundle, threads=1)
+    try:
+        got = runtime.ids(PROMPTS, [None] * len(PROMPTS), max_new_tokens=10)
+    finally:
+        runtime.close()
+    assert got == python_ids(load_bundle(bundle, threads=1), PROMPTS, [None] * len(PROMPTS), 10)
