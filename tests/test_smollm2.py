@@ -216,6 +216,24 @@ def test_merged_fp32_generate_matches_peft(merged_fp32, prompt_ids, reference):
     _assert_matches_reference(got, reference("pirate"), FP32_LOGITS_ATOL)
 
 
+@pytest.fixture(scope="module")
+def merged_fused(tmp_path_factory) -> Path:
+    """The README demo's bundle: merged, fused for ONNX Runtime (opset 23 + fused kernels)."""
+    out = tmp_path_factory.mktemp("smollm2-merged") / "fused"
+    args = ("--adapter", f"pirate={example('pirate')}", "--ort-fusions", "cpu")
+    assert run_cli("export", "--base", "smollm2-135m", *args, "--out", str(out)) == 0
+    return out
+
+
+def test_merged_fused_generate_matches_peft(merged_fused, prompt_ids, reference):
+    from peft_export.runtime import load_bundle
+
+    bundle = load_bundle(merged_fused, threads=1)
+    assert bundle.manifest.graph.ort_fusions == "cpu"
+    got = runtime_greedy(bundle, prompt_ids, [None] * len(PROMPTS), NEW_TOKENS)
+    _assert_matches_reference(got, reference("pirate"), FP32_LOGITS_ATOL)
+
+
 def test_merged_fp32_run_command_matches_peft(merged_fp32, reference, capsys):
     """`peft-export run` (text prompts, chat template, one left-padded batch, stops at EOS)."""
     prompts = [arg for text in PROMPTS for arg in ("--prompt", text)]
