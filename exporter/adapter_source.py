@@ -91,6 +91,18 @@ def check_name(name: str) -> str:
     return name
 
 
+def cast_finite(
+    name: str, tensors: Mapping[str, np.ndarray], precision: str, dtype: Any, *, why: str, fix: str
+) -> dict[str, np.ndarray]:
+    """The adapter's tensors in the bundle's dtype; values that overflow it are refused."""
+    with np.errstate(over="ignore"):
+        cast = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in tensors.items()}
+    for key, value in cast.items():
+        if not np.isfinite(value).all():
+            raise ExportError(f"adapter {name}: {key} overflows {precision} ({why}); {fix}")
+    return cast
+
+
 def uninstall(stage: Path, manifest: Any, name: str) -> None:
     """`adapters remove` inside a staged update: drop the manifest entry and its file."""
     from peft_export.bundle import names

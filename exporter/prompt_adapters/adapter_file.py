@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 
 from peft_export.bundle import names
 from peft_export.bundle.atomic import staged_file
-from peft_export.exporter.errors import ExportError
+from peft_export.exporter.adapter_source import cast_finite
 from peft_export.exporter.prompt_adapters.convert import PromptAdapter
 from peft_export.exporter.prompt_adapters.target import PromptTarget
 
@@ -38,14 +38,10 @@ def write_prompt_adapter(
     numpy has no bfloat16, so bf16 bundles keep fp32 files and the runtime casts on load.
     """
     dtype = _PRECISION_DTYPES.get(precision, np.float32)
-    with np.errstate(over="ignore"):
-        tensors = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in adapter.tensors.items()}
-    for key, value in tensors.items():
-        if not np.isfinite(value).all():
-            raise ExportError(
-                f"adapter {adapter.name}: {key} overflows {precision} (|x| > "
-                f"{float(np.finfo(dtype).max):.6g}); serve it from an fp32 bundle"
-            )
+    why = f"|x| > {float(np.finfo(dtype).max):.6g}"
+    tensors = cast_finite(
+        adapter.name, adapter.tensors, precision, dtype, why=why, fix="serve it from an fp32 bundle"
+    )
     with staged_file(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=adapter_metadata(adapter, target))
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()

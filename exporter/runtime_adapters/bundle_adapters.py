@@ -26,6 +26,7 @@ from peft_export.bundle.manifest import load_manifest as _load_manifest
 from peft_export.bundle.paths import confined
 from peft_export.exporter.adapter_source import (
     AdapterSource,
+    cast_finite,
     check_new_adapter_name,
     read_adapter,
     uninstall,
@@ -144,14 +145,14 @@ def read_base_targets(bundle_dir: Path, layout: AdapterLayout) -> dict[str, np.n
 def write_slot(adapter: SlotTensors, path: Path, *, weights_sha256: str, precision: str) -> str:
     """Write `adapters/NAME.safetensors` atomically; returns its sha256."""
     dtype = _DTYPES[precision]
-    with np.errstate(over="ignore"):
-        tensors = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in adapter.tensors.items()}
-    for key, value in tensors.items():
-        if not np.isfinite(value).all():
-            raise ExportError(
-                f"adapter {adapter.name}: {key} overflows {precision} (check lora_alpha and the "
-                "scales in adapter_config.json); re-save it with PEFT"
-            )
+    tensors = cast_finite(
+        adapter.name,
+        adapter.tensors,
+        precision,
+        dtype,
+        why="check lora_alpha and the scales in adapter_config.json",
+        fix="re-save it with PEFT",
+    )
     metadata = {
         "format": names.ADAPTER_FILE_FORMAT,
         "version": names.ADAPTER_FILE_VERSION,
