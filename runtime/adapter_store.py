@@ -54,6 +54,8 @@ class HostAdapter:
     method: str
     rank: int
     tensors: dict[str, np.ndarray]
+    sha256: str = ""
+    """The manifest's hash of the file it came from: a replaced adapter has another."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ def read_adapter_file(
     except BundleError as exc:
         raise InferenceError(str(exc)) from None
     meta = header.metadata
-    return HostAdapter(name, meta["method"], int(meta.get("rank", "0") or 0), tensors)
+    rank = int(meta.get("rank", "0") or 0)
+    return HostAdapter(name, meta["method"], rank, tensors, entry.sha256)
 
 
 def _check_header(path, header, manifest, name, dtype, specs) -> None:
@@ -151,6 +154,13 @@ def _check_bank_memory(slots: int, specs: Iterable[BankSpec], dtype: np.dtype) -
         )
 
 
+def _mtime_ns(path: Path) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
 class AdapterStore:
     """Host copies of adapters plus the bank slots the graph reads; thread-safe."""
 
@@ -192,21 +202,35 @@ class AdapterStore:
         self._pins = [0] * self.slots
         self._lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(1, self.slots))
         self.swaps = 0
+        self._manifest_stamp = _mtime_ns(self.root / names.MANIFEST)
 
     # -- host memory ------------------------------------------------------------------
 
     def load(self, name: str) -> HostAdapter:
-        """Bring an adapter into host memory (validated); no slot is touched."""
-        with self._lock:
-            held = self._host.get(name)
-        if held is not None:
-            return held
-        manifest = self.manifest
+        """Bring an adapter into host memory (validated); no slot is touched.
+
+        An adapter replaced in the bundle since it was loaded (`adapters add --replace`) is
+        read again; its old slot is given up, and requests still running keep reading it.
+        """
+        manifest = self._current_manifest()
         if name not in manifest.adapters.installed:
             manifest = self._refresh_manifest()
+        entry = manifest.adapters.installed.get(name)
+        with self._lock:
+            held = self._host.get(name)
+        if held is not None and (entry is None or entry.sha256 == held.sha256):
+            return held
         adapter = read_adapter_file(self.root, manifest, name, self.dtype, self.specs)
         with self._lock:
-            return self._host.setdefault(name, adapter)
+            held = self._host.get(name)
+            if held is not None and held.sha256 == adapter.sha256:
+                return held
+            self._host[name] = adapter
+            slot = self._slot_of.pop(name, None)
+            if slot is not None:
+                self._name_in[slot] = None
+                self._lru.move_to_end(slot, last=False)
+            return adapter
 
     def drop(self, name: str) -> bool:
         """Forget an adapter (host copy and slot); False while a request is using it."""
@@ -316,12 +340,20 @@ class AdapterStore:
             else:
                 np.copyto(array[slot], value)
 
+    def _current_manifest(self) -> Manifest:
+        """The manifest, re-read only when its file changed (a stat per call)."""
+        if _mtime_ns(self.root / names.MANIFEST) != self._manifest_stamp:
+            self._refresh_manifest()
+        return self.manifest
+
     def _refresh_manifest(self) -> Manifest:
         """Pick up adapters added to the bundle since it was loaded (same base, same banks)."""
+        stamp = _mtime_ns(self.root / names.MANIFEST)
         try:
             fresh = load_manifest(self.root)
         except BundleError:
             return self.manifest
+        self._manifest_stamp = stamp
         same_base = fresh.base_model.weights_sha256 == self.manifest.base_model.weights_sha256
         if same_base and {s.name for s in bank_specs(fresh)} == set(self.specs):
             self.manifest = fresh

@@ -199,3 +199,33 @@ def main_ok(argv: list[str]) -> None:
         main(argv)
     except SystemExit as exc:
         assert not exc.code, f"exit {exc.code}"
+
+
+def test_replaced_adapter_is_read_again_while_a_running_request_keeps_the_old(small, tmp_path):
+    """`adapters add --replace` on a bundle a store serves: the next request gets the new
+    weights; a request holding the old slot keeps reading the old ones."""
+    import shutil
+
+    base, tmp, original = small
+    bundle = tmp_path / "bundle"
+    shutil.copytree(original, bundle)
+    store = AdapterStore(bundle, load_manifest(bundle))
+    bank = next(k for k in store.specs if k.endswith(".B"))
+    running = store.acquire(["a1"])
+    (old_slot,) = running.slots
+    old_values = store.bank(bank)[old_slot].copy()
+    source = make_adapter(base, "lora", tmp, name="a1-new", seed=11, target_modules=["q_proj"])
+    main_ok(["adapters", "add", str(bundle), f"a1={source}", "--replace"])
+    fresh = load_file(str(bundle / "adapters" / "a1.safetensors"))
+    lease = store.acquire(["a1"])
+    (new_slot,) = lease.slots
+    assert new_slot != old_slot
+    np.testing.assert_array_equal(store.bank(bank)[old_slot], old_values)
+    want = fresh.get(bank, np.zeros_like(old_values))
+    np.testing.assert_array_equal(store.bank(bank)[new_slot], want)
+    assert not np.array_equal(want, old_values)
+    store.release(lease)
+    store.release(running)
+    again = store.acquire(["a1"])
+    assert again.slots == (new_slot,)
+    store.release(again)
