@@ -1,6 +1,7 @@
 """Benchmark runtime-mode LoRA on SmolLM2 (CPU, fp32) and print one JSON object.
 
-All-linear LoRA, rank 16, random non-zero B. Measures, in one run with both sides:
+All-linear LoRA, rank 16, random non-zero B. Measures, in one run with both sides (medians;
+the sides of (b) and (c) alternate within each repeat):
 (a) swap latency of an adapter already in host memory (slot write; and a resident switch),
 (b) decode step time runtime-LoRA / merged, (c) 8 rows with 8 adapters vs 8 rows of one
 merged adapter and vs the 8 adapters one after another, (d) `adapters add` vs a full export.
@@ -108,16 +109,31 @@ def main() -> None:
 
     decode_step_s(runtime, "a0", PROMPT)
     decode_step_s(merged, None, PROMPT)
-    rt_step = statistics.median(decode_step_s(runtime, "a0", PROMPT)[0] for _ in range(3))
-    mg_step = statistics.median(decode_step_s(merged, None, PROMPT)[0] for _ in range(3))
-    _, mixed_tps = decode_step_s(runtime, names, [PROMPT] * ADAPTERS)
-    _, merged_tps = decode_step_s(merged, None, [PROMPT] * ADAPTERS)
-    start = time.perf_counter()
-    tokens = sum(
-        runtime.generate(PROMPT, adapters=n, max_new_tokens=args.tokens, ignore_eos=True).new_tokens
-        for n in names
-    )
-    serial_tps = tokens / (time.perf_counter() - start)
+    steps = [
+        (decode_step_s(runtime, "a0", PROMPT)[0], decode_step_s(merged, None, PROMPT)[0])
+        for _ in range(5)
+    ]
+    rt_step, mg_step = (statistics.median(pair[i] for pair in steps) for i in range(2))
+
+    def serial() -> float:
+        start = time.perf_counter()
+        tokens = sum(
+            runtime.generate(
+                PROMPT, adapters=n, max_new_tokens=args.tokens, ignore_eos=True
+            ).new_tokens
+            for n in names
+        )
+        return tokens / (time.perf_counter() - start)
+
+    rounds = [
+        (
+            decode_step_s(runtime, names, [PROMPT] * ADAPTERS)[1],
+            decode_step_s(merged, None, [PROMPT] * ADAPTERS)[1],
+            serial(),
+        )
+        for _ in range(3)
+    ]
+    mixed_tps, merged_tps, serial_tps = (statistics.median(r[i] for r in rounds) for i in range(3))
     report = {
         "model": "smollm2-135m",
         "precision": "fp32",
