@@ -67,7 +67,9 @@ def add(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_(bundle: str, as_json: bool) -> None:
     """List BUNDLE's installed adapters."""
-    installed = _manifest(bundle).adapters.installed
+    from peft_export.exporter.bundle_files import read_manifest
+
+    installed = read_manifest(bundle).adapters.installed
     if as_json:
         click.echo(json.dumps({k: vars(v) for k, v in installed.items()}, indent=2))
         return
@@ -102,15 +104,7 @@ def convert_bin(peft_dir: str) -> None:
     click.echo(f"wrote {out}")
 
 
-def _manifest(bundle: str):  # noqa: ANN202 - keeps the manifest import lazy
-    from peft_export.bundle.errors import BundleError
-    from peft_export.bundle.manifest import load_manifest
-
-    try:
-        return load_manifest(bundle)
-    except BundleError as exc:
-        raise ExportError(str(exc)) from None
-
-
 def _mode(bundle: str) -> str:
-    return _manifest(bundle).mode
+    from peft_export.exporter.bundle_files import read_manifest
+
+    return read_manifest(bundle).mode

@@ -10,15 +10,13 @@ also writes a set for the export-time adapter, so a refitted engine can go back 
 from __future__ import annotations
 
 import copy
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from peft_export.bundle import names
 from peft_export.bundle.atomic import staged_update, write_text
-from peft_export.bundle.errors import BundleError
-from peft_export.bundle.manifest import InstalledAdapter, Manifest, load_manifest
+from peft_export.bundle.manifest import InstalledAdapter, Manifest
 from peft_export.bundle.paths import confined
 from peft_export.exporter.adapter_source import (
     check_fits,
@@ -26,6 +24,7 @@ from peft_export.exporter.adapter_source import (
     read_adapter,
     uninstall,
 )
+from peft_export.exporter.bundle_files import file_sha256, read_manifest
 from peft_export.exporter.engines import refit
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.merge import check_mergeable, merge_adapter
@@ -81,10 +80,7 @@ def remove_refit_adapter(bundle_dir: str | Path, name: str) -> None:
 
 
 def load_merged_manifest(root: Path) -> Manifest:
-    try:
-        manifest = load_manifest(root)
-    except BundleError as exc:
-        raise ExportError(str(exc)) from None
+    manifest = read_manifest(root)
     if manifest.mode != "merged":
         raise ExportError(f"{root} is a {manifest.mode}-mode bundle, not a merged one")
     return manifest
@@ -115,5 +111,5 @@ def _numpy_state(model: object) -> dict[str, np.ndarray]:
 
 def _record(stage: Path, manifest: Manifest, name: str, method: str) -> None:
     file = names.refit_file(name)
-    digest = hashlib.sha256(confined(stage, file).read_bytes()).hexdigest()
+    digest = file_sha256(confined(stage, file))
     manifest.adapters.installed[name] = InstalledAdapter(file=file, method=method, sha256=digest)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from safetensors.numpy import save_file
 from peft_export.bundle import names
 from peft_export.bundle.atomic import staged_file
 from peft_export.exporter.adapter_source import cast_finite
+from peft_export.exporter.bundle_files import file_sha256
 from peft_export.exporter.prompt_adapters.convert import PromptAdapter
 from peft_export.exporter.prompt_adapters.target import PromptTarget
 
@@ -44,5 +44,5 @@ def write_prompt_adapter(
     )
     with staged_file(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=adapter_metadata(adapter, target))
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        digest = file_sha256(tmp)
     return digest

@@ -18,9 +18,10 @@ from torch import nn
 from peft_export.bundle import names, safetensors_io
 from peft_export.bundle.atomic import staged_file, staged_update, write_text
 from peft_export.bundle.errors import BundleError
-from peft_export.bundle.manifest import AdapterLayout, InstalledAdapter, Manifest, load_manifest
+from peft_export.bundle.manifest import AdapterLayout, InstalledAdapter, Manifest
 from peft_export.bundle.paths import confined
 from peft_export.exporter.adapter_source import check_new_adapter_name, read_adapter
+from peft_export.exporter.bundle_files import read_manifest
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.prompt_adapters.adapter_file import write_prompt_adapter
 from peft_export.exporter.prompt_adapters.convert import (
@@ -111,10 +112,7 @@ def add_prompt_adapter(
 
 
 def _load_runtime_manifest(root: Path) -> Manifest:
-    try:
-        manifest = load_manifest(root)
-    except BundleError as exc:
-        raise ExportError(str(exc)) from None
+    manifest = read_manifest(root)
     if manifest.mode != "runtime":
         raise ExportError(
             f"{root} is a {manifest.mode}-mode bundle; export it with --mode runtime (and "

@@ -11,7 +11,6 @@ fp32) whenever `dora` is among the accepted methods; other methods need no base 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from peft_export.bundle import names, safetensors_io
 from peft_export.bundle.atomic import staged_file, staged_update, write_text
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.manifest import AdapterLayout, InstalledAdapter, Manifest, ModuleSlot
-from peft_export.bundle.manifest import load_manifest as _load_manifest
 from peft_export.bundle.paths import confined
 from peft_export.exporter.adapter_source import (
     AdapterSource,
@@ -31,6 +29,7 @@ from peft_export.exporter.adapter_source import (
     read_adapter,
     uninstall,
 )
+from peft_export.exporter.bundle_files import file_sha256, read_manifest
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.runtime_adapters.banks import LORA_METHODS
 from peft_export.exporter.runtime_adapters.convert import (
@@ -164,7 +163,7 @@ def write_slot(adapter: SlotTensors, path: Path, *, weights_sha256: str, precisi
     }
     with staged_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
     return digest
 
 
@@ -242,10 +241,7 @@ def remove_adapter(bundle_dir: str | Path, name: str) -> None:
 
 def load_runtime_manifest(root: Path, *, banks: bool = True) -> Manifest:
     """The manifest of a runtime bundle; `banks`: it must have LoRA banks too."""
-    try:
-        manifest = _load_manifest(root)
-    except BundleError as exc:
-        raise ExportError(str(exc)) from None
+    manifest = read_manifest(root)
     if manifest.mode != "runtime" or (banks and not manifest.adapters.modules):
         raise ExportError(
             f"{root} has no runtime LoRA banks (mode {manifest.mode}); export it with "
@@ -294,11 +290,3 @@ def write_ort_adapter(root: Path, manifest: Manifest, name: str) -> Path:
     with staged_file(path) as tmp:
         fmt.export_adapter(str(tmp))
     return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
