@@ -152,12 +152,15 @@ def write_refit_set(
     merged_weights: dict[str, np.ndarray],
     *,
     metadata: dict[str, str] | None = None,
+    export_name: str | None = None,
 ) -> list[str]:
     """Write engines/refit/NAME.safetensors for `adapters add` on a merged TRT bundle.
 
     Weights are torch-layout arrays by HF parameter name; only those the adapter changes are
     stored. engines/refit/base.safetensors keeps the base value of every weight any refit
     set (or the export-time merge) changes, so the runtime can undo the previous adapter.
+    `export_name`: also write that set with the graph's own (export-time merged) values of
+    those weights, so a refitted engine can return to them (nothing when they equal the base).
     Returns the initializer names of the new set.
     """
     from safetensors.numpy import load_file, save_file
@@ -178,33 +181,18 @@ def write_refit_set(
     base_path = confined(bundle_dir, names.refit_file(names.REFIT_BASE))
     base_set = load_file(str(base_path)) if base_path.is_file() else {}
     base_set.update(refit_tensors(targets, {p: base_weights[p] for p in touched}))
-    base_set.update(_export_merge_diff(bundle_dir, manifest.graph.file, targets, base_weights)[0])
+    export_base, exported = _export_merge_diff(
+        bundle_dir, manifest.graph.file, targets, base_weights
+    )
+    base_set.update(export_base)
     info = {"format": REFIT_FORMAT, "version": "1", **(metadata or {})}
-    for file_name, tensors in ((names.REFIT_BASE, base_set), (name, new_set)):
+    sets = [(names.REFIT_BASE, base_set, info), (name, new_set, info)]
+    if export_name and exported:
+        sets.append((export_name, exported, {"format": REFIT_FORMAT, "version": "1"}))
+    for file_name, tensors, file_info in sets:
         with staged_file(confined(bundle_dir, names.refit_file(file_name))) as tmp:
-            save_file(tensors, str(tmp), metadata={**info, "name": file_name})
+            save_file(tensors, str(tmp), metadata={**file_info, "name": file_name})
     return sorted(new_set)
-
-
-def write_export_set(bundle_dir: Path, name: str, base_weights: dict[str, np.ndarray]) -> list[str]:
-    """Write engines/refit/NAME.safetensors holding the graph's own (export-time merged) values
-    of the weights that differ from the base, so a refitted engine can return to them."""
-    from safetensors.numpy import save_file
-
-    from peft_export.bundle.atomic import staged_file
-    from peft_export.bundle.manifest import load_manifest
-    from peft_export.bundle.paths import confined
-
-    bundle_dir = Path(bundle_dir)
-    manifest = load_manifest(bundle_dir)
-    targets = refit_targets(confined(bundle_dir, manifest.graph.file))
-    _, exported = _export_merge_diff(bundle_dir, manifest.graph.file, targets, base_weights)
-    if exported:
-        path = confined(bundle_dir, names.refit_file(name))
-        with staged_file(path) as tmp:
-            metadata = {"format": REFIT_FORMAT, "version": "1", "name": name}
-            save_file(exported, str(tmp), metadata=metadata)
-    return sorted(exported)
 
 
 def _export_merge_diff(

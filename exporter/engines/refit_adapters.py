@@ -55,17 +55,21 @@ def add_refit_adapter(
     with staged_update(root) as stage:
         manifest = load_merged_manifest(root)
         check_new_adapter_name(name, manifest.adapters.installed, replace=replace)
-        exported = (manifest.adapters.merged or {}).get("name")
-        if exported and exported not in manifest.adapters.installed and exported != name:
-            written = refit.write_export_set(stage, exported, base_weights)
-            if written:
-                _record(stage, manifest, exported, str((manifest.adapters.merged or {})["method"]))
+        merged = manifest.adapters.merged or {}
+        exported = merged.get("name")
+        if exported in manifest.adapters.installed or exported == name:
+            exported = None
         metadata = {"method": source.method, "source": str(source.path)}
-        if not refit.write_refit_set(stage, name, base_weights, merged_weights, metadata=metadata):
+        written = refit.write_refit_set(
+            stage, name, base_weights, merged_weights, metadata=metadata, export_name=exported
+        )
+        if not written:
             raise ExportError(
                 f"adapter {name} changes no projection weight of this base; check that it was "
                 "trained on this base model"
             )
+        if exported and confined(stage, names.refit_file(exported)).is_file():
+            _record(stage, manifest, exported, str(merged["method"]))
         _record(stage, manifest, name, source.method)
         write_text(stage / names.MANIFEST, manifest.to_json())
     return manifest.adapters.installed[name]
