@@ -14,13 +14,11 @@ import threading
 
 import numpy as np
 import pytest
+from lora_bundles import lora_bundle
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from tiny import make_adapter, tiny_model
 
-from peft_export.exporter.pipeline import InMemoryBase, export_bundle
-from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
-from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
 from peft_export.runtime import InferenceError, InputProvider, load_bundle
 from peft_export.runtime.adapters_provider import LoraBankProvider
 
@@ -38,17 +36,7 @@ def bundle_dir(tmp_path_factory):
     dirs = {
         n: make_adapter(base, "lora", tmp, name=n, seed=40 + i, **qv) for i, n in enumerate(names)
     }
-    out = tmp / "bundle"
-    export_bundle(
-        InMemoryBase(base),
-        [("a0", dirs["a0"])],
-        out=out,
-        mode="runtime",
-        planners=[plan_lora_banks],
-        options={"max_rank": 4, "slots": 3},
-    )
-    for name in names[1:]:
-        add_adapter(out, name, dirs[name])
+    out = lora_bundle(base, tmp / "bundle", "a0", dirs, slots=3)
     broken = out / "adapters" / "broken.safetensors"
     with safe_open(str(broken), "numpy") as fh:
         metadata = fh.metadata()

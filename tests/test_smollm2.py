@@ -179,20 +179,22 @@ def _answer(tokenizer, tokens: list[int]) -> str:
 # --- merged bundles --------------------------------------------------------------------------
 
 
+def _export_pirate(tmp_path_factory, kind: str, *options: str) -> Path:
+    """`peft-export export` of SmolLM2 with the pirate LoRA merged."""
+    out = tmp_path_factory.mktemp("smollm2-merged") / kind
+    args = ("--base", "smollm2-135m", "--adapter", f"pirate={example('pirate')}", *options)
+    assert run_cli("export", *args, "--out", str(out)) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def merged_fp32(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smollm2-merged") / "fp32"
-    adapter = f"pirate={example('pirate')}"
-    assert run_cli("export", "--base", "smollm2-135m", "--adapter", adapter, "--out", str(out)) == 0
-    return out
+    return _export_pirate(tmp_path_factory, "fp32")
 
 
 @pytest.fixture(scope="module")
 def merged_fp16(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smollm2-merged") / "fp16"
-    args = ("--adapter", f"pirate={example('pirate')}", "--precision", "fp16")
-    assert run_cli("export", "--base", "smollm2-135m", *args, "--out", str(out)) == 0
-    return out
+    return _export_pirate(tmp_path_factory, "fp16", "--precision", "fp16")
 
 
 def test_merged_fp32_passes_verify(merged_fp32):
@@ -219,10 +221,7 @@ def test_merged_fp32_generate_matches_peft(merged_fp32, prompt_ids, reference):
 @pytest.fixture(scope="module")
 def merged_fused(tmp_path_factory) -> Path:
     """The README demo's bundle: merged, fused for ONNX Runtime (opset 23 + fused kernels)."""
-    out = tmp_path_factory.mktemp("smollm2-merged") / "fused"
-    args = ("--adapter", f"pirate={example('pirate')}", "--ort-fusions", "cpu")
-    assert run_cli("export", "--base", "smollm2-135m", *args, "--out", str(out)) == 0
-    return out
+    return _export_pirate(tmp_path_factory, "fused", "--ort-fusions", "cpu")
 
 
 def test_merged_fused_generate_matches_peft(merged_fused, prompt_ids, reference):

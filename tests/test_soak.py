@@ -16,11 +16,10 @@ import threading
 import time
 
 import pytest
+from lora_bundles import lora_bundle
 from tiny import make_adapter, tiny_model
 
-from peft_export.exporter.pipeline import InMemoryBase, export_bundle
 from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter, remove_adapter
-from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
 from peft_export.runtime import load_bundle
 from peft_export.runtime.adapters_provider import LoraBankProvider
 
@@ -41,17 +40,7 @@ def soak_bundle(tmp_path_factory):
         name: make_adapter(base, "lora", tmp, name=name, seed=30 + i, **qv)
         for i, name in enumerate([*NAMES, "late", "gone"])
     }
-    out = tmp / "bundle"
-    export_bundle(
-        InMemoryBase(base),
-        [("a0", dirs["a0"])],
-        out=out,
-        mode="runtime",
-        planners=[plan_lora_banks],
-        options={"max_rank": 4, "slots": 4},
-    )
-    for name in NAMES[1:]:
-        add_adapter(out, name, dirs[name])
+    out = lora_bundle(base, tmp / "bundle", "a0", {n: dirs[n] for n in NAMES}, slots=4)
     return out, dirs
 
 
