@@ -213,8 +213,6 @@ class AdapterStore:
         read again; its old slot is given up, and requests still running keep reading it.
         """
         manifest = self._current_manifest()
-        if name not in manifest.adapters.installed:
-            manifest = self._refresh_manifest()
         entry = manifest.adapters.installed.get(name)
         with self._lock:
             held = self._host.get(name)
@@ -256,9 +254,7 @@ class AdapterStore:
             return dict(self._slot_of)
 
     def owns(self, name: str) -> bool:
-        entry = self.manifest.adapters.installed.get(name)
-        if entry is None:
-            entry = self._refresh_manifest().adapters.installed.get(name)
+        entry = self._current_manifest().adapters.installed.get(name)
         return entry is not None and entry.method in LORA_METHODS
 
     # -- slots ------------------------------------------------------------------------
