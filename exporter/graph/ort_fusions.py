@@ -73,7 +73,7 @@ def fuse_graph(bundle_dir: Path, manifest: Manifest, target: str = "cpu") -> Non
         from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
     except ImportError as exc:
         raise ExportError(
-            f"--ort-fusions needs transformers' ONNX exporter ({exc}); install transformers>=5 "
+            f"--ort-fusions needs transformers' ONNX exporter ({exc}); install transformers>=5.23 "
             "or drop --ort-fusions"
         ) from None
     path = Path(bundle_dir) / manifest.graph.file
