@@ -6,6 +6,7 @@ CMake from multilora/, see multilora/README.md) load on first use.
 
 from ._library import (
     KERNELS_LIBRARY,
+    ORT_OP_LIBRARY,
     PLUGIN_DIR_ENV,
     PLUGIN_LIBRARY,
     PluginError,
@@ -18,6 +19,7 @@ from .trt import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, load_trt_plugin
 
 __all__ = [
     "KERNELS_LIBRARY",
+    "ORT_OP_LIBRARY",
     "PLUGIN_DIR_ENV",
     "PLUGIN_LIBRARY",
     "PLUGIN_NAME",

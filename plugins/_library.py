@@ -14,6 +14,7 @@ from pathlib import Path
 
 KERNELS_LIBRARY = "libpeft_multilora_kernels.so"
 PLUGIN_LIBRARY = "libpeft_multilora.so"
+ORT_OP_LIBRARY = "libpeft_multilora_ort.so"
 PLUGIN_DIR_ENV = "PEFT_EXPORT_PLUGIN_DIR"
 ABI_VERSION = 1
 
@@ -35,12 +36,19 @@ def search_dirs() -> list[Path]:
     return dirs
 
 
-def build_hint() -> str:
-    """How to build the libraries, for error messages."""
+_NEEDS = {
+    KERNELS_LIBRARY: "needs nvcc",
+    PLUGIN_LIBRARY: "needs nvcc and -DTENSORRT_ROOT=<TensorRT prefix>",
+    ORT_OP_LIBRARY: "needs ONNX Runtime headers: scripts/fetch_ort_headers.sh",
+}
+
+
+def build_hint(name: str = KERNELS_LIBRARY) -> str:
+    """How to build library `name`, for error messages."""
     return (
         f"build it with: cmake -S {SOURCE_DIR} -B {DEFAULT_BUILD_DIR} && "
-        f"cmake --build {DEFAULT_BUILD_DIR} -j (needs nvcc; add -DTENSORRT_ROOT=<TensorRT "
-        f"prefix> for {PLUGIN_LIBRARY}), or set {PLUGIN_DIR_ENV} to the folder holding it"
+        f"cmake --build {DEFAULT_BUILD_DIR} -j ({_NEEDS[name]}), or set {PLUGIN_DIR_ENV} to "
+        "the folder holding it"
     )
 
 
@@ -52,7 +60,7 @@ def find_library(name: str) -> Path:
         if candidate.is_file():
             return candidate
     looked = ", ".join(str(d) for d in dirs)
-    raise PluginError(f"{name} not found (looked in {looked}); {build_hint()}")
+    raise PluginError(f"{name} not found (looked in {looked}); {build_hint(name)}")
 
 
 @functools.cache

@@ -32,7 +32,7 @@ def load_trt_plugin(trt_module: ModuleType | None = None) -> Path:
     try:
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
-        raise PluginError(f"cannot load {path}: {e}; {build_hint()}") from e
+        raise PluginError(f"cannot load {path}: {e}; {build_hint(PLUGIN_LIBRARY)}") from e
     registry = trt.get_plugin_registry()
     if _creator(registry) is None:
         registry.load_library(str(path))

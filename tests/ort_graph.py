@@ -17,11 +17,18 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 class OrtGraph:
     """A session over `bundle/model.onnx` that keeps the KV cache between calls."""
 
-    def __init__(self, bundle: str | Path, extra_feeds: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        bundle: str | Path,
+        extra_feeds: dict[str, np.ndarray] | None = None,
+        custom_ops_library: Path | None = None,
+    ):
         bundle = Path(bundle)
         self.manifest = json.loads((bundle / "manifest.json").read_text())
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if custom_ops_library is not None:
+            options.register_custom_ops_library(str(custom_ops_library))
         self.session = ort.InferenceSession(
             str(bundle / self.manifest["graph"]["file"]),
             options,

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from peft_export.bundle import names
 from peft_export.bundle.manifest import Manifest
 from peft_export.bundle.paths import confined
 from peft_export.runtime.backends.base import (
@@ -58,6 +59,10 @@ class OrtOptions:
     """"all", "extended", "basic" or "disabled": ONNX Runtime graph optimization level."""
     extra_config: dict[str, str] = field(default_factory=dict)
     """Raw session config entries (`SessionOptions.add_session_config_entry`)."""
+    multilora_kernel: str = "auto"
+    """MultiLoRA nodes of fp32 graphs on the CPU: "auto" runs the CPU kernel library
+    (plugins/multilora, libpeft_multilora_ort.so) when it is built, else the op's ONNX
+    function body; "on" requires the library; "off" always runs the function body."""
 
 
 def available_cores() -> int:
@@ -127,7 +132,14 @@ class OrtDeviceBuffer(Buffer):
 class OrtBackend(Backend):
     name = "ort"
 
-    def __init__(self, graph_path: str | Path, options: OrtOptions | None = None) -> None:
+    def __init__(
+        self,
+        graph_path: str | Path,
+        options: OrtOptions | None = None,
+        *,
+        multilora_fp32: bool = False,
+    ) -> None:
+        """`multilora_fp32`: the graph has fp32 MultiLoRA nodes that the CPU kernel can run."""
         import onnxruntime as ort
 
         self.options = options or OrtOptions()
@@ -135,6 +147,15 @@ class OrtBackend(Backend):
         self.device_id = 0
         providers = self._providers(ort)
         session_options = self._session_options(ort)
+        self.multilora_library = self._multilora_library(multilora_fp32)
+        if self.multilora_library is not None:
+            try:
+                session_options.register_custom_ops_library(str(self.multilora_library))
+            except Exception as exc:  # ORT raises private exception types
+                raise InferenceError(
+                    f"{self.multilora_library}: ONNX Runtime could not load the MultiLoRA CPU "
+                    f"kernel ({_first_line(exc)}); rebuild it, or pass multilora_kernel='off'"
+                ) from None
         try:
             self.session = ort.InferenceSession(
                 str(graph_path), sess_options=session_options, providers=providers
@@ -164,7 +185,11 @@ class OrtBackend(Backend):
         graph = confined(root, manifest.graph.file)
         if not graph.is_file():
             raise InferenceError(f"{graph}: the bundle's graph is missing; re-export the bundle")
-        return cls(graph, OrtOptions(**options))
+        multilora_fp32 = manifest.precision == "fp32" and any(
+            (split := names.split_lora_input(t.name)) is not None and split[1] == "A"
+            for t in manifest.graph.inputs
+        )
+        return cls(graph, OrtOptions(**options), multilora_fp32=multilora_fp32)
 
     def _providers(self, ort: object) -> list[str]:
         available = ort.get_available_providers()
@@ -178,6 +203,27 @@ class OrtBackend(Backend):
                 )
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         raise InferenceError(f"unknown ORT device {self.device!r}; use 'cpu' or 'cuda'")
+
+    def _multilora_library(self, multilora_fp32: bool) -> Path | None:
+        """The CPU kernel library to register, or None to run the ONNX function body."""
+        mode = self.options.multilora_kernel
+        if mode not in ("auto", "on", "off"):
+            raise InferenceError(f"unknown multilora_kernel {mode!r}; use 'auto', 'on' or 'off'")
+        if mode == "off" or not multilora_fp32 or self.device != "cpu":
+            if mode == "on":
+                raise InferenceError(
+                    "multilora_kernel='on' needs an fp32 runtime-adapter bundle on device "
+                    "'cpu'; use multilora_kernel='auto'"
+                )
+            return None
+        from peft_export.plugins import ORT_OP_LIBRARY, PluginError, find_library
+
+        try:
+            return find_library(ORT_OP_LIBRARY)
+        except PluginError as exc:
+            if mode == "on":
+                raise InferenceError(str(exc)) from None
+            return None
 
     def _session_options(self, ort: object) -> object:
         levels = {
@@ -256,6 +302,11 @@ class OrtBackend(Backend):
             "threads": self.options.threads or available_cores(),
             "denormals_as_zero": self.options.denormals_as_zero,
             "optimization": self.options.optimization,
+            "multilora": (
+                f"cpu kernel ({self.multilora_library})"
+                if self.multilora_library
+                else "onnx function body"
+            ),
         }
 
 

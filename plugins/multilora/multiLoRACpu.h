@@ -1,0 +1,45 @@
+/*
+ * CPU (fp32) implementation of peft_export::MultiLoRA, behind ONNX Runtime's custom-op
+ * library (multiLoRAOrtOp.cpp). Plain C++, no ONNX Runtime include, so it can be tested and
+ * reused on its own.
+ *
+ *   delta[b, t, :] = B[ids[b]] @ (A[ids[b]] @ x[b, t, :])
+ *
+ * Why it exists: the op's ONNX function body gathers every row's adapter into a fresh
+ * tensor each step, so a decode step copies the adapter weights before reading them. This
+ * reads each slot's weights in place, once for all the tokens that use that slot.
+ */
+#ifndef PEFT_MULTILORA_CPU_H
+#define PEFT_MULTILORA_CPU_H
+
+#include <cstddef>
+#include <cstdint>
+
+namespace peft_multilora_cpu {
+
+struct Problem {
+  const float* x;       // [batch, seq, in]
+  const float* a;       // [slots, rank, in]
+  const float* b;       // [slots, out, rank]
+  const int64_t* ids;   // [batch]; negative counts from the end; 0 or out of range: zeros
+  const float* base;    // [batch, seq, out] added to the delta, or null
+  float* delta;         // [batch, seq, out]
+  int64_t batch, seq, in, out, rank, slots;
+};
+
+/* The host's thread pool: runs fn(arg, i) for every i in [0, count) and returns when all
+ * have run. */
+class Parallel {
+ public:
+  virtual void run(size_t count, void (*fn)(void*, size_t), void* arg) const = 0;
+
+ protected:
+  ~Parallel() = default;
+};
+
+/* Computes p.delta. Sizes must be non-negative and consistent (the caller checks shapes). */
+void forward(const Problem& p, const Parallel& parallel);
+
+}  // namespace peft_multilora_cpu
+
+#endif  // PEFT_MULTILORA_CPU_H

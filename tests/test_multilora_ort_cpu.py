@@ -1,0 +1,216 @@
+"""The MultiLoRA CPU kernel (libpeft_multilora_ort.so), built here with CMake.
+
+The op is checked against a float64 numpy reference and against its own ONNX function body;
+a runtime bundle run with the kernel is checked against PEFT (merged per row, prefill and
+decode) and against the function body through the Python runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from peft import PeftModel
+
+from peft_export import plugins
+from peft_export.bundle import names
+from peft_export.bundle.manifest import load_manifest
+from peft_export.exporter.pipeline import InMemoryBase, export_bundle
+from peft_export.exporter.runtime_adapters import multilora_op
+from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
+from peft_export.runtime.adapter_store import AdapterStore
+from peft_export.runtime.errors import InferenceError
+from peft_export.runtime.session import load_bundle
+from tests.ort_graph import OrtGraph
+from tests.tiny import make_adapter, tiny_model
+
+TOL = 1e-4
+ROWS = {"lo": ("lora", {"r": 3}), "r8": ("lora", {"r": 8}), "do": ("dora", {}), "ia": ("ia3", {})}
+BATCH = ["lo", "r8", "do", "ia", None, "lo"]
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Path:
+    if shutil.which("cmake") is None or shutil.which("c++") is None:
+        pytest.skip("cmake and a C++ compiler are needed to build the MultiLoRA CPU kernel")
+    build = tmp_path_factory.mktemp("multilora-ort-build")
+    subprocess.run(
+        ["cmake", "-S", str(plugins._library.SOURCE_DIR), "-B", str(build),
+         "-DPEFT_MULTILORA_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(["cmake", "--build", str(build), "-j", "2"], check=True, capture_output=True)
+    path = build / plugins.ORT_OP_LIBRARY
+    if not path.is_file():
+        pytest.skip("ONNX Runtime headers not found (scripts/fetch_ort_headers.sh): no CPU kernel")
+    return path
+
+
+def _op_model(rank: int, in_f: int, out_f: int) -> bytes:
+    node = helper.make_node("MultiLoRA", ["x", "A", "B", "ids"], ["y"], domain="peft_export")
+    graph = helper.make_graph(
+        [node],
+        "multilora",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", in_f]),
+            helper.make_tensor_value_info("A", TensorProto.FLOAT, ["slots", rank, in_f]),
+            helper.make_tensor_value_info("B", TensorProto.FLOAT, ["slots", out_f, rank]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["b"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", out_f])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return multilora_op.add_function(model).SerializeToString()
+
+
+def _session(model: bytes, library: Path | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if library is not None:
+        options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _reference(x, a, b, ids) -> np.ndarray:
+    slots = a.shape[0]
+    out = np.zeros((x.shape[0], x.shape[1], b.shape[1]))
+    for row, raw in enumerate(ids):
+        slot = raw + slots if raw < 0 else raw
+        if 0 < slot < slots:
+            out[row] = x[row].astype(np.float64) @ a[slot].T.astype(np.float64) @ b[slot].T
+    return out
+
+
+CASES = {
+    # name: (batch, seq, in, out, rank, slots, ids)
+    "decode, 8 adapters": (8, 1, 64, 96, 16, 9, [1, 2, 3, 4, 5, 6, 7, 8]),
+    "decode, shared and base rows": (6, 1, 48, 40, 8, 4, [2, 0, 2, -1, 3, 2]),
+    "prefill, rows over one block": (3, 37, 40, 24, 16, 3, [1, 1, 2]),
+    "odd sizes, rank tail": (2, 5, 33, 19, 13, 3, [2, 1]),
+    "rank below one vector": (3, 2, 20, 11, 3, 2, [1, 0, 1]),
+    "outside the banks gives zeros": (3, 1, 16, 16, 4, 3, [7, -9, 1]),
+    "one long row of one adapter": (1, 70, 24, 130, 8, 2, [1]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernel_matches_float64_reference(library, case):
+    batch, seq, in_f, out_f, rank, slots, ids = CASES[case]
+    rng = np.random.default_rng(len(case))
+    x = rng.standard_normal((batch, seq, in_f), dtype=np.float32)
+    a = rng.standard_normal((slots, rank, in_f), dtype=np.float32)
+    b = rng.standard_normal((slots, out_f, rank), dtype=np.float32)
+    a[0], b[0] = 0.0, 0.0
+    ids = np.array(ids, dtype=np.int64)
+    got = _session(_op_model(rank, in_f, out_f), library).run(
+        None, {"x": x, "A": a, "B": b, "ids": ids}
+    )[0]
+    want = _reference(x, a, b, ids)
+    scale = np.abs(x).max() * np.abs(a).max() * np.abs(b).max() * in_f * rank
+    assert np.abs(got - want).max() <= 1e-6 * scale
+
+
+def test_kernel_matches_function_body(library):
+    rng = np.random.default_rng(1)
+    feeds = {
+        "x": rng.standard_normal((4, 3, 40), dtype=np.float32),
+        "A": rng.standard_normal((5, 8, 40), dtype=np.float32),
+        "B": rng.standard_normal((5, 24, 8), dtype=np.float32),
+        "ids": np.array([4, 0, 1, 4], dtype=np.int64),
+    }
+    feeds["A"][0], feeds["B"][0] = 0.0, 0.0  # slot 0 is the base model (the contract)
+    model = _op_model(8, 40, 24)
+    body = _session(model, None).run(None, feeds)[0]
+    kernel = _session(model, library).run(None, feeds)[0]
+    assert np.abs(kernel - body).max() <= 1e-5 * np.abs(body).max()
+
+
+def test_kernel_refuses_inconsistent_shapes(library):
+    session = _session(_op_model(4, 16, 8), library)
+    feeds = {
+        "x": np.zeros((2, 1, 16), np.float32),
+        "A": np.zeros((3, 4, 16), np.float32),
+        "B": np.zeros((3, 8, 4), np.float32),
+        "ids": np.zeros(3, np.int64),
+    }
+    with pytest.raises(Exception, match="MultiLoRA: shapes do not agree"):
+        session.run(None, feeds)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    base = tiny_model("llama")
+    tmp = tmp_path_factory.mktemp("ort-cpu-mixed")
+    dirs = {
+        name: make_adapter(base, method, tmp, name=name, seed=20 + i, **kw)
+        for i, (name, (method, kw)) in enumerate(ROWS.items())
+    }
+    out = tmp / "bundle"
+    export_bundle(
+        InMemoryBase(base),
+        list(dirs.items()),
+        out=out,
+        mode="runtime",
+        planners=[plan_lora_banks],
+        options={"max_rank": 8, "slots": 6, "methods": "lora,dora,ia3"},
+    )
+    return base, dirs, out
+
+
+def test_bundle_with_kernel_matches_peft_per_row(library, mixed):
+    base, dirs, bundle = mixed
+    store = AdapterStore(bundle, load_manifest(bundle))
+    lease = store.acquire(BATCH)
+    feeds = {name: view.numpy() for name, view in store.feeds().items()}
+    feeds[names.ADAPTER_IDS] = lease.ids
+    graph = OrtGraph(bundle, feeds, custom_ops_library=library)
+    prompts = np.random.default_rng(0).integers(4, 250, size=(len(BATCH), 6))
+    graph.reset(batch=len(BATCH))
+    steps = [graph.step(prompts)]
+    tokens = [prompts]
+    for _ in range(2):
+        tokens.append(steps[-1][:, -1].argmax(-1)[:, None])
+        steps.append(graph.step(tokens[-1]))
+    store.release(lease)
+    for row, name in enumerate(BATCH):
+        model = base
+        if name is not None:
+            model = PeftModel.from_pretrained(copy.deepcopy(base), dirs[name]).merge_and_unload()
+        ids = torch.tensor(np.concatenate([t[row : row + 1] for t in tokens], axis=1))
+        with torch.no_grad():
+            want = model.eval()(ids).logits.numpy()
+        got = np.concatenate([s[row : row + 1] for s in steps], axis=1)
+        assert np.abs(got - want).max() <= TOL, f"row {name}"
+
+
+def test_runtime_uses_kernel_and_matches_function_body(library, mixed, monkeypatch):
+    _, _, bundle = mixed
+    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(library.parent))
+    with_kernel = load_bundle(bundle, multilora_kernel="on")
+    body = load_bundle(bundle, multilora_kernel="off")
+    assert with_kernel.describe()["multilora"] == f"cpu kernel ({library})"
+    assert body.describe()["multilora"] == "onnx function body"
+    prompts = [[5, 17, 42, 99], [7, 8, 9], [11, 12, 13, 14, 15], [3, 4], [200, 1], [6, 6, 6]]
+    got = with_kernel.generate(prompts, adapters=BATCH, max_new_tokens=6, ignore_eos=True)
+    want = body.generate(prompts, adapters=BATCH, max_new_tokens=6, ignore_eos=True)
+    assert got.token_ids == want.token_ids
+
+
+def test_kernel_on_without_library_is_one_line_error(mixed, monkeypatch, tmp_path):
+    _, _, bundle = mixed
+    monkeypatch.setattr(plugins._library, "DEFAULT_BUILD_DIR", tmp_path / "none")
+    monkeypatch.setattr(plugins._library, "PACKAGE_DIR", tmp_path / "none")
+    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(tmp_path))
+    with pytest.raises(InferenceError, match="libpeft_multilora_ort.so not found") as info:
+        load_bundle(bundle, multilora_kernel="on")
+    assert "\n" not in str(info.value)
+    assert load_bundle(bundle).describe()["multilora"] == "onnx function body"
+    with pytest.raises(InferenceError, match="unknown multilora_kernel 'fast'"):
+        load_bundle(bundle, multilora_kernel="fast")
