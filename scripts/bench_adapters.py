@@ -6,6 +6,8 @@ the sides of (b) and (c) alternate within each repeat):
 (b) decode step time runtime-LoRA / merged, (c) 8 rows with 8 adapters vs 8 rows of one
 merged adapter and vs the 8 adapters one after another, (d) `adapters add` vs a full export.
 ONNX Runtime runs with denormals flushed to zero (OrtOptions default) on both sides.
+MultiLoRA runs the CPU kernel when libpeft_multilora_ort.so is built (plugins/multilora);
+(b) and (c) then also measure the op's ONNX function body, in the same rounds.
 
     python scripts/bench_adapters.py [--workdir DIR] [--tokens 32] [--threads N]
 """
@@ -87,6 +89,8 @@ def main() -> None:
     options = {"threads": args.threads} if args.threads else {}
     runtime = load_bundle(runtime_dir, **options)
     merged = load_bundle(merged_dir, **options)
+    with_kernel = runtime.describe()["multilora"] != "onnx function body"
+    body = load_bundle(runtime_dir, multilora_kernel="off", **options) if with_kernel else None
     store = next(p for p in runtime.input_providers if isinstance(p, LoraBankProvider)).store
     names = [f"a{i}" for i in range(ADAPTERS)]
     hosted = [store.load(n) for n in names]
@@ -94,7 +98,7 @@ def main() -> None:
     write_ms = []
     for i in range(20):
         adapter, slot = hosted[i % ADAPTERS], 1 + i % ADAPTERS
-        write_ms.append(1e3 * timed(lambda a=adapter, s=slot: store.write_slot(s, a.tensors)))
+        write_ms.append(1e3 * timed(lambda a=adapter, s=slot: store.write_slot(s, a)))
     for n in names:
         store.release(store.acquire([n]))
     switch_ms = [1e3 * timed(lambda n=n: store.release(store.acquire([n]))) for n in names * 5]
@@ -107,13 +111,16 @@ def main() -> None:
             result.prefill_seconds + result.decode_seconds
         )
 
-    decode_step_s(runtime, "a0", PROMPT)
-    decode_step_s(merged, None, PROMPT)
-    steps = [
-        (decode_step_s(runtime, "a0", PROMPT)[0], decode_step_s(merged, None, PROMPT)[0])
-        for _ in range(5)
-    ]
-    rt_step, mg_step = (statistics.median(pair[i] for pair in steps) for i in range(2))
+    sides = {"runtime_lora": (runtime, "a0"), "merged": (merged, None)}
+    if body is not None:
+        sides["runtime_lora_function_body"] = (body, "a0")
+    for bundle, adapter in sides.values():
+        decode_step_s(bundle, adapter, PROMPT)
+    steps = {name: [] for name in sides}
+    for _ in range(5):
+        for name, (bundle, adapter) in sides.items():
+            steps[name].append(decode_step_s(bundle, adapter, PROMPT)[0])
+    step_ms = {name: 1e3 * statistics.median(times) for name, times in steps.items()}
 
     def serial() -> float:
         start = time.perf_counter()
@@ -125,21 +132,27 @@ def main() -> None:
         )
         return tokens / (time.perf_counter() - start)
 
-    rounds = [
-        (
-            decode_step_s(runtime, names, [PROMPT] * ADAPTERS)[1],
-            decode_step_s(merged, None, [PROMPT] * ADAPTERS)[1],
-            serial(),
-        )
-        for _ in range(3)
-    ]
-    mixed_tps, merged_tps, serial_tps = (statistics.median(r[i] for r in rounds) for i in range(3))
+    batch = {
+        "8_adapters_one_batch": lambda: decode_step_s(runtime, names, [PROMPT] * ADAPTERS)[1],
+        "1_merged_adapter_batch": lambda: decode_step_s(merged, None, [PROMPT] * ADAPTERS)[1],
+        "8_adapters_one_after_another": serial,
+    }
+    if body is not None:
+        batch["8_adapters_one_batch_function_body"] = lambda: decode_step_s(
+            body, names, [PROMPT] * ADAPTERS
+        )[1]
+    rounds = {name: [] for name in batch}
+    for _ in range(3):
+        for name, run in batch.items():
+            rounds[name].append(run())
+    tps = {name: statistics.median(values) for name, values in rounds.items()}
     report = {
         "model": "smollm2-135m",
         "precision": "fp32",
         "device": "cpu",
         "lora": {"targets": "all-linear", "rank": RANK, "adapters": ADAPTERS},
         "ort": runtime.describe(),
+        "multilora": runtime.describe()["multilora"],
         "denormals_as_zero": runtime.backend.options.denormals_as_zero,
         "a_swap_ms": {
             "slot_write_median": statistics.median(write_ms),
@@ -147,17 +160,27 @@ def main() -> None:
             "goal": 1.0,
         },
         "b_decode_step_ms": {
-            "runtime_lora": 1e3 * rt_step,
-            "merged": 1e3 * mg_step,
-            "ratio": rt_step / mg_step,
+            **step_ms,
+            "ratio": step_ms["runtime_lora"] / step_ms["merged"],
+            **(
+                {"ratio_function_body": step_ms["runtime_lora_function_body"] / step_ms["merged"]}
+                if body is not None
+                else {}
+            ),
             "goal": 1.10,
         },
         "c_batch8_tokens_per_s": {
-            "8_adapters_one_batch": mixed_tps,
-            "1_merged_adapter_batch": merged_tps,
-            "8_adapters_one_after_another": serial_tps,
-            "ratio_vs_merged": mixed_tps / merged_tps,
-            "ratio_vs_serial": mixed_tps / serial_tps,
+            **tps,
+            "ratio_vs_merged": tps["8_adapters_one_batch"] / tps["1_merged_adapter_batch"],
+            "ratio_vs_serial": tps["8_adapters_one_batch"] / tps["8_adapters_one_after_another"],
+            **(
+                {
+                    "ratio_vs_merged_function_body": tps["8_adapters_one_batch_function_body"]
+                    / tps["1_merged_adapter_batch"]
+                }
+                if body is not None
+                else {}
+            ),
             "goal_vs_merged": 0.8,
         },
         "d_add_vs_export_s": {

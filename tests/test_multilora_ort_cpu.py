@@ -25,6 +25,7 @@ from peft_export.bundle.manifest import load_manifest
 from peft_export.exporter.pipeline import InMemoryBase, export_bundle
 from peft_export.exporter.runtime_adapters import multilora_op
 from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
+from peft_export.plugins import host_copy
 from peft_export.runtime.adapter_store import AdapterStore
 from peft_export.runtime.errors import InferenceError
 from peft_export.runtime.session import load_bundle
@@ -214,3 +215,34 @@ def test_kernel_on_without_library_is_one_line_error(mixed, monkeypatch, tmp_pat
     assert load_bundle(bundle).describe()["multilora"] == "onnx function body"
     with pytest.raises(InferenceError, match="unknown multilora_kernel 'fast'"):
         load_bundle(bundle, multilora_kernel="fast")
+
+
+def test_native_slot_copy_writes_the_same_banks(library, mixed, monkeypatch):
+    _, _, bundle = mixed
+    manifest = load_manifest(bundle)
+    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(library.parent))
+    host_copy.region_copier.cache_clear()
+    try:
+        native = AdapterStore(bundle, manifest)
+    finally:
+        host_copy.region_copier.cache_clear()
+    assert native._copy_regions is not None
+    plain = AdapterStore(bundle, manifest)
+    plain._copy_regions = None
+    for store in (native, plain):
+        for slot, name in enumerate(["lo", "do", "ia", "r8", "lo"], start=1):
+            store.write_slot(slot, store.load(name))
+    for name in native.specs:
+        assert np.array_equal(native.bank(name), plain.bank(name)), name
+    assert any(not np.array_equal(native.bank(n)[1], native.bank(n)[0]) for n in native.specs)
+
+
+def test_region_copier_is_none_without_the_library(monkeypatch, tmp_path):
+    monkeypatch.setattr(plugins._library, "DEFAULT_BUILD_DIR", tmp_path / "none")
+    monkeypatch.setattr(plugins._library, "PACKAGE_DIR", tmp_path / "none")
+    monkeypatch.delenv(plugins.PLUGIN_DIR_ENV, raising=False)
+    host_copy.region_copier.cache_clear()
+    try:
+        assert host_copy.region_copier() is None
+    finally:
+        host_copy.region_copier.cache_clear()
