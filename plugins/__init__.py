@@ -1,4 +1,5 @@
-"""MultiLoRA CUDA kernels and the TensorRT plugin for the peft_export::MultiLoRA op.
+"""MultiLoRA CUDA kernels, the TensorRT plugin and the ONNX Runtime CPU kernel for the
+peft_export::MultiLoRA op.
 
 Importing this package loads nothing: torch, tensorrt and the native libraries (built by
 CMake from multilora/, see multilora/README.md) load on first use.

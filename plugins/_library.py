@@ -47,8 +47,8 @@ def build_hint(name: str = KERNELS_LIBRARY) -> str:
     """How to build library `name`, for error messages."""
     return (
         f"build it with: cmake -S {SOURCE_DIR} -B {DEFAULT_BUILD_DIR} && "
-        f"cmake --build {DEFAULT_BUILD_DIR} -j ({_NEEDS[name]}), or set {PLUGIN_DIR_ENV} to "
-        "the folder holding it"
+        f"cmake --build {DEFAULT_BUILD_DIR} -j ({_NEEDS.get(name, 'see its README.md')}), "
+        f"or set {PLUGIN_DIR_ENV} to the folder holding it"
     )
 
 
