@@ -12,16 +12,26 @@ from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
 
 
 def lora_bundle(
-    base, out: Path, exported: str, adapters: Mapping[str, Path], *, slots: int, max_rank: int = 4
+    base,
+    out: Path,
+    exported: str,
+    adapters: Mapping[str, Path],
+    *,
+    slots: int,
+    max_rank: int = 4,
+    methods: str | None = None,
 ) -> Path:
     """Export `out` serving adapters[exported], then add the other `adapters` in order."""
+    options = {"max_rank": max_rank, "slots": slots}
+    if methods is not None:
+        options["methods"] = methods
     export_bundle(
         InMemoryBase(base),
         [(exported, adapters[exported])],
         out=out,
         mode="runtime",
         planners=[plan_lora_banks],
-        options={"max_rank": max_rank, "slots": slots},
+        options=options,
     )
     for name, folder in adapters.items():
         if name != exported:

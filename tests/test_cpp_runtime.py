@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from cpu_kernel import build_cpu_kernel
 from tiny import make_adapter, save_tiny_tokenizer, tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,6 +248,19 @@ def test_concurrent_requests_equal_sequential(cpp_build, tiny_bundle):
         t.join()
     runtime.close()
     assert results == expected
+
+
+def test_multilora_cpu_kernel_gives_the_same_ids(cpp_build, tiny_bundle, python_bundle, tmp_path):
+    library = build_cpu_kernel(tmp_path / "kernel")
+    runtime = CppRuntime(cpp_build, tiny_bundle, threads=1, multilora_library=str(library))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(ADAPTERS))]
+    try:
+        got = runtime.ids(prompts, ADAPTERS, max_new_tokens=10)
+    finally:
+        runtime.close()
+    assert got == python_ids(python_bundle, prompts, ADAPTERS, max_new_tokens=10)
+    with pytest.raises(RuntimeError, match="no such file; build it with scripts/build_cpu"):
+        CppRuntime(cpp_build, tiny_bundle, multilora_library=str(tmp_path / "missing.so"))
 
 
 def test_text_prompts_use_the_bundle_tokenizer(cpp, python_bundle):

@@ -8,8 +8,6 @@ decode) and against the function body through the Python runtime.
 from __future__ import annotations
 
 import copy
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +20,13 @@ from peft import PeftModel
 from peft_export import plugins
 from peft_export.bundle import names
 from peft_export.bundle.manifest import load_manifest
-from peft_export.exporter.pipeline import InMemoryBase, export_bundle
 from peft_export.exporter.runtime_adapters import multilora_op
-from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
 from peft_export.plugins import host_copy
 from peft_export.runtime.adapter_store import AdapterStore
 from peft_export.runtime.errors import InferenceError
 from peft_export.runtime.session import load_bundle
+from tests.cpu_kernel import build_cpu_kernel
+from tests.lora_bundles import lora_bundle
 from tests.ort_graph import OrtGraph
 from tests.tiny import make_adapter, tiny_model
 
@@ -39,19 +37,7 @@ BATCH = ["lo", "r8", "do", "ia", None, "lo"]
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory) -> Path:
-    if shutil.which("cmake") is None or shutil.which("c++") is None:
-        pytest.skip("cmake and a C++ compiler are needed to build the MultiLoRA CPU kernel")
-    build = tmp_path_factory.mktemp("multilora-ort-build")
-    subprocess.run(
-        ["cmake", "-S", str(plugins._library.SOURCE_DIR), "-B", str(build),
-         "-DPEFT_MULTILORA_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    subprocess.run(["cmake", "--build", str(build), "-j", "2"], check=True, capture_output=True)
-    path = build / plugins.ORT_OP_LIBRARY
-    if not path.is_file():
-        pytest.skip("ONNX Runtime headers not found (scripts/fetch_ort_headers.sh): no CPU kernel")
-    return path
+    return build_cpu_kernel(tmp_path_factory.mktemp("multilora-ort-build"))
 
 
 def _op_model(rank: int, in_f: int, out_f: int) -> bytes:
@@ -153,15 +139,7 @@ def mixed(tmp_path_factory):
         name: make_adapter(base, method, tmp, name=name, seed=20 + i, **kw)
         for i, (name, (method, kw)) in enumerate(ROWS.items())
     }
-    out = tmp / "bundle"
-    export_bundle(
-        InMemoryBase(base),
-        list(dirs.items()),
-        out=out,
-        mode="runtime",
-        planners=[plan_lora_banks],
-        options={"max_rank": 8, "slots": 6, "methods": "lora,dora,ia3"},
-    )
+    out = lora_bundle(base, tmp / "b", "lo", dirs, slots=6, max_rank=8, methods="lora,dora,ia3")
     return base, dirs, out
 
 

@@ -61,21 +61,17 @@ __m256 eight_dots(const float* v, const float* b, int64_t rank) {
 }
 #endif
 
-// dst[o] = base[o] (when given) + b[o, :] . v for o in [o0, o1). b rows are rank long, and
-// short: vectorizing across rows (eight at a time) beats one horizontal sum per output.
+// dst[o] = b[o, :] . v for o in [o0, o1). b rows are rank long, and short: vectorizing
+// across rows (eight at a time) beats one horizontal sum per output.
 void expand_token(const float* v, const float* b, int64_t rank, int64_t o0, int64_t o1,
-                  const float* base, float* dst) {
+                  float* dst) {
   int64_t o = o0;
 #if PEFT_ML_AVX2
   if (rank >= 8) {
-    for (; o + 8 <= o1; o += 8) {
-      __m256 sums = eight_dots(v, b + o * rank, rank);
-      if (base != nullptr) sums = _mm256_add_ps(sums, _mm256_loadu_ps(base + o));
-      _mm256_storeu_ps(dst + o, sums);
-    }
+    for (; o + 8 <= o1; o += 8) _mm256_storeu_ps(dst + o, eight_dots(v, b + o * rank, rank));
   }
 #endif
-  for (; o < o1; ++o) dst[o] = (base != nullptr ? base[o] : 0.0f) + dot(v, b + o * rank, rank);
+  for (; o < o1; ++o) dst[o] = dot(v, b + o * rank, rank);
 }
 
 struct Block {
@@ -105,12 +101,7 @@ void build(Plan& plan) {
   for (int64_t row = 0; row < p.batch; ++row) {
     const int64_t slot = resolve_slot(p.ids[row], p.slots);
     if (slot == 0) {
-      const int64_t offset = row * p.seq * p.out;
-      if (p.base != nullptr) {
-        std::memcpy(p.delta + offset, p.base + offset, sizeof(float) * p.seq * p.out);
-      } else {
-        std::memset(p.delta + offset, 0, sizeof(float) * p.seq * p.out);
-      }
+      std::memset(p.delta + row * p.seq * p.out, 0, sizeof(float) * p.seq * p.out);
     } else {
       rows.emplace_back(slot, row);
     }
@@ -133,14 +124,25 @@ void build(Plan& plan) {
   plan.out_chunks = (p.out + kOutChunk - 1) / kOutChunk;
 }
 
+// Task `index` of a phase: its block and its [lo, hi) share of `extent` (ranks or outputs).
+struct Share {
+  const Block& block;
+  int64_t lo;
+  int64_t hi;
+};
+
+Share share_of(const Plan& plan, size_t index, int64_t chunks, int64_t chunk, int64_t extent) {
+  const int64_t i = static_cast<int64_t>(index);
+  const int64_t lo = (i % chunks) * chunk;
+  return {plan.blocks[static_cast<size_t>(i / chunks)], lo, std::min(lo + chunk, extent)};
+}
+
 void shrink_task(void* arg, size_t index) {
   Plan& plan = *static_cast<Plan*>(arg);
   const Problem& p = *plan.p;
-  const int64_t i = static_cast<int64_t>(index);
-  const Block& block = plan.blocks[static_cast<size_t>(i / plan.rank_chunks)];
-  const int64_t k0 = (i % plan.rank_chunks) * kRankChunk;
-  const int64_t k1 = std::min(k0 + kRankChunk, p.rank);
-  for (int64_t k = k0; k < k1; ++k) {
+  const Share share = share_of(plan, index, plan.rank_chunks, kRankChunk, p.rank);
+  const Block& block = share.block;
+  for (int64_t k = share.lo; k < share.hi; ++k) {
     const float* a_row = p.a + (block.slot * p.rank + k) * p.in;
     for (int64_t j = block.first; j < block.first + block.count; ++j) {
       plan.v[static_cast<size_t>(j * p.rank + k)] =
@@ -152,16 +154,13 @@ void shrink_task(void* arg, size_t index) {
 void expand_task(void* arg, size_t index) {
   Plan& plan = *static_cast<Plan*>(arg);
   const Problem& p = *plan.p;
-  const int64_t i = static_cast<int64_t>(index);
-  const Block& block = plan.blocks[static_cast<size_t>(i / plan.out_chunks)];
-  const int64_t o0 = (i % plan.out_chunks) * kOutChunk;
-  const int64_t o1 = std::min(o0 + kOutChunk, p.out);
+  const Share share = share_of(plan, index, plan.out_chunks, kOutChunk, p.out);
+  const Block& block = share.block;
   const float* b_slot = p.b + block.slot * p.out * p.rank;
   for (int64_t j = block.first; j < block.first + block.count; ++j) {
     const float* v = plan.v.data() + j * p.rank;
-    const int64_t offset = plan.tokens[static_cast<size_t>(j)] * p.out;
-    expand_token(v, b_slot, p.rank, o0, o1, p.base != nullptr ? p.base + offset : nullptr,
-                 p.delta + offset);
+    expand_token(v, b_slot, p.rank, share.lo, share.hi,
+                 p.delta + plan.tokens[static_cast<size_t>(j)] * p.out);
   }
 }
 

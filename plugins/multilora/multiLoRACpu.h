@@ -22,7 +22,6 @@ struct Problem {
   const float* a;       // [slots, rank, in]
   const float* b;       // [slots, out, rank]
   const int64_t* ids;   // [batch]; negative counts from the end; 0 or out of range: zeros
-  const float* base;    // [batch, seq, out] added to the delta, or null
   float* delta;         // [batch, seq, out]
   int64_t batch, seq, in, out, rank, slots;
 };

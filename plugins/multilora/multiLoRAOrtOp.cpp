@@ -68,7 +68,7 @@ struct MultiLoRAKernel {
       Ort::UnownedValue delta = context.GetOutput(0, {xs[0], xs[1], bs[1]});
       const peft_multilora_cpu::Problem p{
           x.GetTensorData<float>(), a.GetTensorData<float>(), b.GetTensorData<float>(),
-          ids.GetTensorData<int64_t>(), nullptr, delta.GetTensorMutableData<float>(),
+          ids.GetTensorData<int64_t>(), delta.GetTensorMutableData<float>(),
           xs[0], xs[1], xs[2], bs[1], as[1], as[0]};
       peft_multilora_cpu::forward(p, OrtParallel(context));
       return nullptr;

@@ -19,7 +19,7 @@ const char* kUsage =
     "usage: peft-generate BUNDLE [--adapter NAME]... (--ids 1,2,3 | --text TEXT)...\n"
     "       [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
     "       [--ignore-eos] [--threads N] [--backend ort|tensorrt] [--engine FILE]\n"
-    "       [--plugin LIB] [--slots N] [--json]\n";
+    "       [--plugin LIB] [--multilora-library LIB] [--slots N] [--json]\n";
 
 std::vector<std::int64_t> parse_ids(const std::string& text) {
   std::vector<std::int64_t> ids;
@@ -98,6 +98,8 @@ int run(int argc, char** argv) {
       runtime_options.backend_options.engine = value();
     } else if (arg == "--plugin") {
       runtime_options.backend_options.plugin_library = value();
+    } else if (arg == "--multilora-library") {
+      runtime_options.backend_options.multilora_library = value();
     } else if (arg == "--slots") {
       runtime_options.slots = std::stoi(value());
     } else if (arg == "--json") {

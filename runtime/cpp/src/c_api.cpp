@@ -79,6 +79,7 @@ peft_export_runtime* peft_export_open(const char* bundle_dir, const char* option
         backend.optimization = json.value("optimization", backend.optimization);
         backend.engine = json.value("engine", backend.engine);
         backend.plugin_library = json.value("plugin_library", std::string());
+        backend.multilora_library = json.value("multilora_library", std::string());
         options.slots = json.value("slots", 0);
         auto handle = std::make_unique<peft_export_runtime>();
         handle->runtime = std::make_unique<peft_export::Runtime>(bundle_dir ? bundle_dir : "", options);

@@ -85,6 +85,29 @@ struct InputSlot {
   std::size_t index = 0;  // past: 2 * layer + (value ? 1 : 0); bank: bank number
 };
 
+// The MultiLoRA CPU kernel replaces the op's function body (ONNX Runtime prefers a registered
+// kernel); it handles fp32 only, so other bundles are refused rather than silently ignored.
+void register_multilora(Ort::SessionOptions& so, const Manifest& manifest,
+                        const AdapterBanks* banks, const BackendOptions& options) {
+  const std::filesystem::path& library = options.multilora_library;
+  if (banks == nullptr || manifest.precision != "fp32") {
+    throw InferenceError("multilora_library applies to fp32 bundles with LoRA banks; leave it "
+                         "empty for this bundle");
+  }
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(library, ec)) {
+    throw InferenceError(library.string() +
+                         ": no such file; build it with scripts/build_cpu_kernel.sh, or leave "
+                         "multilora_library empty");
+  }
+  try {
+    so.RegisterCustomOpsLibrary(library.c_str());
+  } catch (const Ort::Exception& exc) {
+    throw InferenceError(library.string() + ": ONNX Runtime could not load the MultiLoRA CPU "
+                         "kernel (" + first_line(exc) + "); rebuild it");
+  }
+}
+
 class OrtBackend final : public Backend {
  public:
   OrtBackend(const std::filesystem::path& graph, const Manifest& manifest, AdapterBanks* banks,
@@ -97,6 +120,7 @@ class OrtBackend final : public Backend {
     so.SetInterOpNumThreads(1);
     so.SetLogSeverityLevel(3);
     if (options.denormals_as_zero) so.AddConfigEntry("session.set_denormal_as_zero", "1");
+    if (!options.multilora_library.empty()) register_multilora(so, manifest, banks, options);
     try {
       session_ = std::make_unique<Ort::Session>(shared_env(), graph.c_str(), so);
     } catch (const Ort::Exception& exc) {

@@ -53,6 +53,9 @@ struct BackendOptions {
   std::string optimization = "all";  // "all" | "extended" | "basic" | "disabled"
   std::string engine;                // TensorRT: engine file (default: the manifest's first)
   std::filesystem::path plugin_library;  // TensorRT: libpeft_multilora.so
+  // ONNX Runtime: libpeft_multilora_ort.so, the MultiLoRA CPU kernel for fp32 runtime-adapter
+  // bundles (empty: the op's ONNX function body runs)
+  std::filesystem::path multilora_library;
 };
 
 class Backend {
