@@ -12,6 +12,7 @@ import numpy as np
 
 from peft_export.bundle import names
 from peft_export.runtime.adapter_store import LORA_METHODS, AdapterStore, bank_specs
+from peft_export.runtime.backends.base import TensorView
 from peft_export.runtime.providers import InputProvider, RequestContext, StepState
 
 if TYPE_CHECKING:
@@ -35,8 +36,10 @@ class LoraBankProvider(InputProvider):
         ctx.state[self] = self.store.acquire(rows)
 
     def step(self, ctx: RequestContext, state: StepState) -> None:
-        state.feeds.update(self.store.feeds())
         state.feeds[names.ADAPTER_IDS] = np.ascontiguousarray(ctx.state[self].ids)
+
+    def fixed_feeds(self) -> dict[str, TensorView]:
+        return self.store.feeds()
 
     def finish(self, ctx: RequestContext) -> None:
         lease = ctx.state.pop(self, None)

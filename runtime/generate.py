@@ -329,6 +329,8 @@ class _Stepper:
             state.feeds[name.past] = self.workspace.past(name, past_len)
         for provider in self.bundle.input_providers:
             provider.step(self.ctx, state)
+        if self.workspace.fixed_bound != self.bundle.fixed_version:
+            state.feeds.update(self.bundle.fixed_feeds())
         logits = _run_step(self.bundle, self.workspace, state, total, step_len)
         self.past_len = total
         self.index += 1
@@ -342,7 +344,7 @@ def _run_step(
     feeds[names.INPUT_IDS] = state.input_ids
     feeds[names.ATTENTION_MASK] = state.attention_mask
     feeds[names.POSITION_IDS] = state.position_ids
-    missing = bundle.input_names - feeds.keys()
+    missing = bundle.input_names - feeds.keys() - bundle.fixed_feeds().keys()
     if missing:
         raise InferenceError(
             f"graph input(s) {', '.join(sorted(missing))} are fed by no input provider; "
@@ -353,6 +355,8 @@ def _run_step(
     outputs = {names.LOGITS: logits_view}
     for name in workspace.kv_names:
         outputs[name.present] = workspace.present(name, total)
-    bundle.backend.run(workspace.binding, {k: feeds[k] for k in bundle.input_names}, outputs)
+    inputs = bundle.input_names
+    bundle.backend.run(workspace.binding, {k: v for k, v in feeds.items() if k in inputs}, outputs)
+    workspace.fixed_bound = bundle.fixed_version if bundle.backend.retains_inputs else None
     workspace.swap()
     return logits_view.numpy()

@@ -109,5 +109,11 @@ class InputProvider(abc.ABC):
     def step(self, ctx: RequestContext, state: StepState) -> None:
         """Add this provider's feeds for one step to `state.feeds`."""
 
+    def fixed_feeds(self) -> dict[str, Feed]:
+        """Feeds whose buffers never move for this provider's life (LoRA banks). The loop
+        passes them once per binding on backends that keep inputs bound between runs, and
+        every step on the others; `step` leaves them out."""
+        return {}
+
     def finish(self, ctx: RequestContext) -> None:  # noqa: B027
         """Called once after the request, also when it failed (release what `start` took)."""

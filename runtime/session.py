@@ -13,7 +13,7 @@ import numpy as np
 from peft_export.bundle import names
 from peft_export.bundle.manifest import Manifest, load_manifest
 from peft_export.runtime.backends import BACKENDS
-from peft_export.runtime.backends.base import Backend
+from peft_export.runtime.backends.base import Backend, Feed
 from peft_export.runtime.errors import InferenceError
 from peft_export.runtime.providers import PROVIDER_FACTORIES, InputProvider
 from peft_export.runtime.request import (
@@ -54,6 +54,9 @@ class Bundle:
         self.codec = codec
         self.input_providers: list[InputProvider] = list(providers)
         self.input_names = frozenset(spec.name for spec in backend.inputs())
+        self._fixed_feeds: dict[str, Feed] | None = None
+        self.fixed_version = 0
+        """Bumped when providers change, so workspaces bind the fixed feeds again."""
         _check_graph(manifest, backend)
         kv_dtype = _kv_dtype(manifest)
         logits = next(s for s in backend.outputs() if s.name == names.LOGITS)
@@ -75,6 +78,17 @@ class Bundle:
 
     def add_input_provider(self, provider: InputProvider) -> None:
         self.input_providers.append(provider)
+        self._fixed_feeds = None
+        self.fixed_version += 1
+
+    def fixed_feeds(self) -> dict[str, Feed]:
+        """The providers' feeds whose buffers never move (see InputProvider.fixed_feeds)."""
+        if self._fixed_feeds is None:
+            fixed: dict[str, Feed] = {}
+            for provider in self.input_providers:
+                fixed.update(provider.fixed_feeds())
+            self._fixed_feeds = fixed
+        return self._fixed_feeds
 
     def run(self, request: GenerationRequest) -> GenerationResult:
         from peft_export.runtime.generate import generate

@@ -46,6 +46,9 @@ class Workspace:
         self.kv_dtype = np.dtype(kv_dtype)
         self.logits_dtype = np.dtype(logits_dtype)
         self.binding: StepBinding = backend.new_binding()
+        self.fixed_bound: int | None = None
+        """Which version of the bundle's fixed feeds `binding` holds (backends that retain
+        inputs); None: pass them with the next run."""
         self.kv_names = [KVName(i, k) for i in range(kv.num_layers) for k in ("key", "value")]
         self._kv: dict[KVName, tuple[Buffer, Buffer]] = {}
         self._kv_capacity = 0

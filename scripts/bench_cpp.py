@@ -5,6 +5,8 @@ A runtime-mode SmolLM2-135M bundle with two seeded LoRA adapters (exported once 
 the same settings (threads, denormals flushed to zero on both sides, ignore_eos so both
 decode the same number of tokens): batch 1 with an adapter, and a mixed batch (base and both
 adapters). Runs alternate between the runtimes; the median decode tokens/s is reported.
+Both run MultiLoRA through the CPU kernel when libpeft_multilora_ort.so is built, else both
+run the op's function body.
 
     python scripts/bench_cpp.py [--bundle DIR | --workdir DIR] [--new-tokens 64] [--repeats 3]
 """
@@ -67,7 +69,14 @@ def main() -> None:
     prompts = [tokenizer.encode(p).ids for p in PROMPTS]
     adapters = sorted(json.loads((bundle / "manifest.json").read_text())["adapters"]["installed"])
     python = load_bundle(bundle, threads=args.threads, denormals_as_zero=True)
-    cpp = CppRuntime(build_cpp(), bundle, threads=args.threads, denormals_as_zero=True)
+    kernel = python.backend.multilora_library
+    cpp = CppRuntime(
+        build_cpp(),
+        bundle,
+        threads=args.threads,
+        denormals_as_zero=True,
+        multilora_library=str(kernel or ""),
+    )
     cases = {
         "batch1_adapter": ([prompts[0]], [adapters[0]]),
         "mixed_batch3": (prompts, [None, *adapters[:2]]),
@@ -77,6 +86,7 @@ def main() -> None:
         "backend": "onnxruntime CPU",
         "threads": args.threads,
         "denormals_as_zero": True,
+        "multilora": python.describe()["multilora"],
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "cases": {},

@@ -186,3 +186,26 @@ def test_concurrent_requests_while_adapters_are_loaded_and_evicted(mixed):
 
 def _merged(base, adapter_dir):
     return PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).merge_and_unload().eval()
+
+
+@pytest.mark.parametrize("retains", [True, False])
+def test_banks_are_bound_once_per_binding_where_the_backend_keeps_them(mixed, retains):
+    _, _, bundle_dir = mixed
+    bundle = load_bundle(bundle_dir, threads=1)
+    bundle.backend.retains_inputs = retains
+    banks = set(bundle.fixed_feeds())
+    assert banks and all(name.startswith("lora.") for name in banks)
+    calls: list[set[str]] = []
+    run = bundle.backend.run
+
+    def recording_run(binding, feeds, outputs):
+        calls.append(set(feeds))
+        run(binding, feeds, outputs)
+
+    bundle.backend.run = recording_run
+    first = bundle.generate([[5, 6, 7]], adapters="r4", max_new_tokens=4, ignore_eos=True)
+    second = bundle.generate([[5, 6, 7]], adapters="do", max_new_tokens=4, ignore_eos=True)
+    with_banks = [bool(banks & fed) for fed in calls]
+    assert all(names.ADAPTER_IDS in fed for fed in calls)
+    assert with_banks == ([True] + [False] * (len(calls) - 1) if retains else [True] * len(calls))
+    assert first.token_ids != second.token_ids

@@ -100,6 +100,9 @@ class Backend(abc.ABC):
 
     name: str = "backend"
     device: str = "cpu"
+    retains_inputs: bool = False
+    """True when inputs bound by a run stay bound for later runs on the same binding (ONNX
+    Runtime's IOBinding): `run` may then omit feeds an earlier run on that binding passed."""
 
     @classmethod
     @abc.abstractmethod
@@ -131,7 +134,8 @@ class Backend(abc.ABC):
         feeds: Mapping[str, Feed],
         outputs: Mapping[str, TensorView],
     ) -> None:
-        """Run one step: every graph input in `feeds`, every graph output into `outputs`."""
+        """Run one step: every graph input in `feeds` (or, when `retains_inputs`, bound by an
+        earlier run on `binding` with the same buffer), every graph output into `outputs`."""
 
     def check_steps(self, steps: Sequence[Mapping[str, int]]) -> None:  # noqa: B027
         """Refuse, before any work, a request whose steps this backend cannot run.

@@ -131,6 +131,7 @@ class OrtDeviceBuffer(Buffer):
 
 class OrtBackend(Backend):
     name = "ort"
+    retains_inputs = True
 
     def __init__(
         self,
