@@ -1,7 +1,9 @@
 """Benchmark runtime-mode LoRA on SmolLM2 (CPU, fp32) and print one JSON object.
 
 All-linear LoRA, rank 16, random non-zero B. Measures, in one run with both sides (medians;
-the sides of (b) and (c) alternate within each repeat):
+the sides of (b) and (c) alternate within each repeat, in reverse order every other repeat,
+and their ratios are medians of the per-repeat ratios, so that drift of the machine's speed
+between repeats cancels):
 (a) swap latency of an adapter already in host memory (slot write; and a resident switch),
 (b) decode step time runtime-LoRA / merged, (c) 8 rows with 8 adapters vs 8 rows of one
 merged adapter and vs the 8 adapters one after another, (d) `adapters add` vs a full export.
@@ -49,6 +51,21 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def interleaved(sides: dict, repeats: int) -> dict[str, list[float]]:
+    """Each side once per repeat, in reverse order every other repeat."""
+    results: dict[str, list[float]] = {name: [] for name in sides}
+    for repeat in range(repeats):
+        order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
+        for name in order:
+            results[name].append(sides[name]())
+    return results
+
+
+def ratio(results: dict[str, list[float]], top: str, bottom: str) -> float:
+    """Median of the per-repeat ratios (sides measured next to each other)."""
+    return statistics.median(t / b for t, b in zip(results[top], results[bottom], strict=True))
 
 
 def main() -> None:
@@ -116,10 +133,10 @@ def main() -> None:
         sides["runtime_lora_function_body"] = (body, "a0")
     for bundle, adapter in sides.values():
         decode_step_s(bundle, adapter, PROMPT)
-    steps = {name: [] for name in sides}
-    for _ in range(5):
-        for name, (bundle, adapter) in sides.items():
-            steps[name].append(decode_step_s(bundle, adapter, PROMPT)[0])
+    steps = interleaved(
+        {name: lambda b=b, a=a: decode_step_s(b, a, PROMPT)[0] for name, (b, a) in sides.items()},
+        repeats=7,
+    )
     step_ms = {name: 1e3 * statistics.median(times) for name, times in steps.items()}
 
     def serial() -> float:
@@ -135,16 +152,13 @@ def main() -> None:
     batch = {
         "8_adapters_one_batch": lambda: decode_step_s(runtime, names, [PROMPT] * ADAPTERS)[1],
         "1_merged_adapter_batch": lambda: decode_step_s(merged, None, [PROMPT] * ADAPTERS)[1],
-        "8_adapters_one_after_another": serial,
     }
     if body is not None:
         batch["8_adapters_one_batch_function_body"] = lambda: decode_step_s(
             body, names, [PROMPT] * ADAPTERS
         )[1]
-    rounds = {name: [] for name in batch}
-    for _ in range(3):
-        for name, run in batch.items():
-            rounds[name].append(run())
+    batch["8_adapters_one_after_another"] = serial
+    rounds = interleaved(batch, repeats=5)
     tps = {name: statistics.median(values) for name, values in rounds.items()}
     report = {
         "model": "smollm2-135m",
@@ -161,9 +175,9 @@ def main() -> None:
         },
         "b_decode_step_ms": {
             **step_ms,
-            "ratio": step_ms["runtime_lora"] / step_ms["merged"],
+            "ratio": ratio(steps, "runtime_lora", "merged"),
             **(
-                {"ratio_function_body": step_ms["runtime_lora_function_body"] / step_ms["merged"]}
+                {"ratio_function_body": ratio(steps, "runtime_lora_function_body", "merged")}
                 if body is not None
                 else {}
             ),
@@ -171,12 +185,15 @@ def main() -> None:
         },
         "c_batch8_tokens_per_s": {
             **tps,
-            "ratio_vs_merged": tps["8_adapters_one_batch"] / tps["1_merged_adapter_batch"],
-            "ratio_vs_serial": tps["8_adapters_one_batch"] / tps["8_adapters_one_after_another"],
+            "ratio_vs_merged": ratio(rounds, "8_adapters_one_batch", "1_merged_adapter_batch"),
+            "ratio_vs_serial": ratio(
+                rounds, "8_adapters_one_batch", "8_adapters_one_after_another"
+            ),
             **(
                 {
-                    "ratio_vs_merged_function_body": tps["8_adapters_one_batch_function_body"]
-                    / tps["1_merged_adapter_batch"]
+                    "ratio_vs_merged_function_body": ratio(
+                        rounds, "8_adapters_one_batch_function_body", "1_merged_adapter_batch"
+                    )
                 }
                 if body is not None
                 else {}
