@@ -23,6 +23,7 @@ from peft_export.bundle.manifest import load_manifest
 from peft_export.exporter.runtime_adapters import multilora_op
 from peft_export.plugins import host_copy
 from peft_export.runtime.adapter_store import AdapterStore
+from peft_export.runtime.backends.ort import OrtBackend, OrtOptions
 from peft_export.runtime.errors import InferenceError
 from peft_export.runtime.session import load_bundle
 from tests.cpu_kernel import build_cpu_kernel
@@ -224,3 +225,12 @@ def test_region_copier_is_none_without_the_library(monkeypatch, tmp_path):
         assert host_copy.region_copier() is None
     finally:
         host_copy.region_copier.cache_clear()
+
+
+def test_kernel_on_for_a_graph_it_cannot_run_is_one_line_error(library, mixed, monkeypatch):
+    _, _, bundle = mixed
+    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(library.parent))
+    graph = bundle / load_manifest(bundle).graph.file
+    with pytest.raises(InferenceError, match="needs an fp32 runtime-adapter bundle on device"):
+        OrtBackend(graph, OrtOptions(multilora_kernel="on"), multilora_fp32=False)
+    assert OrtBackend(graph, OrtOptions(), multilora_fp32=False).multilora_library is None
