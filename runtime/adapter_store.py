@@ -359,20 +359,19 @@ class AdapterStore:
             return None
         if adapter.regions is None:
             picked = [
-                (index, adapter.tensors[name])
-                for index, (name, array) in enumerate(self._arrays.items())
+                (index, adapter.tensors[name], bank)
+                for index, (name, bank) in enumerate(self._arrays.items())
                 if name in adapter.tensors
             ]
-            arrays = list(self._arrays.values())
             if not all(
-                t.dtype == self.dtype and t.flags.c_contiguous and t.shape == arrays[i].shape[1:]
-                for i, t in picked
+                t.dtype == self.dtype and t.flags.c_contiguous and t.shape == bank.shape[1:]
+                for _, t, bank in picked
             ):
                 return None
             adapter.regions = (
-                np.array([i for i, _ in picked], dtype=np.intp),
-                np.array([t.ctypes.data for _, t in picked], dtype=np.uintp),
-                np.array([t.nbytes for _, t in picked], dtype=np.uintp),
+                np.array([i for i, _, _ in picked], dtype=np.intp),
+                np.array([t.ctypes.data for _, t, _ in picked], dtype=np.uintp),
+                np.array([t.nbytes for _, t, _ in picked], dtype=np.uintp),
             )
         return adapter.regions
 
