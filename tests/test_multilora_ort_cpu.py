@@ -216,6 +216,28 @@ def test_native_slot_copy_writes_the_same_banks(library, mixed, monkeypatch):
     assert any(not np.array_equal(native.bank(n)[1], native.bank(n)[0]) for n in native.specs)
 
 
+def test_region_copier_splits_large_copies_exactly(library, monkeypatch):
+    """Above 4 MiB per thread the copy runs on several threads; every byte must land."""
+    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(library.parent))
+    host_copy.region_copier.cache_clear()
+    try:
+        copy = host_copy.region_copier()
+    finally:
+        host_copy.region_copier.cache_clear()
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 300_000, size=120)  # odd sizes: unaligned heads and tails
+    sources = [rng.integers(0, 256, size=n, dtype=np.uint8) for n in sizes]
+    targets = [np.zeros(n + 1, dtype=np.uint8)[1:] for n in sizes]  # misaligned starts
+    assert sum(int(n) for n in sizes) > 12 << 20
+    copy(
+        np.array([t.ctypes.data for t in targets], dtype=np.uintp),
+        np.array([s.ctypes.data for s in sources], dtype=np.uintp),
+        sizes.astype(np.uintp),
+    )
+    for source, target in zip(sources, targets, strict=True):
+        assert np.array_equal(source, target)
+
+
 def test_region_copier_is_none_without_the_library(monkeypatch, tmp_path):
     monkeypatch.setattr(plugins._library, "DEFAULT_BUILD_DIR", tmp_path / "none")
     monkeypatch.setattr(plugins._library, "PACKAGE_DIR", tmp_path / "none")

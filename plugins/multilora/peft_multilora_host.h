@@ -5,7 +5,8 @@
  * A slot write copies one adapter (tens of MB for an all-linear LoRA) into hundreds of bank
  * regions. Done region by region from Python, the interpreter's per-call cost is a third of
  * the time, and ordinary stores first read every destination line. This copies all regions
- * in one call with streaming (non-temporal) stores where the CPU has them, and returns once
+ * in one call with streaming (non-temporal) stores where the CPU has them, on up to four
+ * threads for copies of several MiB (one core does not saturate memory), and returns once
  * the data is visible to other threads.
  */
 #ifndef PEFT_MULTILORA_HOST_H
