@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,11 +118,19 @@ def _tensor_info(path: Path, name: str, entry: object, data_len: int) -> TensorI
 
 
 def read_tensors(
-    path: str | Path, header: SafetensorsHeader | None = None
+    path: str | Path,
+    header: SafetensorsHeader | None = None,
+    *,
+    allocate: Callable[[int], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Read every tensor of a validated file into numpy (BF16 comes back as raw uint16)."""
+    """Read every tensor of a validated file into numpy (BF16 comes back as raw uint16).
+
+    With `allocate(nbytes) -> uint8 array`, the tensor bytes are read into that one block
+    and the tensors are views of it (the runtime's adapter store puts it on huge pages)."""
     path = Path(path)
     header = header or read_header(path)
+    if allocate is not None:
+        return _read_into_block(path, header, allocate)
     out: dict[str, np.ndarray] = {}
     with open(path, "rb") as fh:
         for name, info in header.tensors.items():
@@ -131,6 +140,21 @@ def read_tensors(
                 raise BundleError(f"{path}: tensor {name!r} is truncated; {_FIX}")
             out[name] = np.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape).copy()
     return out
+
+
+def _read_into_block(
+    path: Path, header: SafetensorsHeader, allocate: Callable[[int], np.ndarray]
+) -> dict[str, np.ndarray]:
+    size = max((info.end for info in header.tensors.values()), default=0)
+    block = allocate(size)
+    with open(path, "rb") as fh:
+        fh.seek(header.data_start)
+        if fh.readinto(memoryview(block)[:size]) != size:
+            raise BundleError(f"{path}: tensor data is truncated; {_FIX}")
+    return {
+        name: block[info.begin : info.end].view(DTYPES[info.dtype]).reshape(info.shape)
+        for name, info in header.tensors.items()
+    }
 
 
 def check_finite(path: str | Path, tensors: dict[str, np.ndarray]) -> None:

@@ -1,8 +1,9 @@
 """Runtime LoRA-family adapters: host copies, bank slots, per-row slot ids (numpy only).
 
-The banks are allocated once (one buffer per `lora.*` graph input, [slots, ...]) and bound by
-pointer at every step; placing an adapter writes its slot in place, so a swap never
-re-creates a session or engine. Slot 0 is the base model and is never written.
+The banks are allocated once (one buffer per `lora.*` graph input, [slots, ...], all cut from
+one huge-page block: runtime/host_memory.py) and bound by pointer; placing an adapter writes
+its slot in place, so a swap never re-creates a session or engine. Slot 0 is the base model
+and is never written.
 
 Concurrency: `acquire` pins every slot a request uses (a refcount per slot) for the whole
 request and `release` unpins them. A slot is written only while no one has it pinned and
@@ -18,7 +19,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from peft_export.bundle.errors import BundleError
 from peft_export.bundle.manifest import Manifest, load_manifest
 from peft_export.bundle.paths import confined
 from peft_export.plugins.host_copy import region_copier
-from peft_export.runtime.backends.base import Buffer, HostBuffer, TensorView
+from peft_export.runtime import host_memory
+from peft_export.runtime.backends.base import HostBuffer, TensorView
 from peft_export.runtime.errors import InferenceError
 
 LORA_METHODS = ("lora", "rslora", "dora", "adalora", "loha", "lokr", "ia3")
@@ -102,7 +104,7 @@ def read_adapter_file(
         path = confined(root, entry.file)
         header = safetensors_io.read_header(path)
         _check_header(path, header, manifest, name, dtype, specs)
-        tensors = safetensors_io.read_tensors(path, header)
+        tensors = safetensors_io.read_tensors(path, header, allocate=host_memory.huge_page_bytes)
         safetensors_io.check_finite(path, tensors)
     except BundleError as exc:
         raise InferenceError(str(exc)) from None
@@ -175,7 +177,6 @@ class AdapterStore:
         manifest: Manifest,
         *,
         slots: int | None = None,
-        allocate: Callable[[np.dtype, int], Buffer] | None = None,
         wait_timeout_s: float = DEFAULT_WAIT_S,
     ) -> None:
         self.root = Path(root)
@@ -189,13 +190,15 @@ class AdapterStore:
             raise InferenceError("an adapter store needs at least 2 slots (slot 0 is the base)")
         self.wait_timeout_s = wait_timeout_s
         _check_bank_memory(self.slots, self.specs.values(), self.dtype)
-        allocate = allocate or (lambda dtype, n: HostBuffer(dtype, n))
         self._views: dict[str, TensorView] = {}
         self._arrays: dict[str, np.ndarray] = {}
-        for spec in self.specs.values():
-            shape = (self.slots, *spec.slot_shape)
-            buffer = allocate(self.dtype, int(np.prod(shape)))
-            view = buffer.view(shape)
+        shapes = [(self.slots, *spec.slot_shape) for spec in self.specs.values()]
+        counts = [math.prod(shape) for shape in shapes]
+        memory = host_memory.carve(self.dtype, counts)
+        for spec, shape, count, flat in zip(
+            self.specs.values(), shapes, counts, memory, strict=True
+        ):
+            view = HostBuffer(self.dtype, count, flat).view(shape)
             array = view.numpy()
             array[...] = spec.fill
             self._views[spec.name] = view

@@ -54,10 +54,4 @@ def provider_for_bundle(bundle: Bundle) -> LoraBankProvider | None:
         return None
     if not any(m in LORA_METHODS for m in manifest.adapters.methods):
         return None
-    backend = bundle.backend
-    store = AdapterStore(
-        bundle.root,
-        manifest,
-        allocate=lambda dtype, n: backend.allocate(dtype, n, on_host=True),
-    )
-    return LoraBankProvider(store)
+    return LoraBankProvider(AdapterStore(bundle.root, manifest))

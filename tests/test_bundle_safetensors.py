@@ -33,6 +33,23 @@ def test_reads_what_safetensors_writes(tmp_path):
         np.testing.assert_array_equal(tensors[name], value)
 
 
+def test_reads_into_one_block(tmp_path):
+    """With `allocate`, tensors are views of one block and equal a plain read."""
+    path = write_adapter(tmp_path / "a.safetensors", rank=3)
+    blocks = []
+
+    def allocate(nbytes: int) -> np.ndarray:
+        blocks.append(np.full(nbytes, 0xAB, dtype=np.uint8))
+        return blocks[-1]
+
+    viewed = read_tensors(path, allocate=allocate)
+    plain = read_tensors(path)
+    assert len(blocks) == 1 and viewed.keys() == plain.keys()
+    for name, value in plain.items():
+        np.testing.assert_array_equal(viewed[name], value)
+        assert np.shares_memory(viewed[name], blocks[0])
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

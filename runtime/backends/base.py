@@ -76,11 +76,17 @@ class Buffer(abc.ABC):
 
 
 class HostBuffer(Buffer):
-    """A buffer in ordinary host memory, backed by a numpy array."""
+    """A buffer in ordinary host memory, backed by a numpy array (zeroed, or `array`)."""
 
-    def __init__(self, dtype: np.dtype, capacity: int) -> None:
+    def __init__(self, dtype: np.dtype, capacity: int, array: np.ndarray | None = None) -> None:
         super().__init__(dtype, capacity, on_host=True)
-        self.array = np.zeros(max(capacity, 1), dtype=self.dtype)
+        if array is None:
+            array = np.zeros(max(capacity, 1), dtype=self.dtype)
+        elif array.dtype != self.dtype or array.ndim != 1 or array.size < capacity:
+            raise ValueError(
+                f"array {array.dtype}{list(array.shape)} cannot back {capacity} x {dtype}"
+            )
+        self.array = array
         self._ptr = self.array.ctypes.data
 
     @property
