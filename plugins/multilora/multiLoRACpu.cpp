@@ -19,6 +19,17 @@ constexpr int64_t kRankChunk = 4;
 constexpr int64_t kOutChunk = 128;
 // Below this many multiply-adds a phase runs on the calling thread: waking the pool costs more.
 constexpr int64_t kInlineMacs = 1 << 14;
+// Software prefetch distances: A rows ahead in the shrink, B rows ahead in the expand. Each
+// slot's weights come from memory every decode step (the base weights evict them) in short
+// runs the hardware prefetcher is slow to pick up; reading ahead took a decode step's
+// kernel time from ~0.9 to ~0.75 ms (SmolLM2, all-linear rank 16) here.
+constexpr int64_t kPrefetchRows = 2;
+constexpr int64_t kPrefetchOutputs = 64;
+
+void prefetch(const float* start, int64_t floats) {
+  const char* bytes = reinterpret_cast<const char*>(start);
+  for (int64_t i = 0; i < floats * int64_t{sizeof(float)}; i += 64) __builtin_prefetch(bytes + i);
+}
 
 float dot(const float* __restrict u, const float* __restrict w, int64_t n) {
   float acc = 0.0f;
@@ -61,14 +72,19 @@ __m256 eight_dots(const float* v, const float* b, int64_t rank) {
 }
 #endif
 
-// dst[o] = b[o, :] . v for o in [o0, o1). b rows are rank long, and short: vectorizing
-// across rows (eight at a time) beats one horizontal sum per output.
-void expand_token(const float* v, const float* b, int64_t rank, int64_t o0, int64_t o1,
-                  float* dst) {
+// dst[o] = b[o, :] . v for o in [o0, o1) of b's `rows` rows. b rows are rank long, and
+// short: vectorizing across rows (eight at a time) beats one horizontal sum per output.
+void expand_token(const float* v, const float* b, int64_t rank, int64_t rows, int64_t o0,
+                  int64_t o1, float* dst) {
   int64_t o = o0;
+  prefetch(b + o0 * rank, std::min(kPrefetchOutputs, o1 - o0) * rank);
 #if PEFT_ML_AVX2
   if (rank >= 8) {
-    for (; o + 8 <= o1; o += 8) _mm256_storeu_ps(dst + o, eight_dots(v, b + o * rank, rank));
+    for (; o + 8 <= o1; o += 8) {
+      // Past o1 too: the next share usually runs next on this thread.
+      if (o + kPrefetchOutputs + 8 <= rows) prefetch(b + (o + kPrefetchOutputs) * rank, 8 * rank);
+      _mm256_storeu_ps(dst + o, eight_dots(v, b + o * rank, rank));
+    }
   }
 #endif
   for (; o < o1; ++o) dst[o] = dot(v, b + o * rank, rank);
@@ -142,8 +158,11 @@ void shrink_task(void* arg, size_t index) {
   const Problem& p = *plan.p;
   const Share share = share_of(plan, index, plan.rank_chunks, kRankChunk, p.rank);
   const Block& block = share.block;
+  const float* a_slot = p.a + block.slot * p.rank * p.in;
+  prefetch(a_slot + share.lo * p.in, std::min(kPrefetchRows, share.hi - share.lo) * p.in);
   for (int64_t k = share.lo; k < share.hi; ++k) {
-    const float* a_row = p.a + (block.slot * p.rank + k) * p.in;
+    const float* a_row = a_slot + k * p.in;
+    if (k + kPrefetchRows < p.rank) prefetch(a_row + kPrefetchRows * p.in, p.in);
     for (int64_t j = block.first; j < block.first + block.count; ++j) {
       plan.v[static_cast<size_t>(j * p.rank + k)] =
           dot(p.x + plan.tokens[static_cast<size_t>(j)] * p.in, a_row, p.in);
@@ -159,7 +178,7 @@ void expand_task(void* arg, size_t index) {
   const float* b_slot = p.b + block.slot * p.out * p.rank;
   for (int64_t j = block.first; j < block.first + block.count; ++j) {
     const float* v = plan.v.data() + j * p.rank;
-    expand_token(v, b_slot, p.rank, share.lo, share.hi,
+    expand_token(v, b_slot, p.rank, p.out, share.lo, share.hi,
                  p.delta + plan.tokens[static_cast<size_t>(j)] * p.out);
   }
 }
