@@ -45,9 +45,9 @@ class AdapterBanks {
 
   int slots() const { return slots_; }
   const std::vector<BankSpec>& specs() const { return specs_; }
-  void* data(std::size_t bank) { return data_[bank].data(); }
-  const void* data(std::size_t bank) const { return data_[bank].data(); }
-  std::size_t nbytes(std::size_t bank) const { return data_[bank].size(); }
+  void* data(std::size_t bank) { return base_ + offset_[bank]; }
+  const void* data(std::size_t bank) const { return base_ + offset_[bank]; }
+  std::size_t nbytes(std::size_t bank) const { return nbytes_[bank]; }
   std::size_t slot_bytes(std::size_t bank) const;
 
   // Fills one slot with an adapter's tensors (nullptr: the base model's zeros and ones).
@@ -55,11 +55,21 @@ class AdapterBanks {
   void set_listener(SlotListener listener) { listener_ = std::move(listener); }
 
  private:
+  void allocate_block();
   void reset_slot(std::size_t bank, int slot);
+
+  struct Unmap {
+    std::size_t length;
+    void operator()(std::byte* mapping) const;
+  };
 
   int slots_ = 0;
   std::vector<BankSpec> specs_;
-  std::vector<std::vector<std::byte>> data_;
+  // Every bank is cut from one block on transparent huge pages (see adapter_store.cpp).
+  std::unique_ptr<std::byte, Unmap> block_;
+  std::byte* base_ = nullptr;
+  std::vector<std::size_t> offset_;
+  std::vector<std::size_t> nbytes_;
   SlotListener listener_;
 };
 
