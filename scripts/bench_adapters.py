@@ -3,7 +3,10 @@
 All-linear LoRA, rank 16, random non-zero B. Measures, in one run with both sides (medians;
 the sides of (b) and (c) alternate within each repeat, in reverse order every other repeat,
 and their ratios are medians of the per-repeat ratios, so that drift of the machine's speed
-between repeats cancels):
+between repeats cancels). Each side of (b) and (c) is loaded as `--sessions` separate
+sessions, loaded in turns, and a repeat takes their mean: one session's decode speed depends
+on where its weights landed in memory (the same merged bundle loaded three times here: up to
+5% apart; reported as `*_sessions`), which would otherwise decide a ratio of two sessions.
 (a) swap latency of an adapter already in host memory (slot write; and a resident switch),
 (b) decode step time runtime-LoRA / merged, (c) 8 rows with 8 adapters vs 8 rows of one
 merged adapter and vs the 8 adapters one after another, (d) `adapters add` vs a full export.
@@ -11,7 +14,8 @@ ONNX Runtime runs with denormals flushed to zero (OrtOptions default) on both si
 MultiLoRA runs the CPU kernel when libpeft_multilora_ort.so is built (plugins/multilora);
 (b) and (c) then also measure the op's ONNX function body, in the same rounds.
 
-    python scripts/bench_adapters.py [--workdir DIR] [--tokens 32] [--threads N]
+    python scripts/bench_adapters.py [--workdir DIR [--reuse]] [--tokens 32] [--threads N]
+                                     [--sessions 3]
 """
 
 from __future__ import annotations
@@ -53,38 +57,44 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(sides: dict, repeats: int) -> dict[str, list[float]]:
-    """Each side once per repeat, in reverse order every other repeat."""
-    results: dict[str, list[float]] = {name: [] for name in sides}
+def interleaved(sides: dict[str, list], repeats: int) -> dict[str, list[list[float]]]:
+    """Each side once per repeat (each of its sessions in turn), in reverse order every other
+    repeat: results[side][repeat][session]."""
+    results: dict[str, list[list[float]]] = {name: [] for name in sides}
     for repeat in range(repeats):
         order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
         for name in order:
-            results[name].append(sides[name]())
+            results[name].append([run() for run in sides[name]])
     return results
 
 
-def ratio(results: dict[str, list[float]], top: str, bottom: str) -> float:
-    """Median of the per-repeat ratios (sides measured next to each other)."""
-    return statistics.median(t / b for t, b in zip(results[top], results[bottom], strict=True))
+def ratio(results: dict[str, list[list[float]]], top: str, bottom: str) -> float:
+    """Median of the per-repeat ratios of session means (sides measured next to each other)."""
+    pairs = zip(results[top], results[bottom], strict=True)
+    return statistics.median(statistics.fmean(t) / statistics.fmean(b) for t, b in pairs)
 
 
-def main() -> None:
+def summary(results: dict[str, list[list[float]]], scale: float = 1.0) -> dict[str, object]:
+    """Per side: the median over repeats of the session mean, and each session's median."""
+    out: dict[str, object] = {}
+    for name, repeats in results.items():
+        out[name] = scale * statistics.median(statistics.fmean(r) for r in repeats)
+        out[f"{name}_sessions"] = [
+            scale * statistics.median(col) for col in zip(*repeats, strict=True)
+        ]
+    return out
+
+
+def export_both(work: Path, runtime_dir: Path, merged_dir: Path) -> dict[str, float]:
+    """Export the runtime bundle, add the other adapters to it, export the merged bundle:
+    the timings of (d)."""
     from peft_export.exporter.base_model import load_base
     from peft_export.exporter.pipeline import export_bundle
     from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
     from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
-    from peft_export.runtime.adapters_provider import LoraBankProvider
-    from peft_export.runtime.session import load_bundle
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-adapters-"))
     base = load_base("smollm2-135m")
     loras = [make_lora(base.model, work / f"lora{i}", seed=i) for i in range(ADAPTERS)]
-    runtime_dir, merged_dir = work / "runtime", work / "merged"
     export_runtime_s = timed(
         lambda: export_bundle(
             base,
@@ -103,17 +113,72 @@ def main() -> None:
     export_merged_s = timed(
         lambda: export_bundle(base, [("a0", loras[0])], out=merged_dir, force=True)
     )
+    return {
+        "adapters_add_median": statistics.median(add_s),
+        "full_export_merged": export_merged_s,
+        "full_export_runtime": export_runtime_s,
+    }
+
+
+def kernel_built() -> bool:
+    from peft_export.plugins import ORT_OP_LIBRARY, PluginError, find_library
+
+    try:
+        find_library(ORT_OP_LIBRARY)
+    except PluginError:
+        return False
+    return True
+
+
+def load_sessions(kinds: dict[str, tuple[Path, dict]], count: int) -> dict[str, list]:
+    """`count` sessions of each kind, loaded in turns (the order reversed every other turn).
+
+    Where a session's weights land in memory depends on what was loaded before it: loading
+    all of one side's sessions first made that side's decode step ~5% slower here."""
+    from peft_export.runtime.session import load_bundle
+
+    loaded: dict[str, list] = {name: [] for name in kinds}
+    for turn in range(count):
+        order = list(kinds) if turn % 2 == 0 else list(reversed(kinds))
+        for name in order:
+            path, options = kinds[name]
+            loaded[name].append(load_bundle(path, **options))
+    return loaded
+
+
+def main() -> None:
+    from peft_export.runtime.adapters_provider import LoraBankProvider
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sessions", type=int, default=3, help="sessions per side of (b), (c)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="measure the bundles in --workdir again; skips (d)"
+    )
+    args = parser.parse_args()
+    if args.reuse and not args.workdir:
+        parser.error("--reuse needs the --workdir of an earlier run")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-adapters-"))
+    runtime_dir, merged_dir = work / "runtime", work / "merged"
+    exports = None if args.reuse else export_both(work, runtime_dir, merged_dir)
     options = {"threads": args.threads} if args.threads else {}
-    runtime = load_bundle(runtime_dir, **options)
-    merged = load_bundle(merged_dir, **options)
-    with_kernel = runtime.describe()["multilora"] != "onnx function body"
-    body = load_bundle(runtime_dir, multilora_kernel="off", **options) if with_kernel else None
+    kinds = {"runtime": (runtime_dir, options), "merged": (merged_dir, options)}
+    if kernel_built():
+        kinds["body"] = (runtime_dir, {**options, "multilora_kernel": "off"})
+    loaded = load_sessions(kinds, max(1, args.sessions))
+    runtimes, merges, bodies = loaded["runtime"], loaded["merged"], loaded.get("body", [])
+    runtime = runtimes[0]
+    if bodies and runtime.describe()["multilora"] == "onnx function body":
+        raise SystemExit("the MultiLoRA CPU library is built but was not used; see describe()")
+    sessions = len(runtimes)
     store = next(p for p in runtime.input_providers if isinstance(p, LoraBankProvider)).store
     names = [f"a{i}" for i in range(ADAPTERS)]
     hosted = [store.load(n) for n in names]
 
     write_ms = []
-    for i in range(20):
+    for i in range(40):
         adapter, slot = hosted[i % ADAPTERS], 1 + i % ADAPTERS
         write_ms.append(1e3 * timed(lambda a=adapter, s=slot: store.write_slot(s, a)))
     for n in names:
@@ -128,21 +193,26 @@ def main() -> None:
             result.prefill_seconds + result.decode_seconds
         )
 
-    sides = {"runtime_lora": (runtime, "a0"), "merged": (merged, None)}
-    if body is not None:
-        sides["runtime_lora_function_body"] = (body, "a0")
-    for bundle, adapter in sides.values():
-        decode_step_s(bundle, adapter, PROMPT)
-    steps = interleaved(
-        {name: lambda b=b, a=a: decode_step_s(b, a, PROMPT)[0] for name, (b, a) in sides.items()},
-        repeats=7,
-    )
-    step_ms = {name: 1e3 * statistics.median(times) for name, times in steps.items()}
+    def each(bundles, measure) -> list:
+        return [lambda b=b: measure(b) for b in bundles]
 
-    def serial() -> float:
+    sides = {
+        "runtime_lora": each(runtimes, lambda b: decode_step_s(b, "a0", PROMPT)[0]),
+        "merged": each(merges, lambda b: decode_step_s(b, None, PROMPT)[0]),
+    }
+    if bodies:
+        sides["runtime_lora_function_body"] = each(
+            bodies, lambda b: decode_step_s(b, "a0", PROMPT)[0]
+        )
+    for runs in sides.values():
+        for run in runs:
+            run()
+    steps = interleaved(sides, repeats=7)
+
+    def serial(bundle) -> float:
         start = time.perf_counter()
         tokens = sum(
-            runtime.generate(
+            bundle.generate(
                 PROMPT, adapters=n, max_new_tokens=args.tokens, ignore_eos=True
             ).new_tokens
             for n in names
@@ -150,16 +220,19 @@ def main() -> None:
         return tokens / (time.perf_counter() - start)
 
     batch = {
-        "8_adapters_one_batch": lambda: decode_step_s(runtime, names, [PROMPT] * ADAPTERS)[1],
-        "1_merged_adapter_batch": lambda: decode_step_s(merged, None, [PROMPT] * ADAPTERS)[1],
+        "8_adapters_one_batch": each(
+            runtimes, lambda b: decode_step_s(b, names, [PROMPT] * ADAPTERS)[1]
+        ),
+        "1_merged_adapter_batch": each(
+            merges, lambda b: decode_step_s(b, None, [PROMPT] * ADAPTERS)[1]
+        ),
     }
-    if body is not None:
-        batch["8_adapters_one_batch_function_body"] = lambda: decode_step_s(
-            body, names, [PROMPT] * ADAPTERS
-        )[1]
-    batch["8_adapters_one_after_another"] = serial
+    if bodies:
+        batch["8_adapters_one_batch_function_body"] = each(
+            bodies, lambda b: decode_step_s(b, names, [PROMPT] * ADAPTERS)[1]
+        )
+    batch["8_adapters_one_after_another"] = each(runtimes, serial)
     rounds = interleaved(batch, repeats=5)
-    tps = {name: statistics.median(values) for name, values in rounds.items()}
     report = {
         "model": "smollm2-135m",
         "precision": "fp32",
@@ -170,21 +243,23 @@ def main() -> None:
         "denormals_as_zero": runtime.backend.options.denormals_as_zero,
         "a_swap_ms": {
             "slot_write_median": statistics.median(write_ms),
+            "slot_write_p90": statistics.quantiles(write_ms, n=10)[-1],
             "resident_switch_median": statistics.median(switch_ms),
             "goal": 1.0,
         },
+        "sessions_per_side": sessions,
         "b_decode_step_ms": {
-            **step_ms,
+            **summary(steps, scale=1e3),
             "ratio": ratio(steps, "runtime_lora", "merged"),
             **(
                 {"ratio_function_body": ratio(steps, "runtime_lora_function_body", "merged")}
-                if body is not None
+                if bodies
                 else {}
             ),
             "goal": 1.10,
         },
         "c_batch8_tokens_per_s": {
-            **tps,
+            **summary(rounds),
             "ratio_vs_merged": ratio(rounds, "8_adapters_one_batch", "1_merged_adapter_batch"),
             "ratio_vs_serial": ratio(
                 rounds, "8_adapters_one_batch", "8_adapters_one_after_another"
@@ -195,16 +270,12 @@ def main() -> None:
                         rounds, "8_adapters_one_batch_function_body", "1_merged_adapter_batch"
                     )
                 }
-                if body is not None
+                if bodies
                 else {}
             ),
             "goal_vs_merged": 0.8,
         },
-        "d_add_vs_export_s": {
-            "adapters_add_median": statistics.median(add_s),
-            "full_export_merged": export_merged_s,
-            "full_export_runtime": export_runtime_s,
-        },
+        "d_add_vs_export_s": exports,
     }
     print(json.dumps(report, indent=2, default=str))
 
