@@ -229,6 +229,7 @@ class AdapterStore:
         if held is not None and (entry is None or entry.sha256 == held.sha256):
             return held
         adapter = read_adapter_file(self.root, manifest, name, self.dtype, self.specs)
+        self._regions(adapter)  # ready for a native slot copy before anyone can place it
         with self._lock:
             held = self._host.get(name)
             if held is not None and held.sha256 == adapter.sha256:
