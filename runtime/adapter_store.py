@@ -194,7 +194,14 @@ class AdapterStore:
         self._arrays: dict[str, np.ndarray] = {}
         shapes = [(self.slots, *spec.slot_shape) for spec in self.specs.values()]
         counts = [math.prod(shape) for shape in shapes]
-        memory = host_memory.carve(self.dtype, counts)
+        try:
+            memory = host_memory.carve(self.dtype, counts)
+        except (OSError, MemoryError):
+            need = sum(counts) * self.dtype.itemsize
+            raise InferenceError(
+                f"cannot allocate {need / 2**20:.0f} MiB of banks for {self.slots} adapter "
+                "slots; free memory, or re-export the bundle with a smaller --slots"
+            ) from None
         for spec, shape, count, flat in zip(
             self.specs.values(), shapes, counts, memory, strict=True
         ):

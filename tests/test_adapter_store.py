@@ -17,6 +17,7 @@ from peft_export.exporter.errors import ExportError
 from peft_export.exporter.pipeline import InMemoryBase, export_bundle
 from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter, remove_adapter
 from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
+from peft_export.runtime import host_memory
 from peft_export.runtime.adapter_store import AdapterStore
 from peft_export.runtime.errors import InferenceError
 from tests.tiny import make_adapter, tiny_model
@@ -229,3 +230,14 @@ def test_replaced_adapter_is_read_again_while_a_running_request_keeps_the_old(sm
     again = store.acquire(["a1"])
     assert again.slots == (new_slot,)
     store.release(again)
+
+
+def test_bank_allocation_failure_is_one_line_error(small, monkeypatch):
+    _, _, bundle = small
+
+    def refuse(dtype, counts):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(host_memory, "carve", refuse)
+    with pytest.raises(InferenceError, match=r"cannot allocate \d+ MiB .* smaller --slots"):
+        AdapterStore(bundle, load_manifest(bundle))
