@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from cpu_kernel import build_cpu_kernel
-from tiny import make_adapter, save_tiny_tokenizer, tiny_model, tiny_tokenizer
+from tiny import make_adapter, make_adapters, save_tiny_tokenizer, tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 17, 42, 99, 5, 230, 64], [1, 50], [1, 200, 13, 99, 4, 7, 8, 9, 10]]
@@ -123,10 +123,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("cpp-llama")
     base = tiny_model("llama")
-    dirs = {
-        name: make_adapter(base, method, tmp / "adapters", name=name, seed=3 + i, **overrides)
-        for i, (name, (method, overrides)) in enumerate(VARIANTS.items())
-    }
+    dirs = make_adapters(base, VARIANTS, tmp / "adapters", first_seed=3)
     tokenizer = save_tiny_tokenizer(tmp / "tokenizer")
     export_bundle(
         InMemoryBase(base, tokenizer),

@@ -29,7 +29,7 @@ from peft_export.runtime.session import load_bundle
 from tests.cpu_kernel import build_cpu_kernel
 from tests.lora_bundles import lora_bundle
 from tests.ort_graph import OrtGraph
-from tests.tiny import make_adapter, tiny_model
+from tests.tiny import make_adapters, tiny_model
 
 TOL = 1e-4
 ROWS = {"lo": ("lora", {"r": 3}), "r8": ("lora", {"r": 8}), "do": ("dora", {}), "ia": ("ia3", {})}
@@ -136,10 +136,7 @@ def test_kernel_refuses_inconsistent_shapes(library):
 def mixed(tmp_path_factory):
     base = tiny_model("llama")
     tmp = tmp_path_factory.mktemp("ort-cpu-mixed")
-    dirs = {
-        name: make_adapter(base, method, tmp, name=name, seed=20 + i, **kw)
-        for i, (name, (method, kw)) in enumerate(ROWS.items())
-    }
+    dirs = make_adapters(base, ROWS, tmp, first_seed=20)
     out = lora_bundle(base, tmp / "b", "lo", dirs, slots=6, max_rank=8, methods="lora,dora,ia3")
     return base, dirs, out
 

@@ -24,7 +24,7 @@ from peft_export.runtime.adapter_store import AdapterStore
 from peft_export.runtime.adapters_provider import LoraBankProvider
 from peft_export.runtime.session import load_bundle
 from tests.ort_graph import OrtGraph
-from tests.tiny import make_adapter, tiny_model
+from tests.tiny import make_adapters, tiny_model
 
 TOL = 1e-4
 ROWS = {
@@ -43,10 +43,7 @@ BATCH = ["r2", "r4", "r8", "rs", "do", "ia", "ad", None]
 def mixed(tmp_path_factory):
     base = tiny_model("llama")
     tmp = tmp_path_factory.mktemp("mixed")
-    dirs = {
-        name: make_adapter(base, method, tmp, name=name, seed=10 + i, **kw)
-        for i, (name, (method, kw)) in enumerate(ROWS.items())
-    }
+    dirs = make_adapters(base, ROWS, tmp, first_seed=10)
     out = tmp / "bundle"
     export_bundle(
         InMemoryBase(base),

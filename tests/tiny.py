@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,20 @@ def make_adapter(
     _perturb(model, seed)
     model.save_pretrained(out)
     return out
+
+
+def make_adapters(
+    base: PreTrainedModel,
+    table: Mapping[str, tuple[str, dict[str, Any]]],
+    tmp_path: str | Path,
+    *,
+    first_seed: int,
+) -> dict[str, Path]:
+    """`make_adapter` for each `name: (method, overrides)` of `table`, seeds counting up."""
+    return {
+        name: make_adapter(base, method, tmp_path, name=name, seed=first_seed + i, **overrides)
+        for i, (name, (method, overrides)) in enumerate(table.items())
+    }
 
 
 def peft_config(base: PreTrainedModel, method: str, workdir: Path, **overrides: Any):
