@@ -26,6 +26,12 @@ struct Register {
   Register(const char* name, std::function<void()> fn) { registry().emplace_back(name, std::move(fn)); }
 };
 
+// Directories made by temp_dir, removed once every test has run.
+inline std::vector<std::filesystem::path>& temp_dirs() {
+  static std::vector<std::filesystem::path> dirs;
+  return dirs;
+}
+
 inline int run_all() {
   for (auto& [name, fn] : registry()) {
     try {
@@ -35,6 +41,10 @@ inline int run_all() {
       ++failures();
     }
   }
+  for (const auto& dir : temp_dirs()) {
+    std::error_code ignored;
+    std::filesystem::remove_all(dir, ignored);
+  }
   std::cerr << registry().size() << " tests, " << failures() << " failures\n";
   return failures() == 0 ? 0 : 1;
 }
@@ -43,6 +53,7 @@ inline std::filesystem::path temp_dir(const std::string& name) {
   auto dir = std::filesystem::temp_directory_path() / ("peft_export_cpp_" + name + "_" + std::to_string(::getpid()));
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
+  temp_dirs().push_back(dir);
   return dir;
 }
 
