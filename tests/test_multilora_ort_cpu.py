@@ -85,6 +85,8 @@ CASES = {
     "rank below one vector": (3, 2, 20, 11, 3, 2, [1, 0, 1]),
     "outside the banks gives zeros": (3, 1, 16, 16, 4, 3, [7, -9, 1]),
     "one long row of one adapter": (1, 70, 24, 130, 8, 2, [1]),
+    "rank 32, outputs past whole groups": (3, 2, 40, 70, 32, 3, [1, 2, 1]),
+    "rank 64, prefill": (2, 20, 24, 48, 64, 3, [2, 1]),
 }
 
 

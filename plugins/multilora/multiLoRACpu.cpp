@@ -14,16 +14,16 @@ namespace {
 
 // Tokens of one slot handled together, so each weight row is read once per block.
 constexpr int64_t kTokenBlock = 16;
-// Shrink work is split over ranks (decode has one token per row), expand work over outputs.
+// Shrink work is split over ranks (decode has one token per row), four A rows a task: the
+// rows `dots4` reads in one pass over x. Expand work is split over outputs.
 constexpr int64_t kRankChunk = 4;
 constexpr int64_t kOutChunk = 128;
 // Below this many multiply-adds a phase runs on the calling thread: waking the pool costs more.
 constexpr int64_t kInlineMacs = 1 << 14;
-// Software prefetch distances: A rows ahead in the shrink, B rows ahead in the expand. Each
-// slot's weights come from memory every decode step (the base weights evict them) in short
-// runs the hardware prefetcher is slow to pick up; reading ahead took a decode step's
-// kernel time from ~0.9 to ~0.75 ms (SmolLM2, all-linear rank 16) here.
-constexpr int64_t kPrefetchRows = 2;
+// Software prefetch: the shrink reads the next four A rows ahead, the expand B rows this many
+// outputs ahead. Each slot's weights come from memory every decode step (the base weights
+// evict them) in short runs the hardware prefetcher is slow to pick up; reading ahead took a
+// decode step's kernel time from ~0.9 to ~0.75 ms (SmolLM2, all-linear rank 16) here.
 constexpr int64_t kPrefetchOutputs = 64;
 
 void prefetch(const float* start, int64_t floats) {
@@ -72,12 +72,81 @@ __m256 eight_dots(const float* v, const float* b, int64_t rank) {
 }
 #endif
 
+#if defined(__AVX512F__)
+#define PEFT_ML_AVX512 1
+// Row r of a 16-row group goes to position 4 * (r % 4) + r / 4 of `sixteen_dots`' input, so
+// that the reduction below leaves row r's sum in lane r.
+constexpr int kRowOrder[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+
+// _mm512_shuffle_f32x4 with every lane written: GCC 12 warns (wrongly) that the plain form
+// reads an uninitialized vector.
+template <int kImm>
+__m512 shuffle_quarters(__m512 a, __m512 b) {
+  return _mm512_mask_shuffle_f32x4(a, __mmask16(0xFFFF), a, b, kImm);
+}
+
+// dst[o] = b[o, :] . v for sixteen consecutive rows of b, rank = 16 * kChunks. A
+// compile-time rank keeps the sixteen partial sums in registers.
+template <int kChunks>
+__m512 sixteen_dots(const float* v, const float* b) {
+  constexpr int64_t rank = 16 * kChunks;
+  __m512 p[16];
+  for (int i = 0; i < 16; ++i) {
+    const float* row = b + kRowOrder[i] * rank;
+    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(row), _mm512_loadu_ps(v));
+    for (int k = 1; k < kChunks; ++k) {
+      s = _mm512_fmadd_ps(_mm512_loadu_ps(row + 16 * k), _mm512_loadu_ps(v + 16 * k), s);
+    }
+    p[i] = s;
+  }
+  // Halve the lanes per row four times, pairing rows: 256-bit halves, 128-bit quarters,
+  // then pairs and single floats inside each quarter.
+  __m512 a[8];
+  for (int i = 0; i < 8; ++i) {
+    a[i] = _mm512_add_ps(shuffle_quarters<0x44>(p[2 * i], p[2 * i + 1]),
+                         shuffle_quarters<0xEE>(p[2 * i], p[2 * i + 1]));
+  }
+  __m512 q[4];
+  for (int i = 0; i < 4; ++i) {
+    q[i] = _mm512_add_ps(shuffle_quarters<0x88>(a[2 * i], a[2 * i + 1]),
+                         shuffle_quarters<0xDD>(a[2 * i], a[2 * i + 1]));
+  }
+  __m512 c[2];
+  for (int i = 0; i < 2; ++i) {
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * i], q[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(q[2 * i], q[2 * i + 1], 0xEE));
+  }
+  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+
+// Advances o over whole groups of sixteen outputs below o1.
+template <int kChunks>
+void expand_sixteens(const float* v, const float* b, int64_t rows, int64_t& o, int64_t o1,
+                     float* dst) {
+  constexpr int64_t rank = 16 * kChunks;
+  for (; o + 16 <= o1; o += 16) {
+    if (o + kPrefetchOutputs + 16 <= rows) prefetch(b + (o + kPrefetchOutputs) * rank, 16 * rank);
+    _mm512_storeu_ps(dst + o, sixteen_dots<kChunks>(v, b + o * rank));
+  }
+}
+#endif
+
 // dst[o] = b[o, :] . v for o in [o0, o1) of b's `rows` rows. b rows are rank long, and
-// short: vectorizing across rows (eight at a time) beats one horizontal sum per output.
+// short: vectorizing across rows (sixteen at a time with AVX-512 at ranks 16, 32 and 64,
+// else eight) beats one horizontal sum per output.
 void expand_token(const float* v, const float* b, int64_t rank, int64_t rows, int64_t o0,
                   int64_t o1, float* dst) {
   int64_t o = o0;
   prefetch(b + o0 * rank, std::min(kPrefetchOutputs, o1 - o0) * rank);
+#if PEFT_ML_AVX512
+  if (rank == 16) {
+    expand_sixteens<1>(v, b, rows, o, o1, dst);
+  } else if (rank == 32) {
+    expand_sixteens<2>(v, b, rows, o, o1, dst);
+  } else if (rank == 64) {
+    expand_sixteens<4>(v, b, rows, o, o1, dst);
+  }
+#endif
 #if PEFT_ML_AVX2
   if (rank >= 8) {
     for (; o + 8 <= o1; o += 8) {
@@ -153,16 +222,39 @@ Share share_of(const Plan& plan, size_t index, int64_t chunks, int64_t chunk, in
   return {plan.blocks[static_cast<size_t>(i / chunks)], lo, std::min(lo + chunk, extent)};
 }
 
+// Four dot products of one input with four consecutive weight rows: independent chains.
+void dots4(const float* __restrict u, const float* __restrict w, int64_t n, float* out) {
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = u[i];
+    s0 += v * w[i];
+    s1 += v * w[n + i];
+    s2 += v * w[2 * n + i];
+    s3 += v * w[3 * n + i];
+  }
+  out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+}
+
 void shrink_task(void* arg, size_t index) {
   Plan& plan = *static_cast<Plan*>(arg);
   const Problem& p = *plan.p;
   const Share share = share_of(plan, index, plan.rank_chunks, kRankChunk, p.rank);
   const Block& block = share.block;
   const float* a_slot = p.a + block.slot * p.rank * p.in;
-  prefetch(a_slot + share.lo * p.in, std::min(kPrefetchRows, share.hi - share.lo) * p.in);
-  for (int64_t k = share.lo; k < share.hi; ++k) {
+  prefetch(a_slot + share.lo * p.in, (share.hi - share.lo) * p.in);
+  int64_t k = share.lo;
+  for (; k + 4 <= share.hi; k += 4) {
     const float* a_row = a_slot + k * p.in;
-    if (k + kPrefetchRows < p.rank) prefetch(a_row + kPrefetchRows * p.in, p.in);
+    prefetch(a_row + 4 * p.in, std::min<int64_t>(4, p.rank - k - 4) * p.in);
+    for (int64_t j = block.first; j < block.first + block.count; ++j) {
+      float out[4];
+      dots4(p.x + plan.tokens[static_cast<size_t>(j)] * p.in, a_row, p.in, out);
+      for (int q = 0; q < 4; ++q) plan.v[static_cast<size_t>(j * p.rank + k + q)] = out[q];
+    }
+  }
+  for (; k < share.hi; ++k) {
+    const float* a_row = a_slot + k * p.in;
     for (int64_t j = block.first; j < block.first + block.count; ++j) {
       plan.v[static_cast<size_t>(j * p.rank + k)] =
           dot(p.x + plan.tokens[static_cast<size_t>(j)] * p.in, a_row, p.in);
