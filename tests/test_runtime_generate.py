@@ -43,6 +43,15 @@ def bundle(bundle_dir):
     return load_bundle(bundle_dir, threads=1)
 
 
+def test_huge_pages_move_memory_not_results(bundle_dir):
+    plain = load_bundle(bundle_dir, threads=1, huge_pages=False)
+    assert plain.describe()["huge_page_mib"] == 0
+    huge = load_bundle(bundle_dir, threads=1)
+    assert huge.describe()["huge_page_mib"] >= 0
+    want = plain.generate(PROMPTS, max_new_tokens=5, ignore_eos=True).token_ids
+    assert huge.generate(PROMPTS, max_new_tokens=5, ignore_eos=True).token_ids == want
+
+
 @pytest.fixture(scope="module")
 def gpt2_model():
     return tiny_model("gpt2", seed=0)

@@ -77,6 +77,7 @@ peft_export_runtime* peft_export_open(const char* bundle_dir, const char* option
         backend.threads = json.value("threads", backend.threads);
         backend.denormals_as_zero = json.value("denormals_as_zero", backend.denormals_as_zero);
         backend.optimization = json.value("optimization", backend.optimization);
+        backend.huge_pages = json.value("huge_pages", backend.huge_pages);
         backend.engine = json.value("engine", backend.engine);
         backend.plugin_library = json.value("plugin_library", std::string());
         backend.multilora_library = json.value("multilora_library", std::string());

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "huge_pages.hpp"
 #include "peft_export/backend.hpp"
 #include "peft_export/errors.hpp"
 
@@ -121,12 +122,16 @@ class OrtBackend final : public Backend {
     so.SetLogSeverityLevel(3);
     if (options.denormals_as_zero) so.AddConfigEntry("session.set_denormal_as_zero", "1");
     if (!options.multilora_library.empty()) register_multilora(so, manifest, banks, options);
+    const auto before = huge_pages::anonymous_ranges();
     try {
       session_ = std::make_unique<Ort::Session>(shared_env(), graph.c_str(), so);
     } catch (const Ort::Exception& exc) {
       throw InferenceError(graph.string() + ": ONNX Runtime could not load the graph (" +
                            first_line(exc) +
                            "); re-export the bundle with this onnxruntime version installed");
+    }
+    if (options.huge_pages) {
+      huge_pages::collapse(huge_pages::changed_ranges(before, huge_pages::anonymous_ranges()));
     }
     describe_inputs();
     describe_outputs();

@@ -51,6 +51,9 @@ struct BackendOptions {
   int threads = 0;                // intra-op threads; 0: the cores this process may use
   bool denormals_as_zero = true;  // same default as the Python runtime
   std::string optimization = "all";  // "all" | "extended" | "basic" | "disabled"
+  // ONNX Runtime on the CPU: move the memory the session allocated (its weights) onto 2 MiB
+  // pages once it is loaded (~1-2 s per GB); decode steps then miss the TLB far less
+  bool huge_pages = true;
   std::string engine;                // TensorRT: engine file (default: the manifest's first)
   std::filesystem::path plugin_library;  // TensorRT: libpeft_multilora.so
   // ONNX Runtime: libpeft_multilora_ort.so, the MultiLoRA CPU kernel for fp32 runtime-adapter

@@ -1,0 +1,23 @@
+// Moves the memory an ONNX Runtime session allocated onto 2 MiB pages (Linux MADV_COLLAPSE),
+// as the Python runtime does (runtime/huge_pages.py explains why): a CPU decode step streams
+// every weight, and on 4 KiB pages that is a TLB miss every 4 KiB. Best effort, never fails.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace peft_export::huge_pages {
+
+using Range = std::pair<std::uintptr_t, std::uintptr_t>;
+
+// Private writable anonymous mappings of this process (the heap included).
+std::vector<Range> anonymous_ranges();
+
+// The mappings of `after` not in `before` as they were (new ones, and grown ones).
+std::vector<Range> changed_ranges(const std::vector<Range>& before, const std::vector<Range>& after);
+
+// Asks the kernel to back whole 2 MiB pages of `ranges` with huge pages; the bytes it accepted.
+std::uint64_t collapse(const std::vector<Range>& ranges);
+
+}  // namespace peft_export::huge_pages

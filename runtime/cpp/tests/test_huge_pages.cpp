@@ -1,0 +1,51 @@
+// Huge-page collapse of a session's memory: which mappings it picks, and that it keeps them.
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "check.hpp"
+#include "huge_pages.hpp"
+
+namespace hp = peft_export::huge_pages;
+
+namespace {
+
+bool covered(const std::vector<hp::Range>& ranges, std::uintptr_t lo, std::uintptr_t hi) {
+  return std::any_of(ranges.begin(), ranges.end(),
+                     [&](const hp::Range& r) { return r.first <= lo && hi <= r.second; });
+}
+
+}  // namespace
+
+TEST(a_new_mapping_is_changed_and_keeps_its_bytes_when_collapsed) {
+  const auto before = hp::anonymous_ranges();
+  const std::size_t size = std::size_t{8} << 20;
+  void* raw = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(raw != MAP_FAILED);
+  auto* bytes = static_cast<unsigned char*>(raw);
+  for (std::size_t i = 0; i < size; ++i) bytes[i] = static_cast<unsigned char>(i * 31 + 7);
+  const auto lo = reinterpret_cast<std::uintptr_t>(raw);
+  const auto changed = hp::changed_ranges(before, hp::anonymous_ranges());
+  CHECK(covered(changed, lo, lo + size));
+  CHECK(!covered(hp::changed_ranges(before, before), lo, lo + size));
+  hp::collapse(changed);
+  bool same = true;
+  for (std::size_t i = 0; i < size; ++i) same &= bytes[i] == static_cast<unsigned char>(i * 31 + 7);
+  CHECK(same);
+  munmap(raw, size);
+}
+
+TEST(file_backed_and_read_only_mappings_are_not_anonymous) {
+  void* raw = mmap(nullptr, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  const auto lo = reinterpret_cast<std::uintptr_t>(raw);
+  CHECK(!covered(hp::anonymous_ranges(), lo, lo + 4096));
+  munmap(raw, 4096);
+}
+
+TEST(ranges_without_a_whole_huge_page_are_left_alone) {
+  CHECK(hp::collapse({{4096, (std::uintptr_t{2} << 20) + 4096}}) == 0);
+}
+
+int main() { return check::run_all(); }
