@@ -165,14 +165,17 @@ struct Block {
   int64_t count;
 };
 
-// Active tokens ordered by slot, cut into blocks; v holds A @ x per active token.
+// Active tokens ordered by slot, cut into blocks; v holds A @ x per active token. Each
+// calling thread keeps one, so its vectors are allocated once, not on every node of every
+// step.
 struct Plan {
-  const Problem* p;
+  const Problem* p = nullptr;
+  std::vector<std::pair<int64_t, int64_t>> rows;  // (slot, row) of rows with an adapter
   std::vector<int64_t> tokens;  // global token index (row * seq + t)
   std::vector<Block> blocks;
   std::vector<float> v;         // [tokens.size(), rank]
-  int64_t rank_chunks;
-  int64_t out_chunks;
+  int64_t rank_chunks = 0;
+  int64_t out_chunks = 0;
 };
 
 int64_t resolve_slot(int64_t id, int64_t slots) {
@@ -182,7 +185,10 @@ int64_t resolve_slot(int64_t id, int64_t slots) {
 
 void build(Plan& plan) {
   const Problem& p = *plan.p;
-  std::vector<std::pair<int64_t, int64_t>> rows;  // (slot, row)
+  auto& rows = plan.rows;
+  rows.clear();
+  plan.tokens.clear();
+  plan.blocks.clear();
   for (int64_t row = 0; row < p.batch; ++row) {
     const int64_t slot = resolve_slot(p.ids[row], p.slots);
     if (slot == 0) {
@@ -191,8 +197,7 @@ void build(Plan& plan) {
       rows.emplace_back(slot, row);
     }
   }
-  std::stable_sort(rows.begin(), rows.end(),
-                   [](const auto& l, const auto& r) { return l.first < r.first; });
+  std::sort(rows.begin(), rows.end());  // by slot, then row: rows keep their order
   for (size_t i = 0; i < rows.size();) {
     const int64_t slot = rows[i].first;
     const int64_t first = static_cast<int64_t>(plan.tokens.size());
@@ -204,7 +209,7 @@ void build(Plan& plan) {
       plan.blocks.push_back({slot, start, std::min(kTokenBlock, end - start)});
     }
   }
-  plan.v.assign(plan.tokens.size() * static_cast<size_t>(p.rank), 0.0f);
+  plan.v.resize(plan.tokens.size() * static_cast<size_t>(p.rank));  // the shrink writes all of it
   plan.rank_chunks = (p.rank + kRankChunk - 1) / kRankChunk;
   plan.out_chunks = (p.out + kOutChunk - 1) / kOutChunk;
 }
@@ -287,7 +292,8 @@ void run_phase(const Parallel& parallel, size_t tasks, int64_t macs, void (*fn)(
 }  // namespace
 
 void forward(const Problem& p, const Parallel& parallel) {
-  Plan plan{&p, {}, {}, {}, 0, 0};
+  thread_local Plan plan;
+  plan.p = &p;
   build(plan);
   if (plan.tokens.empty()) return;
   const int64_t tokens = static_cast<int64_t>(plan.tokens.size());
