@@ -3,14 +3,16 @@
 Why: a CPU decode step streams every weight of the model from memory (540 MB for SmolLM2 in
 fp32). ONNX Runtime keeps weights in ordinary heap memory, which sits on 4 KiB pages when THP
 is "madvise" (the usual setting), so each step takes a TLB miss every 4 KiB. Collapsing the
-session's memory into huge pages once, after it is loaded, made SmolLM2 decode steps ~8-16%
+session's memory into huge pages once, after it is loaded, made SmolLM2 decode steps 4-8%
 faster here (docs/environment.md).
 
-Only the mappings that appeared or grew while the session was created are collapsed (the heap
-as a whole, since new allocations reuse its holes), so the rest of the process is left
-alone. Collapsing copies the memory once (~1-2 s per GB) and keeps its contents. It is best
-effort: on other systems, on kernels before 6.1 or without free huge pages it does nothing
-or part of the range, and nothing fails.
+Only memory mapped while the session was created is collapsed (new mappings, the heap's new
+top), so other code's memory is left as it was. Weights that land in memory the process
+had mapped before (holes freed earlier in the heap, say of a previous session) stay on
+4 KiB pages: the first session of a process gets nearly all of its memory collapsed,
+later ones part of it. Collapsing copies the memory once (~1-2 s per GB) and keeps its
+contents. It is best effort: on other systems, on kernels before 6.1 or without free huge
+pages it does nothing or part of the range, and nothing fails.
 """
 
 from __future__ import annotations
@@ -46,11 +48,21 @@ def anonymous_ranges(maps: Path = Path("/proc/self/maps")) -> list[Range]:
     return ranges
 
 
-def changed_ranges(before: Iterable[Range], after: Iterable[Range]) -> list[Range]:
-    """The mappings of `after` that are not in `before` as they were: new ones, and grown
-    ones such as the heap (whose older holes the new allocations may have reused)."""
-    unchanged = set(before)
-    return [r for r in after if r not in unchanged]
+def new_ranges(before: Iterable[Range], after: Iterable[Range]) -> list[Range]:
+    """The parts of `after` that no range of `before` covers: memory mapped since."""
+    old = sorted(before)
+    pieces = []
+    for lo, hi in sorted(after):
+        start = lo
+        for old_lo, old_hi in old:
+            if old_hi <= start or old_lo >= hi:
+                continue
+            if old_lo > start:
+                pieces.append((start, old_lo))
+            start = max(start, old_hi)
+        if start < hi:
+            pieces.append((start, hi))
+    return pieces
 
 
 def huge_page_spans(ranges: Iterable[Range]) -> list[Range]:

@@ -161,6 +161,16 @@ def test_greedy_ids_equal_python_runtime(cpp, python_bundle, adapter):
         assert cpp.ids([prompt], [adapter], max_new_tokens=12) == expected
 
 
+def test_huge_pages_off_gives_the_same_ids(cpp_build, tiny_bundle, cpp):
+    plain = CppRuntime(cpp_build, tiny_bundle, threads=1, huge_pages=False)
+    try:
+        for adapter in ADAPTERS:
+            want = cpp.ids([PROMPTS[0]], [adapter], max_new_tokens=8)
+            assert plain.ids([PROMPTS[0]], [adapter], max_new_tokens=8) == want
+    finally:
+        plain.close()
+
+
 def test_adapters_change_the_output(cpp):
     outputs = {tuple(cpp.ids([PROMPTS[0]], [a], max_new_tokens=12)[0]) for a in ADAPTERS}
     assert len(outputs) == len(ADAPTERS)

@@ -33,10 +33,11 @@ def test_only_private_writable_anonymous_mappings_are_read(tmp_path):
     assert huge_pages.anonymous_ranges(tmp_path / "missing") == []
 
 
-def test_changed_ranges_are_new_or_grown_mappings():
+def test_new_ranges_are_memory_mapped_since():
     before = [(0, 100), (200, 300), (400, 500)]
-    after = [(0, 100), (200, 350), (600, 700), (400, 500)]
-    assert huge_pages.changed_ranges(before, after) == [(200, 350), (600, 700)]
+    after = [(0, 100), (150, 350), (600, 700), (400, 500)]
+    assert huge_pages.new_ranges(before, after) == [(150, 200), (300, 350), (600, 700)]
+    assert huge_pages.new_ranges(before, before) == []
 
 
 def test_spans_are_whole_huge_pages():
@@ -54,10 +55,10 @@ def test_collapse_keeps_the_bytes_of_a_new_mapping():
     data[:] = np.arange(data.size, dtype=np.uint32) * np.uint32(2654435761)
     want = data.copy()
     start = data.ctypes.data
-    changed = huge_pages.changed_ranges(before, huge_pages.anonymous_ranges())
-    assert any(lo <= start and start + len(region) <= hi for lo, hi in changed)
-    accepted = huge_pages.collapse(changed)
-    assert 0 <= accepted <= sum(hi - lo for lo, hi in changed)
+    new = huge_pages.new_ranges(before, huge_pages.anonymous_ranges())
+    assert any(lo <= start and start + len(region) <= hi for lo, hi in new)
+    accepted = huge_pages.collapse(new)
+    assert 0 <= accepted <= sum(hi - lo for lo, hi in new)
     assert np.array_equal(data, want)
     del data
     region.close()

@@ -174,7 +174,7 @@ class OrtBackend(Backend):
             ) from None
         self.huge_page_bytes = 0
         if self.options.huge_pages and self.device == "cpu":
-            grown = huge_pages.changed_ranges(before, huge_pages.anonymous_ranges())
+            grown = huge_pages.new_ranges(before, huge_pages.anonymous_ranges())
             self.huge_page_bytes = huge_pages.collapse(grown)
         self._inputs = [_spec(arg) for arg in self.session.get_inputs()]
         self._outputs = [_spec(arg) for arg in self.session.get_outputs()]

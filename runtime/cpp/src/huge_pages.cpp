@@ -35,12 +35,19 @@ std::vector<Range> anonymous_ranges() {
   return ranges;
 }
 
-std::vector<Range> changed_ranges(const std::vector<Range>& before, const std::vector<Range>& after) {
-  std::vector<Range> changed;
-  for (const Range& range : after) {
-    if (std::find(before.begin(), before.end(), range) == before.end()) changed.push_back(range);
+std::vector<Range> new_ranges(std::vector<Range> before, const std::vector<Range>& after) {
+  std::sort(before.begin(), before.end());
+  std::vector<Range> pieces;
+  for (const auto& [lo, hi] : after) {
+    std::uintptr_t start = lo;
+    for (const auto& [old_lo, old_hi] : before) {
+      if (old_hi <= start || old_lo >= hi) continue;
+      if (old_lo > start) pieces.emplace_back(start, old_lo);
+      start = std::max(start, old_hi);
+    }
+    if (start < hi) pieces.emplace_back(start, hi);
   }
-  return changed;
+  return pieces;
 }
 
 std::uint64_t collapse(const std::vector<Range>& ranges) {

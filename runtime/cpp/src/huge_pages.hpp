@@ -14,8 +14,9 @@ using Range = std::pair<std::uintptr_t, std::uintptr_t>;
 // Private writable anonymous mappings of this process (the heap included).
 std::vector<Range> anonymous_ranges();
 
-// The mappings of `after` not in `before` as they were (new ones, and grown ones).
-std::vector<Range> changed_ranges(const std::vector<Range>& before, const std::vector<Range>& after);
+// The parts of `after` that no range of `before` covers: memory mapped since. Only these are
+// collapsed, so other code's memory is left as it was.
+std::vector<Range> new_ranges(std::vector<Range> before, const std::vector<Range>& after);
 
 // Asks the kernel to back whole 2 MiB pages of `ranges` with huge pages; the bytes it accepted.
 std::uint64_t collapse(const std::vector<Range>& ranges);

@@ -131,7 +131,7 @@ class OrtBackend final : public Backend {
                            "); re-export the bundle with this onnxruntime version installed");
     }
     if (options.huge_pages) {
-      huge_pages::collapse(huge_pages::changed_ranges(before, huge_pages::anonymous_ranges()));
+      huge_pages::collapse(huge_pages::new_ranges(before, huge_pages::anonymous_ranges()));
     }
     describe_inputs();
     describe_outputs();

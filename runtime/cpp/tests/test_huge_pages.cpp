@@ -19,7 +19,14 @@ bool covered(const std::vector<hp::Range>& ranges, std::uintptr_t lo, std::uintp
 
 }  // namespace
 
-TEST(a_new_mapping_is_changed_and_keeps_its_bytes_when_collapsed) {
+TEST(new_ranges_are_memory_mapped_since) {
+  const std::vector<hp::Range> before = {{0, 100}, {200, 300}, {400, 500}};
+  const std::vector<hp::Range> after = {{0, 100}, {150, 350}, {400, 500}, {600, 700}};
+  CHECK((hp::new_ranges(before, after) == std::vector<hp::Range>{{150, 200}, {300, 350}, {600, 700}}));
+  CHECK(hp::new_ranges(before, before).empty());
+}
+
+TEST(a_new_mapping_is_new_and_keeps_its_bytes_when_collapsed) {
   const auto before = hp::anonymous_ranges();
   const std::size_t size = std::size_t{8} << 20;
   void* raw = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -27,10 +34,9 @@ TEST(a_new_mapping_is_changed_and_keeps_its_bytes_when_collapsed) {
   auto* bytes = static_cast<unsigned char*>(raw);
   for (std::size_t i = 0; i < size; ++i) bytes[i] = static_cast<unsigned char>(i * 31 + 7);
   const auto lo = reinterpret_cast<std::uintptr_t>(raw);
-  const auto changed = hp::changed_ranges(before, hp::anonymous_ranges());
-  CHECK(covered(changed, lo, lo + size));
-  CHECK(!covered(hp::changed_ranges(before, before), lo, lo + size));
-  hp::collapse(changed);
+  const auto fresh = hp::new_ranges(before, hp::anonymous_ranges());
+  CHECK(covered(fresh, lo, lo + size));
+  hp::collapse(fresh);
   bool same = true;
   for (std::size_t i = 0; i < size; ++i) same &= bytes[i] == static_cast<unsigned char>(i * 31 + 7);
   CHECK(same);
