@@ -22,7 +22,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-HUGE_PAGE = 2 << 20
+from peft_export.runtime.host_memory import HUGE_PAGE
+
 MADV_COLLAPSE = 25
 CHUNK = 64 << 20
 """Bytes per madvise call: a failure (no free huge page) costs one chunk, not the range."""

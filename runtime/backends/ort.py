@@ -162,7 +162,8 @@ class OrtBackend(Backend):
                     f"{self.multilora_library}: ONNX Runtime could not load the MultiLoRA CPU "
                     f"kernel ({_first_line(exc)}); rebuild it, or pass multilora_kernel='off'"
                 ) from None
-        before = huge_pages.anonymous_ranges()
+        collapse = self.options.huge_pages and self.device == "cpu"
+        before = huge_pages.anonymous_ranges() if collapse else []
         try:
             self.session = ort.InferenceSession(
                 str(graph_path), sess_options=session_options, providers=providers
@@ -173,7 +174,7 @@ class OrtBackend(Backend):
                 "re-export the bundle with this onnxruntime version installed"
             ) from None
         self.huge_page_bytes = 0
-        if self.options.huge_pages and self.device == "cpu":
+        if collapse:
             grown = huge_pages.new_ranges(before, huge_pages.anonymous_ranges())
             self.huge_page_bytes = huge_pages.collapse(grown)
         self._inputs = [_spec(arg) for arg in self.session.get_inputs()]

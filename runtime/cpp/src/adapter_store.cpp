@@ -8,6 +8,7 @@
 #include <cstring>
 #include <string>
 
+#include "huge_pages.hpp"
 #include "peft_export/errors.hpp"
 
 namespace peft_export {
@@ -62,7 +63,7 @@ void AdapterBanks::Unmap::operator()(std::byte* mapping) const { munmap(mapping,
 // so the banks share one anonymous mapping, 2 MiB aligned and advised onto transparent huge
 // pages (Linux; elsewhere, or with THP off, ordinary pages). Each bank starts on a cache line.
 void AdapterBanks::allocate_block() {
-  constexpr std::size_t kHugePage = std::size_t{2} << 20;
+  using huge_pages::kHugePage;
   constexpr std::size_t kAlign = 64;
   std::size_t total = 0;
   for (std::size_t bytes : nbytes_) {

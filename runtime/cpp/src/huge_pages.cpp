@@ -10,7 +10,6 @@
 namespace peft_export::huge_pages {
 namespace {
 
-constexpr std::uintptr_t kHugePage = std::uintptr_t{2} << 20;
 // Bytes per madvise call: a failure (no free huge page) costs one chunk, not the range.
 constexpr std::uintptr_t kChunk = std::uintptr_t{64} << 20;
 constexpr int kMadvCollapse = 25;  // Linux >= 6.1; older kernels answer EINVAL

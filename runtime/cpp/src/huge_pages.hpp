@@ -11,6 +11,9 @@ namespace peft_export::huge_pages {
 
 using Range = std::pair<std::uintptr_t, std::uintptr_t>;
 
+// The transparent huge page size on x86-64 (and arm64 with 4 KiB base pages).
+inline constexpr std::uintptr_t kHugePage = std::uintptr_t{2} << 20;
+
 // Private writable anonymous mappings of this process (the heap included).
 std::vector<Range> anonymous_ranges();
 

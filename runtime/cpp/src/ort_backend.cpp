@@ -122,7 +122,8 @@ class OrtBackend final : public Backend {
     so.SetLogSeverityLevel(3);
     if (options.denormals_as_zero) so.AddConfigEntry("session.set_denormal_as_zero", "1");
     if (!options.multilora_library.empty()) register_multilora(so, manifest, banks, options);
-    const auto before = huge_pages::anonymous_ranges();
+    const auto before =
+        options.huge_pages ? huge_pages::anonymous_ranges() : std::vector<huge_pages::Range>{};
     try {
       session_ = std::make_unique<Ort::Session>(shared_env(), graph.c_str(), so);
     } catch (const Ort::Exception& exc) {

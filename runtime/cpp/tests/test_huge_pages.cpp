@@ -51,7 +51,7 @@ TEST(file_backed_and_read_only_mappings_are_not_anonymous) {
 }
 
 TEST(ranges_without_a_whole_huge_page_are_left_alone) {
-  CHECK(hp::collapse({{4096, (std::uintptr_t{2} << 20) + 4096}}) == 0);
+  CHECK(hp::collapse({{4096, hp::kHugePage + 4096}}) == 0);
 }
 
 int main() { return check::run_all(); }
