@@ -12,8 +12,10 @@ import json
 import onnx
 import pytest
 from cli_run import run_cli
+from cpu_kernel import build_cpu_kernel
 from tiny import make_adapter, save_tiny_base, tiny_model
 
+from peft_export import plugins
 from peft_export.bundle import load_manifest, names
 from peft_export.runtime import load_bundle
 
@@ -62,8 +64,34 @@ def test_fused_runtime_bundle_mixed_batch_matches_peft(tmp_path) -> None:
     argv = ["export", "--base", str(base), "--mode", "runtime", "--ort-fusions", "cpu"]
     argv += ["--adapter", f"l={lora}", "--adapter", f"d={dora}", "--out", str(bundle)]
     assert run_cli(*argv) == 0
-    assert {"Attention", "RotaryEmbedding"} <= _ops(bundle)
+    assert {"Attention", "RotaryEmbedding", names.MULTILORA_OP} <= _ops(bundle)
+    model = onnx.load(str(bundle / names.GRAPH), load_external_data=False)
+    assert [(f.domain, f.name) for f in model.functions] == [
+        (names.MULTILORA_DOMAIN, names.MULTILORA_OP)
+    ], "the fusion pass must leave MultiLoRA as one node with its function body"
     assert run_cli("verify", str(bundle), "--prompt", "hello", "--max-new-tokens", "8") == 0
+
+
+def test_fused_runtime_bundle_runs_the_cpu_kernel(tmp_path, monkeypatch) -> None:
+    library = build_cpu_kernel(tmp_path / "build")
+    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(library.parent))
+    base = save_tiny_base("llama", tmp_path / "base")
+    model = tiny_model("llama")
+    lora = make_adapter(model, "lora", tmp_path, seed=4)
+    ia3 = make_adapter(model, "ia3", tmp_path, seed=5)
+    bundle = tmp_path / "bundle"
+    argv = ["export", "--base", str(base), "--mode", "runtime", "--ort-fusions", "cpu"]
+    assert (
+        run_cli(*argv, "--adapter", f"l={lora}", "--adapter", f"i={ia3}", "--out", str(bundle)) == 0
+    )
+    kernel = load_bundle(bundle, multilora_kernel="on")
+    body = load_bundle(bundle, multilora_kernel="off")
+    assert kernel.describe()["multilora"] == f"cpu kernel ({library})"
+    prompts = [[5, 17, 42, 99], [7, 8, 9], [11, 12, 13, 14, 15]]
+    adapters = ["l", "i", None]
+    got = kernel.generate(prompts, adapters=adapters, max_new_tokens=6, ignore_eos=True)
+    want = body.generate(prompts, adapters=adapters, max_new_tokens=6, ignore_eos=True)
+    assert got.token_ids == want.token_ids
 
 
 def test_tensorrt_refuses_fused_graphs(tmp_path, capsys) -> None:
