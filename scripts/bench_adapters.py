@@ -13,9 +13,11 @@ merged adapter and vs the 8 adapters one after another, (d) `adapters add` vs a 
 ONNX Runtime runs with denormals flushed to zero (OrtOptions default) on both sides.
 MultiLoRA runs the CPU kernel when libpeft_multilora_ort.so is built (plugins/multilora);
 (b) and (c) then also measure the op's ONNX function body, in the same rounds.
+`--ort-fusions cpu` exports both bundles as `export --ort-fusions cpu` does (ONNX Runtime's
+fused ops; the MultiLoRA nodes stay), to measure what a CPU deployment would run.
 
     python scripts/bench_adapters.py [--workdir DIR [--reuse]] [--tokens 32] [--threads N]
-                                     [--sessions 3]
+                                     [--sessions 3] [--ort-fusions cpu]
 """
 
 from __future__ import annotations
@@ -85,14 +87,19 @@ def summary(results: dict[str, list[list[float]]], scale: float = 1.0) -> dict[s
     return out
 
 
-def export_both(work: Path, runtime_dir: Path, merged_dir: Path) -> dict[str, float]:
+def export_both(
+    work: Path, runtime_dir: Path, merged_dir: Path, ort_fusions: str
+) -> dict[str, float]:
     """Export the runtime bundle, add the other adapters to it, export the merged bundle:
     the timings of (d)."""
     from peft_export.exporter.base_model import load_base
+    from peft_export.exporter.graph.ort_fusions import graph_opset, ort_fusion_step
     from peft_export.exporter.pipeline import export_bundle
     from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
     from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
 
+    fusions = {"ort_fusions": ort_fusions}
+    graph = {"post_steps": [ort_fusion_step], "opset": graph_opset(fusions)}
     base = load_base("smollm2-135m")
     loras = [make_lora(base.model, work / f"lora{i}", seed=i) for i in range(ADAPTERS)]
     export_runtime_s = timed(
@@ -103,7 +110,8 @@ def export_both(work: Path, runtime_dir: Path, merged_dir: Path) -> dict[str, fl
             mode="runtime",
             force=True,
             planners=[plan_lora_banks],
-            options={"max_rank": RANK, "slots": ADAPTERS + 1},
+            options={"max_rank": RANK, "slots": ADAPTERS + 1, **fusions},
+            **graph,
         )
     )
     add_s = [
@@ -111,7 +119,9 @@ def export_both(work: Path, runtime_dir: Path, merged_dir: Path) -> dict[str, fl
         for i in range(1, ADAPTERS)
     ]
     export_merged_s = timed(
-        lambda: export_bundle(base, [("a0", loras[0])], out=merged_dir, force=True)
+        lambda: export_bundle(
+            base, [("a0", loras[0])], out=merged_dir, force=True, options=fusions, **graph
+        )
     )
     return {
         "adapters_add_median": statistics.median(add_s),
@@ -157,12 +167,18 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="measure the bundles in --workdir again; skips (d)"
     )
+    parser.add_argument(
+        "--ort-fusions",
+        choices=("none", "cpu"),
+        default="none",
+        help="export both bundles with ONNX Runtime's fused ops (ignored with --reuse)",
+    )
     args = parser.parse_args()
     if args.reuse and not args.workdir:
         parser.error("--reuse needs the --workdir of an earlier run")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-adapters-"))
     runtime_dir, merged_dir = work / "runtime", work / "merged"
-    exports = None if args.reuse else export_both(work, runtime_dir, merged_dir)
+    exports = None if args.reuse else export_both(work, runtime_dir, merged_dir, args.ort_fusions)
     options = {"threads": args.threads} if args.threads else {}
     kinds = {"runtime": (runtime_dir, options), "merged": (merged_dir, options)}
     if kernel_built():
@@ -237,6 +253,7 @@ def main() -> None:
         "model": "smollm2-135m",
         "precision": "fp32",
         "device": "cpu",
+        "ort_fusions": runtime.manifest.graph.ort_fusions or "none",
         "lora": {"targets": "all-linear", "rank": RANK, "adapters": ADAPTERS},
         "ort": runtime.describe(),
         "multilora": runtime.describe()["multilora"],
