@@ -345,12 +345,14 @@ def test_malformed_bundles_are_refused_with_the_fix(cpp_build, tiny_bundle, tmp_
 
 
 def test_ort_fused_bundle_equals_python_runtime(cpp_build, tmp_path):
-    """A bundle exported with --ort-fusions cpu (opset 23 + contrib ops) runs in C++ too."""
+    """A runtime bundle exported with --ort-fusions cpu (opset 23 + contrib ops, MultiLoRA
+    nodes kept) runs in C++ with the MultiLoRA CPU kernel, as in Python."""
     import onnx
     from transformers import AutoModelForCausalLM
 
     from peft_export.exporter.graph.ort_fusions import ORT_OPSET, ort_fusion_step
     from peft_export.exporter.pipeline import InMemoryBase, export_bundle
+    from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
     from peft_export.runtime.session import load_bundle
 
     base = tiny_model("llama")
@@ -362,15 +364,20 @@ def test_ort_fused_bundle_equals_python_runtime(cpp_build, tmp_path):
         InMemoryBase(sdpa.eval(), save_tiny_tokenizer(tmp_path / "tokenizer")),
         [("a", adapter)],
         out=bundle,
+        mode="runtime",
+        planners=[plan_lora_banks],
         options={"ort_fusions": "cpu"},
         post_steps=[ort_fusion_step],
         opset=ORT_OPSET,
     )
     ops = {n.op_type for n in onnx.load(str(bundle / "model.onnx")).graph.node}
-    assert {"Attention", "SkipSimplifiedLayerNormalization"} <= ops
-    runtime = CppRuntime(cpp_build, bundle, threads=1)
+    assert {"Attention", "SkipSimplifiedLayerNormalization", "MultiLoRA"} <= ops
+    library = build_cpu_kernel(tmp_path / "kernel")
+    runtime = CppRuntime(cpp_build, bundle, threads=1, multilora_library=str(library))
+    adapters = ["a", None, "a"]
     try:
-        got = runtime.ids(PROMPTS, [None] * len(PROMPTS), max_new_tokens=10)
+        got = runtime.ids(PROMPTS[:3], adapters, max_new_tokens=10)
     finally:
         runtime.close()
-    assert got == python_ids(load_bundle(bundle, threads=1), PROMPTS, [None] * len(PROMPTS), 10)
+    want = python_ids(load_bundle(bundle, threads=1), PROMPTS[:3], adapters, 10)
+    assert got == want
