@@ -1,6 +1,16 @@
-"""Shared test set-up: make tests/ importable for helper modules."""
+"""Shared test set-up: make tests/ importable for helper modules; session-wide builds."""
 
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def cpu_kernel_library(tmp_path_factory) -> Path:
+    """libpeft_multilora_ort.so, built once per test process; skips where it cannot be built."""
+    from cpu_kernel import build_cpu_kernel
+
+    return build_cpu_kernel(tmp_path_factory.mktemp("multilora-ort-build"))

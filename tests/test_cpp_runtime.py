@@ -17,7 +17,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from cpu_kernel import build_cpu_kernel
 from tiny import make_adapter, make_adapters, save_tiny_tokenizer, tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,9 +256,11 @@ def test_concurrent_requests_equal_sequential(cpp_build, tiny_bundle):
     assert results == expected
 
 
-def test_multilora_cpu_kernel_gives_the_same_ids(cpp_build, tiny_bundle, python_bundle, tmp_path):
-    library = build_cpu_kernel(tmp_path / "kernel")
-    runtime = CppRuntime(cpp_build, tiny_bundle, threads=1, multilora_library=str(library))
+def test_multilora_cpu_kernel_gives_the_same_ids(
+    cpp_build, tiny_bundle, python_bundle, cpu_kernel_library, tmp_path
+):
+    library = str(cpu_kernel_library)
+    runtime = CppRuntime(cpp_build, tiny_bundle, threads=1, multilora_library=library)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(ADAPTERS))]
     try:
         got = runtime.ids(prompts, ADAPTERS, max_new_tokens=10)
@@ -344,7 +345,7 @@ def test_malformed_bundles_are_refused_with_the_fix(cpp_build, tiny_bundle, tmp_
     runtime.close()
 
 
-def test_ort_fused_bundle_equals_python_runtime(cpp_build, tmp_path):
+def test_ort_fused_bundle_equals_python_runtime(cpp_build, cpu_kernel_library, tmp_path):
     """A runtime bundle exported with --ort-fusions cpu (opset 23 + contrib ops, MultiLoRA
     nodes kept) runs in C++ with the MultiLoRA CPU kernel, as in Python."""
     import onnx
@@ -372,8 +373,8 @@ def test_ort_fused_bundle_equals_python_runtime(cpp_build, tmp_path):
     )
     ops = {n.op_type for n in onnx.load(str(bundle / "model.onnx")).graph.node}
     assert {"Attention", "SkipSimplifiedLayerNormalization", "MultiLoRA"} <= ops
-    library = build_cpu_kernel(tmp_path / "kernel")
-    runtime = CppRuntime(cpp_build, bundle, threads=1, multilora_library=str(library))
+    library = str(cpu_kernel_library)
+    runtime = CppRuntime(cpp_build, bundle, threads=1, multilora_library=library)
     adapters = ["a", None, "a"]
     try:
         got = runtime.ids(PROMPTS[:3], adapters, max_new_tokens=10)

@@ -26,7 +26,6 @@ from peft_export.runtime.adapter_store import AdapterStore
 from peft_export.runtime.backends.ort import OrtBackend, OrtOptions
 from peft_export.runtime.errors import InferenceError
 from peft_export.runtime.session import load_bundle
-from tests.cpu_kernel import build_cpu_kernel
 from tests.lora_bundles import lora_bundle
 from tests.ort_graph import OrtGraph
 from tests.tiny import make_adapters, tiny_model
@@ -34,11 +33,6 @@ from tests.tiny import make_adapters, tiny_model
 TOL = 1e-4
 ROWS = {"lo": ("lora", {"r": 3}), "r8": ("lora", {"r": 8}), "do": ("dora", {}), "ia": ("ia3", {})}
 BATCH = ["lo", "r8", "do", "ia", None, "lo"]
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory) -> Path:
-    return build_cpu_kernel(tmp_path_factory.mktemp("multilora-ort-build"))
 
 
 def _op_model(rank: int, in_f: int, out_f: int) -> bytes:
@@ -91,7 +85,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_kernel_matches_float64_reference(library, case):
+def test_kernel_matches_float64_reference(cpu_kernel_library, case):
     batch, seq, in_f, out_f, rank, slots, ids = CASES[case]
     rng = np.random.default_rng(len(case))
     x = rng.standard_normal((batch, seq, in_f), dtype=np.float32)
@@ -99,7 +93,7 @@ def test_kernel_matches_float64_reference(library, case):
     b = rng.standard_normal((slots, out_f, rank), dtype=np.float32)
     a[0], b[0] = 0.0, 0.0
     ids = np.array(ids, dtype=np.int64)
-    got = _session(_op_model(rank, in_f, out_f), library).run(
+    got = _session(_op_model(rank, in_f, out_f), cpu_kernel_library).run(
         None, {"x": x, "A": a, "B": b, "ids": ids}
     )[0]
     want = _reference(x, a, b, ids)
@@ -107,7 +101,7 @@ def test_kernel_matches_float64_reference(library, case):
     assert np.abs(got - want).max() <= 1e-6 * scale
 
 
-def test_kernel_matches_function_body(library):
+def test_kernel_matches_function_body(cpu_kernel_library):
     rng = np.random.default_rng(1)
     feeds = {
         "x": rng.standard_normal((4, 3, 40), dtype=np.float32),
@@ -118,12 +112,12 @@ def test_kernel_matches_function_body(library):
     feeds["A"][0], feeds["B"][0] = 0.0, 0.0  # slot 0 is the base model (the contract)
     model = _op_model(8, 40, 24)
     body = _session(model, None).run(None, feeds)[0]
-    kernel = _session(model, library).run(None, feeds)[0]
+    kernel = _session(model, cpu_kernel_library).run(None, feeds)[0]
     assert np.abs(kernel - body).max() <= 1e-5 * np.abs(body).max()
 
 
-def test_kernel_refuses_inconsistent_shapes(library):
-    session = _session(_op_model(4, 16, 8), library)
+def test_kernel_refuses_inconsistent_shapes(cpu_kernel_library):
+    session = _session(_op_model(4, 16, 8), cpu_kernel_library)
     feeds = {
         "x": np.zeros((2, 1, 16), np.float32),
         "A": np.zeros((3, 4, 16), np.float32),
@@ -143,13 +137,13 @@ def mixed(tmp_path_factory):
     return base, dirs, out
 
 
-def test_bundle_with_kernel_matches_peft_per_row(library, mixed):
+def test_bundle_with_kernel_matches_peft_per_row(cpu_kernel_library, mixed):
     base, dirs, bundle = mixed
     store = AdapterStore(bundle, load_manifest(bundle))
     lease = store.acquire(BATCH)
     feeds = {name: view.numpy() for name, view in store.feeds().items()}
     feeds[names.ADAPTER_IDS] = lease.ids
-    graph = OrtGraph(bundle, feeds, custom_ops_library=library)
+    graph = OrtGraph(bundle, feeds, custom_ops_library=cpu_kernel_library)
     prompts = np.random.default_rng(0).integers(4, 250, size=(len(BATCH), 6))
     graph.reset(batch=len(BATCH))
     steps = [graph.step(prompts)]
@@ -169,12 +163,12 @@ def test_bundle_with_kernel_matches_peft_per_row(library, mixed):
         assert np.abs(got - want).max() <= TOL, f"row {name}"
 
 
-def test_runtime_uses_kernel_and_matches_function_body(library, mixed, monkeypatch):
+def test_runtime_uses_kernel_and_matches_function_body(cpu_kernel_library, mixed, monkeypatch):
     _, _, bundle = mixed
-    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(library.parent))
+    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(cpu_kernel_library.parent))
     with_kernel = load_bundle(bundle, multilora_kernel="on")
     body = load_bundle(bundle, multilora_kernel="off")
-    assert with_kernel.describe()["multilora"] == f"cpu kernel ({library})"
+    assert with_kernel.describe()["multilora"] == f"cpu kernel ({cpu_kernel_library})"
     assert body.describe()["multilora"] == "onnx function body"
     prompts = [[5, 17, 42, 99], [7, 8, 9], [11, 12, 13, 14, 15], [3, 4], [200, 1], [6, 6, 6]]
     got = with_kernel.generate(prompts, adapters=BATCH, max_new_tokens=6, ignore_eos=True)
@@ -195,10 +189,10 @@ def test_kernel_on_without_library_is_one_line_error(mixed, monkeypatch, tmp_pat
         load_bundle(bundle, multilora_kernel="fast")
 
 
-def test_native_slot_copy_writes_the_same_banks(library, mixed, monkeypatch):
+def test_native_slot_copy_writes_the_same_banks(cpu_kernel_library, mixed, monkeypatch):
     _, _, bundle = mixed
     manifest = load_manifest(bundle)
-    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(library.parent))
+    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(cpu_kernel_library.parent))
     host_copy.region_copier.cache_clear()
     try:
         native = AdapterStore(bundle, manifest)
@@ -215,9 +209,9 @@ def test_native_slot_copy_writes_the_same_banks(library, mixed, monkeypatch):
     assert any(not np.array_equal(native.bank(n)[1], native.bank(n)[0]) for n in native.specs)
 
 
-def test_region_copier_splits_large_copies_exactly(library, monkeypatch):
+def test_region_copier_splits_large_copies_exactly(cpu_kernel_library, monkeypatch):
     """Above 4 MiB per thread the copy runs on several threads; every byte must land."""
-    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(library.parent))
+    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(cpu_kernel_library.parent))
     host_copy.region_copier.cache_clear()
     try:
         copy = host_copy.region_copier()
@@ -248,9 +242,11 @@ def test_region_copier_is_none_without_the_library(monkeypatch, tmp_path):
         host_copy.region_copier.cache_clear()
 
 
-def test_kernel_on_for_a_graph_it_cannot_run_is_one_line_error(library, mixed, monkeypatch):
+def test_kernel_on_for_a_graph_it_cannot_run_is_one_line_error(
+    cpu_kernel_library, mixed, monkeypatch
+):
     _, _, bundle = mixed
-    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(library.parent))
+    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(cpu_kernel_library.parent))
     graph = bundle / load_manifest(bundle).graph.file
     with pytest.raises(InferenceError, match="needs an fp32 runtime-adapter bundle on device"):
         OrtBackend(graph, OrtOptions(multilora_kernel="on"), multilora_fp32=False)

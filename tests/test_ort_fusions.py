@@ -12,7 +12,6 @@ import json
 import onnx
 import pytest
 from cli_run import run_cli
-from cpu_kernel import build_cpu_kernel
 from tiny import make_adapter, save_tiny_base, tiny_model
 
 from peft_export import plugins
@@ -72,9 +71,8 @@ def test_fused_runtime_bundle_mixed_batch_matches_peft(tmp_path) -> None:
     assert run_cli("verify", str(bundle), "--prompt", "hello", "--max-new-tokens", "8") == 0
 
 
-def test_fused_runtime_bundle_runs_the_cpu_kernel(tmp_path, monkeypatch) -> None:
-    library = build_cpu_kernel(tmp_path / "build")
-    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(library.parent))
+def test_fused_runtime_bundle_runs_the_cpu_kernel(tmp_path, monkeypatch, cpu_kernel_library):
+    monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(cpu_kernel_library.parent))
     base = save_tiny_base("llama", tmp_path / "base")
     model = tiny_model("llama")
     lora = make_adapter(model, "lora", tmp_path, seed=4)
@@ -86,7 +84,8 @@ def test_fused_runtime_bundle_runs_the_cpu_kernel(tmp_path, monkeypatch) -> None
     )
     kernel = load_bundle(bundle, multilora_kernel="on")
     body = load_bundle(bundle, multilora_kernel="off")
-    assert kernel.describe()["multilora"] == f"cpu kernel ({library})"
+    assert names.MULTILORA_OP in _ops(bundle)
+    assert kernel.describe()["multilora"] == f"cpu kernel ({cpu_kernel_library})"
     prompts = [[5, 17, 42, 99], [7, 8, 9], [11, 12, 13, 14, 15]]
     adapters = ["l", "i", None]
     got = kernel.generate(prompts, adapters=adapters, max_new_tokens=6, ignore_eos=True)
