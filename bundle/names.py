@@ -22,6 +22,14 @@ ADAPTER_FILE_VERSION = "1"
 MULTILORA_DOMAIN = "peft_export"
 MULTILORA_OP = "MultiLoRA"
 MULTILORA_VERSION = 1
+MULTILORA_ADD_OP = "MultiLoRAAdd"
+"""ONNX Runtime-only graphs (`--ort-fusions cpu`): `MultiLoRAAdd{n}` adds the deltas of n
+modules that share an input to their base outputs in one node (docs/bundle-format.md)."""
+MULTILORA_ADD_MAX_MODULES = 8
+
+
+def multilora_add_op(modules: int) -> str:
+    return f"{MULTILORA_ADD_OP}{modules}"
 
 
 def past_key(layer: int) -> str:

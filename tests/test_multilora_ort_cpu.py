@@ -128,6 +128,81 @@ def test_kernel_refuses_inconsistent_shapes(cpu_kernel_library):
         session.run(None, feeds)
 
 
+def _add_model(rank: int, in_f: int, outs: list[int]) -> bytes:
+    """One MultiLoRAAdd{n} node over modules with outputs `outs`, packed in that order."""
+    n = len(outs)
+    banks = [name for i in range(1, n + 1) for name in (f"A{i}", f"B{i}")]
+    op = names.multilora_add_op(n)
+    node = helper.make_node(op, ["x", "ids", "base", *banks], ["y"], domain="peft_export")
+    packed = ["b", "s", "packed"]  # symbolic: the kernel, not ONNX Runtime, checks the width
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", in_f]),
+        helper.make_tensor_value_info("ids", TensorProto.INT64, ["b"]),
+        helper.make_tensor_value_info("base", TensorProto.FLOAT, packed),
+    ]
+    for i, out_f in enumerate(outs, start=1):
+        inputs += [
+            helper.make_tensor_value_info(f"A{i}", TensorProto.FLOAT, ["slots", rank, in_f]),
+            helper.make_tensor_value_info(f"B{i}", TensorProto.FLOAT, ["slots", out_f, rank]),
+        ]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, packed)
+    graph = helper.make_graph([node], "multilora_add", inputs, [output])
+    model = multilora_op.add_function(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    )
+    model.functions.append(multilora_op.add_function_proto(n, 18))
+    return model.SerializeToString()
+
+
+def _add_feeds(batch, seq, in_f, outs, rank, slots, ids, seed) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {
+        "x": rng.standard_normal((batch, seq, in_f), dtype=np.float32),
+        "ids": np.array(ids, dtype=np.int64),
+        "base": rng.standard_normal((batch, seq, sum(outs)), dtype=np.float32),
+    }
+    for i, out_f in enumerate(outs, start=1):
+        feeds[f"A{i}"] = rng.standard_normal((slots, rank, in_f), dtype=np.float32)
+        feeds[f"B{i}"] = rng.standard_normal((slots, out_f, rank), dtype=np.float32)
+        feeds[f"A{i}"][0], feeds[f"B{i}"][0] = 0.0, 0.0
+    return feeds
+
+
+ADD_CASES = {
+    # name: (batch, seq, in, outs, rank, slots, ids)
+    "one module, decode": (4, 1, 40, [24], 8, 4, [1, 0, 3, 1]),
+    "q/k/v packed, decode": (5, 1, 48, [48, 16, 16], 16, 4, [2, 0, 1, 3, -1]),
+    "gate/up packed, prefill": (2, 19, 32, [56, 56], 8, 3, [1, 2]),
+    "outside the banks adds nothing": (3, 2, 16, [8, 8, 8], 4, 3, [7, 0, -9]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADD_CASES))
+def test_add_kernel_matches_reference_and_function_body(cpu_kernel_library, case):
+    batch, seq, in_f, outs, rank, slots, ids = ADD_CASES[case]
+    feeds = _add_feeds(batch, seq, in_f, outs, rank, slots, ids, seed=len(case))
+    model = _add_model(rank, in_f, outs)
+    got = _session(model, cpu_kernel_library).run(None, feeds)[0]
+    deltas = [
+        _reference(feeds["x"], feeds[f"A{i}"], feeds[f"B{i}"], feeds["ids"])
+        for i in range(1, len(outs) + 1)
+    ]
+    want = feeds["base"] + np.concatenate(deltas, axis=-1)
+    scale = np.abs(want).max() * rank
+    assert np.abs(got - want).max() <= 1e-6 * scale
+    if all(0 <= i < slots for i in ids):  # the body's Gather fails outside the banks
+        body = _session(model, None).run(None, feeds)[0]
+        assert np.abs(got - body).max() <= 1e-5 * scale
+
+
+def test_add_kernel_refuses_a_base_of_the_wrong_width(cpu_kernel_library):
+    feeds = _add_feeds(2, 1, 16, [8, 4], 4, 3, [1, 2], seed=0)
+    feeds["base"] = np.zeros((2, 1, 16), np.float32)
+    session = _session(_add_model(4, 16, [8, 4]), cpu_kernel_library)
+    with pytest.raises(Exception, match=r"MultiLoRAAdd2: base \[2, 1, 16\] is not"):
+        session.run(None, feeds)
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     base = tiny_model("llama")

@@ -93,6 +93,39 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     )
 
 
+def add_function_proto(modules: int, opset: int) -> onnx.FunctionProto:
+    """`MultiLoRAAdd{modules}`: y = base + Concat(MultiLoRA(x, A_i, B_i, ids) for each module).
+
+    Inputs (x, adapter_ids, base, A_1, B_1, ..., A_n, B_n): the modules share x, and base is
+    their outputs packed along the last axis in the same order (one module: its own output).
+    The body calls the MultiLoRA function, which the model must carry too."""
+    banks = [name for i in range(1, modules + 1) for name in (f"A{i}", f"B{i}")]
+    nodes = [
+        helper.make_node(
+            names.MULTILORA_OP,
+            ["x", f"A{i}", f"B{i}", "adapter_ids"],
+            [f"delta{i}"],
+            domain=names.MULTILORA_DOMAIN,
+        )
+        for i in range(1, modules + 1)
+    ]
+    deltas = [f"delta{i}" for i in range(1, modules + 1)]
+    if modules > 1:
+        nodes.append(helper.make_node("Concat", deltas, ["delta"], axis=-1))
+    nodes.append(helper.make_node("Add", ["base", "delta" if modules > 1 else deltas[0]], ["y"]))
+    return helper.make_function(
+        names.MULTILORA_DOMAIN,
+        names.multilora_add_op(modules),
+        ["x", "adapter_ids", "base", *banks],
+        ["y"],
+        nodes,
+        [
+            helper.make_opsetid("", opset),
+            helper.make_opsetid(names.MULTILORA_DOMAIN, names.MULTILORA_VERSION),
+        ],
+    )
+
+
 def add_function(model: onnx.ModelProto) -> onnx.ModelProto:
     """Attach the local function and the custom-domain opset import (idempotent)."""
     if not any(

@@ -192,7 +192,9 @@ void build(Plan& plan) {
   for (int64_t row = 0; row < p.batch; ++row) {
     const int64_t slot = resolve_slot(p.ids[row], p.slots);
     if (slot == 0) {
-      std::memset(p.delta + row * p.seq * p.out, 0, sizeof(float) * p.seq * p.out);
+      for (int64_t t = 0; t < p.seq; ++t) {
+        std::memset(p.delta + (row * p.seq + t) * p.delta_stride, 0, sizeof(float) * p.out);
+      }
     } else {
       rows.emplace_back(slot, row);
     }
@@ -276,7 +278,7 @@ void expand_task(void* arg, size_t index) {
   for (int64_t j = block.first; j < block.first + block.count; ++j) {
     const float* v = plan.v.data() + j * p.rank;
     expand_token(v, b_slot, p.rank, p.out, share.lo, share.hi,
-                 p.delta + plan.tokens[static_cast<size_t>(j)] * p.out);
+                 p.delta + plan.tokens[static_cast<size_t>(j)] * p.delta_stride);
   }
 }
 

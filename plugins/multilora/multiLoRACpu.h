@@ -22,8 +22,9 @@ struct Problem {
   const float* a;       // [slots, rank, in]
   const float* b;       // [slots, out, rank]
   const int64_t* ids;   // [batch]; negative counts from the end; 0 or out of range: zeros
-  float* delta;         // [batch, seq, out]
+  float* delta;         // [batch, seq, out], token rows delta_stride floats apart
   int64_t batch, seq, in, out, rank, slots;
+  int64_t delta_stride;  // >= out; > out writes into a slice of a wider (packed) output
 };
 
 /* The host's thread pool: runs fn(arg, i) for every i in [0, count) and returns when all

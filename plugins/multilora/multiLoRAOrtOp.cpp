@@ -1,10 +1,11 @@
 /*
- * ONNX Runtime custom-op library (libpeft_multilora_ort.so): a CPU kernel for
- * peft_export::MultiLoRA v1 on fp32 tensors. ONNX Runtime prefers a registered kernel over
- * the model's local function of the same name, so a session that loads this library
- * (SessionOptions.register_custom_ops_library) runs multiLoRACpu.cpp instead of the
- * Gather + MatMul body. Built against ONNX Runtime's headers only: the API table comes
- * from the process that loads the library.
+ * ONNX Runtime custom-op library (libpeft_multilora_ort.so): CPU kernels for
+ * peft_export::MultiLoRA v1 and, for ONNX Runtime-fused graphs, peft_export::MultiLoRAAdd1..8
+ * (base output + the deltas of modules that share an input, in one node), on fp32 tensors.
+ * ONNX Runtime prefers a registered kernel over the model's local function of the same
+ * name, so a session that loads this library (SessionOptions.register_custom_ops_library)
+ * runs multiLoRACpu.cpp instead of the Gather + MatMul body. Built against ONNX Runtime's
+ * headers only: the API table comes from the process that loads the library.
  */
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -28,6 +29,13 @@ class OrtParallel final : public peft_multilora_cpu::Parallel {
  private:
   const Ort::KernelContext& context_;
 };
+
+// MultiLoRAAdd{n} for n up to this many modules (the exporter packs no more into one node).
+constexpr size_t kMaxAddModules = 8;
+
+std::vector<int64_t> shape_of(const Ort::ConstValue& value) {
+  return value.GetTensorTypeAndShapeInfo().GetShape();
+}
 
 std::string dims(const std::vector<int64_t>& shape) {
   std::string text = "[";
@@ -56,10 +64,10 @@ struct MultiLoRAKernel {
       const Ort::ConstValue a = context.GetInput(1);
       const Ort::ConstValue b = context.GetInput(2);
       const Ort::ConstValue ids = context.GetInput(3);
-      const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
-      const auto as = a.GetTensorTypeAndShapeInfo().GetShape();
-      const auto bs = b.GetTensorTypeAndShapeInfo().GetShape();
-      const auto is = ids.GetTensorTypeAndShapeInfo().GetShape();
+      const auto xs = shape_of(x);
+      const auto as = shape_of(a);
+      const auto bs = shape_of(b);
+      const auto is = shape_of(ids);
       const std::string problem = check_shapes(xs, as, bs, is);
       if (!problem.empty()) {
         return Ort::Status(("peft_export::MultiLoRA: " + problem).c_str(), ORT_INVALID_ARGUMENT)
@@ -69,7 +77,7 @@ struct MultiLoRAKernel {
       const peft_multilora_cpu::Problem p{
           x.GetTensorData<float>(), a.GetTensorData<float>(), b.GetTensorData<float>(),
           ids.GetTensorData<int64_t>(), delta.GetTensorMutableData<float>(),
-          xs[0], xs[1], xs[2], bs[1], as[1], as[0]};
+          xs[0], xs[1], xs[2], bs[1], as[1], as[0], bs[1]};
       peft_multilora_cpu::forward(p, OrtParallel(context));
       return nullptr;
     } catch (const Ort::Exception& e) {
@@ -97,21 +105,117 @@ struct MultiLoRAOp : Ort::CustomOpBase<MultiLoRAOp, MultiLoRAKernel, true> {
   }
 };
 
+// y = base + concat(delta of each module) along the last axis; inputs (x, adapter_ids, base,
+// A_1, B_1, ..., A_n, B_n). Each delta is written into its slice of y, then base is added.
+struct MultiLoRAAddKernel {
+  explicit MultiLoRAAddKernel(size_t modules)
+      : modules_(modules), name_("peft_export::MultiLoRAAdd" + std::to_string(modules) + ": ") {}
+
+  OrtStatusPtr invalid(const std::string& problem) const {
+    return Ort::Status((name_ + problem).c_str(), ORT_INVALID_ARGUMENT).release();
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
+    try {
+      Ort::KernelContext context(raw_context);
+      if (context.GetInputCount() != 3 + 2 * modules_) {
+        return invalid("expects x, adapter_ids, base and " + std::to_string(modules_) +
+                       " (A, B) pairs");
+      }
+      const Ort::ConstValue x = context.GetInput(0);
+      const Ort::ConstValue ids = context.GetInput(1);
+      const Ort::ConstValue base = context.GetInput(2);
+      const auto xs = shape_of(x);
+      const auto is = shape_of(ids);
+      const auto ys = shape_of(base);
+      peft_multilora_cpu::Problem problems[kMaxAddModules];
+      int64_t packed = 0;
+      for (size_t i = 0; i < modules_; ++i) {
+        const Ort::ConstValue a = context.GetInput(3 + 2 * i);
+        const Ort::ConstValue b = context.GetInput(4 + 2 * i);
+        const auto as = shape_of(a);
+        const auto bs = shape_of(b);
+        const std::string problem = check_shapes(xs, as, bs, is);
+        if (!problem.empty()) return invalid(problem);
+        problems[i] = {x.GetTensorData<float>(), a.GetTensorData<float>(),
+                       b.GetTensorData<float>(), ids.GetTensorData<int64_t>(), nullptr,
+                       xs[0], xs[1], xs[2], bs[1], as[1], as[0], 0};
+        packed += bs[1];
+      }
+      if (ys.size() != 3 || ys[0] != xs[0] || ys[1] != xs[1] || ys[2] != packed) {
+        return invalid("base " + dims(ys) + " is not [batch, seq, " + std::to_string(packed) +
+                       "] (x " + dims(xs) + ")");
+      }
+      Ort::UnownedValue out = context.GetOutput(0, ys);
+      float* y = out.GetTensorMutableData<float>();
+      int64_t offset = 0;
+      for (size_t i = 0; i < modules_; ++i) {
+        peft_multilora_cpu::Problem& p = problems[i];
+        p.delta = y + offset;
+        p.delta_stride = packed;
+        peft_multilora_cpu::forward(p, OrtParallel(context));
+        offset += p.out;
+      }
+      const float* from = base.GetTensorData<float>();
+      const int64_t total = ys[0] * ys[1] * packed;
+      for (int64_t i = 0; i < total; ++i) y[i] += from[i];
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Ort::Status(e.what(), e.GetOrtErrorCode()).release();
+    } catch (const std::exception& e) {
+      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION).release();
+    }
+  }
+
+ private:
+  size_t modules_;
+  std::string name_;
+};
+
+struct MultiLoRAAddOp : Ort::CustomOpBase<MultiLoRAAddOp, MultiLoRAAddKernel, true> {
+  explicit MultiLoRAAddOp(size_t modules)
+      : modules_(modules), name_("MultiLoRAAdd" + std::to_string(modules)) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
+    *kernel = new MultiLoRAAddKernel(modules_);
+    return nullptr;
+  }
+  const char* GetName() const { return name_.c_str(); }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 3 ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
+  }
+  int GetVariadicInputMinArity() const { return static_cast<int>(2 * modules_); }
+  bool GetVariadicInputHomogeneity() const { return true; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+
+ private:
+  size_t modules_;
+  std::string name_;
+};
+
 }  // namespace
 
-/* Entry point that SessionOptions.register_custom_ops_library calls. The op and its domain
+/* Entry point that SessionOptions.register_custom_ops_library calls. The ops and their domain
  * live for the whole process: sessions keep pointers to them. */
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(
     OrtSessionOptions* options, const OrtApiBase* api_base) {
   static std::once_flag init;
-  static MultiLoRAOp* op = nullptr;
   static OrtCustomOpDomain* domain = nullptr;
   try {
     std::call_once(init, [api_base] {
       Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
-      op = new MultiLoRAOp();
       Ort::CustomOpDomain owned("peft_export");
-      owned.Add(op);
+      owned.Add(new MultiLoRAOp());
+      for (size_t modules = 1; modules <= kMaxAddModules; ++modules) {
+        owned.Add(new MultiLoRAAddOp(modules));
+      }
       domain = owned.release();
     });
     Ort::UnownedSessionOptions(options).Add(domain);
