@@ -346,8 +346,8 @@ def test_malformed_bundles_are_refused_with_the_fix(cpp_build, tiny_bundle, tmp_
 
 
 def test_ort_fused_bundle_equals_python_runtime(cpp_build, cpu_kernel_library, tmp_path):
-    """A runtime bundle exported with --ort-fusions cpu (opset 23 + contrib ops, MultiLoRA
-    nodes kept) runs in C++ with the MultiLoRA CPU kernel, as in Python."""
+    """A runtime bundle exported with --ort-fusions cpu (opset 23 + contrib ops, LoRA in
+    MultiLoRAAdd{n} nodes) runs in C++ with the MultiLoRA CPU kernel, as in Python."""
     import onnx
     from transformers import AutoModelForCausalLM
 
@@ -372,7 +372,7 @@ def test_ort_fused_bundle_equals_python_runtime(cpp_build, cpu_kernel_library, t
         opset=ORT_OPSET,
     )
     ops = {n.op_type for n in onnx.load(str(bundle / "model.onnx")).graph.node}
-    assert {"Attention", "SkipSimplifiedLayerNormalization", "MultiLoRA"} <= ops
+    assert {"Attention", "SkipSimplifiedLayerNormalization", "MultiLoRAAdd3"} <= ops
     library = str(cpu_kernel_library)
     runtime = CppRuntime(cpp_build, bundle, threads=1, multilora_library=library)
     adapters = ["a", None, "a"]

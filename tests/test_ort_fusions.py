@@ -8,6 +8,7 @@ really happened (fused ops present) so a silently skipped rewrite cannot pass.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import onnx
 import pytest
@@ -22,6 +23,21 @@ from peft_export.runtime import load_bundle
 def _ops(bundle) -> set[str]:
     graph = onnx.load(str(bundle / names.GRAPH), load_external_data=False).graph
     return {n.op_type for n in graph.node}
+
+
+def _lora_nodes(bundle) -> Counter:
+    """The peft_export ops of the main graph, counted. Checks that every module's A and B
+    bank feeds exactly one of them and that each op has its function body."""
+    model = onnx.load(str(bundle / names.GRAPH), load_external_data=False)
+    ours = [n for n in model.graph.node if n.domain == names.MULTILORA_DOMAIN]
+
+    def banks(tensors) -> list[str]:
+        return sorted(t for t in tensors if (p := names.split_lora_input(t)) and p[1] in "AB")
+
+    declared = (t.name for t in load_manifest(bundle).graph.inputs)
+    assert banks(t for n in ours for t in n.input) == banks(declared)
+    assert {n.op_type for n in ours} <= {f.name for f in model.functions}
+    return Counter(n.op_type for n in ours)
 
 
 @pytest.mark.parametrize(
@@ -63,31 +79,42 @@ def test_fused_runtime_bundle_mixed_batch_matches_peft(tmp_path) -> None:
     argv = ["export", "--base", str(base), "--mode", "runtime", "--ort-fusions", "cpu"]
     argv += ["--adapter", f"l={lora}", "--adapter", f"d={dora}", "--out", str(bundle)]
     assert run_cli(*argv) == 0
-    assert {"Attention", "RotaryEmbedding", names.MULTILORA_OP} <= _ops(bundle)
-    model = onnx.load(str(bundle / names.GRAPH), load_external_data=False)
-    assert [(f.domain, f.name) for f in model.functions] == [
-        (names.MULTILORA_DOMAIN, names.MULTILORA_OP)
-    ], "the fusion pass must leave MultiLoRA as one node with its function body"
+    assert {"Attention", "RotaryEmbedding"} <= _ops(bundle)
+    # q/k/v and gate/up share an input and a packed MatMul: one node each; o and down alone.
+    layers = tiny_model("llama").config.num_hidden_layers
+    assert _lora_nodes(bundle) == {
+        names.multilora_add_op(3): layers,
+        names.multilora_add_op(2): layers,
+        names.multilora_add_op(1): 2 * layers,
+    }
     assert run_cli("verify", str(bundle), "--prompt", "hello", "--max-new-tokens", "8") == 0
 
 
-def test_fused_runtime_bundle_runs_the_cpu_kernel(tmp_path, monkeypatch, cpu_kernel_library):
+@pytest.mark.parametrize(
+    ("second", "ops"),
+    [
+        ("ia3", {1}),  # IA3 scales each module's input: nothing shares one, no packing
+        ("dora", {1, 2, 3}),
+    ],
+)
+def test_fused_runtime_bundle_runs_the_cpu_kernel(
+    tmp_path, monkeypatch, cpu_kernel_library, second, ops
+):
     monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(cpu_kernel_library.parent))
     base = save_tiny_base("llama", tmp_path / "base")
     model = tiny_model("llama")
     lora = make_adapter(model, "lora", tmp_path, seed=4)
-    ia3 = make_adapter(model, "ia3", tmp_path, seed=5)
+    other = make_adapter(model, second, tmp_path, seed=5, **({"r": 2} if second == "dora" else {}))
     bundle = tmp_path / "bundle"
     argv = ["export", "--base", str(base), "--mode", "runtime", "--ort-fusions", "cpu"]
-    assert (
-        run_cli(*argv, "--adapter", f"l={lora}", "--adapter", f"i={ia3}", "--out", str(bundle)) == 0
-    )
+    argv += ["--adapter", f"l={lora}", "--adapter", f"o={other}", "--out", str(bundle)]
+    assert run_cli(*argv) == 0
+    assert set(_lora_nodes(bundle)) == {names.multilora_add_op(n) for n in ops}
     kernel = load_bundle(bundle, multilora_kernel="on")
     body = load_bundle(bundle, multilora_kernel="off")
-    assert names.MULTILORA_OP in _ops(bundle)
     assert kernel.describe()["multilora"] == f"cpu kernel ({cpu_kernel_library})"
     prompts = [[5, 17, 42, 99], [7, 8, 9], [11, 12, 13, 14, 15]]
-    adapters = ["l", "i", None]
+    adapters = ["l", "o", None]
     got = kernel.generate(prompts, adapters=adapters, max_new_tokens=6, ignore_eos=True)
     want = body.generate(prompts, adapters=adapters, max_new_tokens=6, ignore_eos=True)
     assert got.token_ids == want.token_ids
