@@ -139,11 +139,3 @@ def add_function(model: onnx.ModelProto) -> onnx.ModelProto:
         )
     return model
 
-
-def count_nodes(model: onnx.ModelProto) -> int:
-    """How many MultiLoRA nodes the main graph holds (one per target module)."""
-    return sum(
-        1
-        for n in model.graph.node
-        if n.domain == names.MULTILORA_DOMAIN and n.op_type == names.MULTILORA_OP
-    )
