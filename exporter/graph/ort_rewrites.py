@@ -200,20 +200,21 @@ def add_lora_deltas_in_one_node(model: Any) -> None:
         if found is None:
             continue
         add, base = found
-        members = _packed_members(base, node)
-        if members is not None:
-            split, pairs = members
-            fused = _multilora_add(split.inputs[0], [m for m, _ in pairs])
-            graph.insert_before(split, fused)
-            split.replace_input_with(0, fused.outputs[0])
-            for out, (member, member_add) in zip(split.outputs, pairs, strict=True):
-                _replace(member_add.outputs[0], out)
-                grouped.add(member)
-        else:
+        packed = _packed_members(base, node)
+        if packed is None:
             fused = _multilora_add(base, [node])
             graph.insert_before(add, fused)
             _replace(add.outputs[0], fused.outputs[0])
-        arities.add(len(fused.inputs) // 2 - 1)
+            arities.add(1)
+            continue
+        split, pairs = packed
+        fused = _multilora_add(split.inputs[0], [member for member, _ in pairs])
+        graph.insert_before(split, fused)
+        split.replace_input_with(0, fused.outputs[0])
+        for out, (member, member_add) in zip(split.outputs, pairs, strict=True):
+            _replace(member_add.outputs[0], out)
+            grouped.add(member)
+        arities.add(len(pairs))
     opset = model.opset_imports[""]
     for modules in sorted(arities):
         function = ir.serde.deserialize_function(multilora_op.add_function_proto(modules, opset))
@@ -270,6 +271,7 @@ def _packed_members(base: Any, first: Any) -> tuple[Any, list[tuple[Any, Any]]] 
 
 
 def _multilora_add(base: Any, members: list[Any]) -> Any:
+    """MultiLoRAAdd{n}(x, ids, base, banks...) for MultiLoRA nodes on one x and ids."""
     x, ids = members[0].inputs[0], members[0].inputs[3]
     banks = [bank for member in members for bank in member.inputs[1:3]]
     node = ir.Node(

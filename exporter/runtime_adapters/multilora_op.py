@@ -138,4 +138,3 @@ def add_function(model: onnx.ModelProto) -> onnx.ModelProto:
             helper.make_opsetid(names.MULTILORA_DOMAIN, names.MULTILORA_VERSION)
         )
     return model
-
