@@ -90,6 +90,24 @@ def test_fused_runtime_bundle_mixed_batch_matches_peft(tmp_path) -> None:
     assert run_cli("verify", str(bundle), "--prompt", "hello", "--max-new-tokens", "8") == 0
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_fused_runtime_bundle_of_other_architectures_matches_peft(tmp_path, arch) -> None:
+    """Qwen2's q/k/v biases and GPT-2's one c_attn module change what the rewrite into
+    MultiLoRAAdd{n} finds; `verify` checks the result against PEFT."""
+    base = save_tiny_base(arch, tmp_path / "base")
+    lora = make_adapter(tiny_model(arch), "lora", tmp_path, seed=6)
+    bundle = tmp_path / "bundle"
+    argv = ["export", "--base", str(base), "--mode", "runtime", "--ort-fusions", "cpu"]
+    assert run_cli(*argv, "--adapter", f"l={lora}", "--out", str(bundle)) == 0
+    ops = _lora_nodes(bundle)
+    assert ops and all(op.startswith(names.MULTILORA_ADD_OP) for op in ops)
+    assert run_cli("verify", str(bundle), "--prompt", "hello", "--max-new-tokens", "8") == 0
+    report = json.loads((bundle / names.PARITY_REPORT).read_text())
+    (entry,) = [e for e in report["adapters"] if e["adapter"] == "l"]
+    assert entry["prefill_logits"]["max_abs"] <= 1e-4
+    assert entry["decode_logits"]["max_abs"] <= 1e-4
+
+
 @pytest.mark.parametrize(
     ("second", "ops"),
     [
