@@ -26,6 +26,7 @@ MULTILORA_ADD_OP = "MultiLoRAAdd"
 """ONNX Runtime-only graphs (`--ort-fusions cpu`): `MultiLoRAAdd{n}` adds the deltas of n
 modules that share an input to their base outputs in one node (docs/bundle-format.md)."""
 MULTILORA_ADD_MAX_MODULES = 8
+"""The CPU kernel library registers MultiLoRAAdd1..8 (plugins/multilora/multiLoRAOrtOp.cpp)."""
 
 
 def multilora_add_op(modules: int) -> str:

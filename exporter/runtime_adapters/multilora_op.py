@@ -4,6 +4,8 @@ Tracing sees one opaque op per target module, so the exported graph holds one
 `peft_export.MultiLoRA` node (what the TensorRT plugin replaces) instead of a Gather/MatMul
 pattern that would have to be found again. The model also carries a local function of the same
 name whose body is the reference in standard ops, so any runtime without the plugin runs it.
+`MultiLoRAAdd{n}`'s function (ONNX Runtime-fused graphs, exporter/graph/ort_rewrites.py) is
+here too: its body calls MultiLoRA's.
 """
 
 from __future__ import annotations
