@@ -56,35 +56,61 @@ std::string check_shapes(const std::vector<int64_t>& x, const std::vector<int64_
   return {};
 }
 
+// Runs `compute`, turning an exception into the status ONNX Runtime expects.
+template <typename Compute>
+OrtStatusPtr guarded(Compute compute) {
+  try {
+    return compute();
+  } catch (const Ort::Exception& e) {
+    return Ort::Status(e.what(), e.GetOrtErrorCode()).release();
+  } catch (const std::exception& e) {
+    return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION).release();
+  }
+}
+
+// x [batch, seq, in] and adapter_ids [batch]: what every module of a node shares.
+struct Rows {
+  Rows(const Ort::KernelContext& context, size_t x_input, size_t ids_input)
+      : x(context.GetInput(x_input)), ids(context.GetInput(ids_input)), xs(shape_of(x)),
+        is(shape_of(ids)) {}
+  Ort::ConstValue x, ids;
+  std::vector<int64_t> xs, is;
+};
+
+// Fills `p` for the banks at inputs a_input (A) and a_input + 1 (B), its delta still unset
+// and rows of `out` floats, and returns ""; or says what does not fit, leaving `p` alone.
+std::string module_problem(const Ort::KernelContext& context, const Rows& rows, size_t a_input,
+                           peft_multilora_cpu::Problem& p) {
+  const Ort::ConstValue a = context.GetInput(a_input);
+  const Ort::ConstValue b = context.GetInput(a_input + 1);
+  const auto as = shape_of(a);
+  const auto bs = shape_of(b);
+  std::string wrong = check_shapes(rows.xs, as, bs, rows.is);
+  if (wrong.empty()) {
+    const auto& xs = rows.xs;
+    p = {rows.x.GetTensorData<float>(), a.GetTensorData<float>(), b.GetTensorData<float>(),
+         rows.ids.GetTensorData<int64_t>(), nullptr, xs[0], xs[1], xs[2], bs[1], as[1], as[0],
+         bs[1]};
+  }
+  return wrong;
+}
+
 struct MultiLoRAKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
-    try {
+    return guarded([raw_context]() -> OrtStatusPtr {
       Ort::KernelContext context(raw_context);
-      const Ort::ConstValue x = context.GetInput(0);
-      const Ort::ConstValue a = context.GetInput(1);
-      const Ort::ConstValue b = context.GetInput(2);
-      const Ort::ConstValue ids = context.GetInput(3);
-      const auto xs = shape_of(x);
-      const auto as = shape_of(a);
-      const auto bs = shape_of(b);
-      const auto is = shape_of(ids);
-      const std::string problem = check_shapes(xs, as, bs, is);
+      const Rows rows(context, 0, 3);
+      peft_multilora_cpu::Problem p;
+      const std::string problem = module_problem(context, rows, 1, p);
       if (!problem.empty()) {
         return Ort::Status(("peft_export::MultiLoRA: " + problem).c_str(), ORT_INVALID_ARGUMENT)
             .release();
       }
-      Ort::UnownedValue delta = context.GetOutput(0, {xs[0], xs[1], bs[1]});
-      const peft_multilora_cpu::Problem p{
-          x.GetTensorData<float>(), a.GetTensorData<float>(), b.GetTensorData<float>(),
-          ids.GetTensorData<int64_t>(), delta.GetTensorMutableData<float>(),
-          xs[0], xs[1], xs[2], bs[1], as[1], as[0], bs[1]};
+      Ort::UnownedValue delta = context.GetOutput(0, {p.batch, p.seq, p.out});
+      p.delta = delta.GetTensorMutableData<float>();
       peft_multilora_cpu::forward(p, OrtParallel(context));
       return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e.what(), e.GetOrtErrorCode()).release();
-    } catch (const std::exception& e) {
-      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION).release();
-    }
+    });
   }
 };
 
@@ -116,32 +142,23 @@ struct MultiLoRAAddKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
-    try {
+    return guarded([this, raw_context]() -> OrtStatusPtr {
       Ort::KernelContext context(raw_context);
       if (context.GetInputCount() != 3 + 2 * modules_) {
         return invalid("expects x, adapter_ids, base and " + std::to_string(modules_) +
                        " (A, B) pairs");
       }
-      const Ort::ConstValue x = context.GetInput(0);
-      const Ort::ConstValue ids = context.GetInput(1);
+      const Rows rows(context, 0, 1);
       const Ort::ConstValue base = context.GetInput(2);
-      const auto xs = shape_of(x);
-      const auto is = shape_of(ids);
       const auto ys = shape_of(base);
       peft_multilora_cpu::Problem problems[kMaxAddModules];
       int64_t packed = 0;
       for (size_t i = 0; i < modules_; ++i) {
-        const Ort::ConstValue a = context.GetInput(3 + 2 * i);
-        const Ort::ConstValue b = context.GetInput(4 + 2 * i);
-        const auto as = shape_of(a);
-        const auto bs = shape_of(b);
-        const std::string problem = check_shapes(xs, as, bs, is);
+        const std::string problem = module_problem(context, rows, 3 + 2 * i, problems[i]);
         if (!problem.empty()) return invalid(problem);
-        problems[i] = {x.GetTensorData<float>(), a.GetTensorData<float>(),
-                       b.GetTensorData<float>(), ids.GetTensorData<int64_t>(), nullptr,
-                       xs[0], xs[1], xs[2], bs[1], as[1], as[0], 0};
-        packed += bs[1];
+        packed += problems[i].out;
       }
+      const auto& xs = rows.xs;
       if (ys.size() != 3 || ys[0] != xs[0] || ys[1] != xs[1] || ys[2] != packed) {
         return invalid("base " + dims(ys) + " is not [batch, seq, " + std::to_string(packed) +
                        "] (x " + dims(xs) + ")");
@@ -160,11 +177,7 @@ struct MultiLoRAAddKernel {
       const int64_t total = ys[0] * ys[1] * packed;
       for (int64_t i = 0; i < total; ++i) y[i] += from[i];
       return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::Status(e.what(), e.GetOrtErrorCode()).release();
-    } catch (const std::exception& e) {
-      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION).release();
-    }
+    });
   }
 
  private:
