@@ -6,17 +6,15 @@ another provider serves (prompt-side methods), get slot 0, the base model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import numpy as np
 
 from peft_export.bundle import names
+from peft_export.bundle.manifest import Manifest
 from peft_export.runtime.adapter_store import LORA_METHODS, AdapterStore, bank_specs
 from peft_export.runtime.backends.base import TensorView
 from peft_export.runtime.providers import InputProvider, RequestContext, StepState
-
-if TYPE_CHECKING:
-    from peft_export.runtime.session import Bundle
 
 
 class LoraBankProvider(InputProvider):
@@ -47,11 +45,10 @@ class LoraBankProvider(InputProvider):
             self.store.release(lease)
 
 
-def provider_for_bundle(bundle: Bundle) -> LoraBankProvider | None:
-    """PROVIDER_FACTORIES entry: a provider when the graph has LoRA banks."""
-    manifest = bundle.manifest
+def provider_for_manifest(root: Path, manifest: Manifest) -> LoraBankProvider | None:
+    """EARLY_PROVIDER_FACTORIES entry: a provider when the graph has LoRA banks."""
     if manifest.mode != "runtime" or not bank_specs(manifest):
         return None
     if not any(m in LORA_METHODS for m in manifest.adapters.methods):
         return None
-    return LoraBankProvider(AdapterStore(bundle.root, manifest))
+    return LoraBankProvider(AdapterStore(root, manifest))
