@@ -6,15 +6,17 @@ another provider serves (prompt-side methods), get slot 0, the base model.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from peft_export.bundle import names
-from peft_export.bundle.manifest import Manifest
 from peft_export.runtime.adapter_store import LORA_METHODS, AdapterStore, bank_specs
 from peft_export.runtime.backends.base import TensorView
 from peft_export.runtime.providers import InputProvider, RequestContext, StepState
+
+if TYPE_CHECKING:
+    from peft_export.runtime.session import Bundle
 
 
 class LoraBankProvider(InputProvider):
@@ -45,10 +47,11 @@ class LoraBankProvider(InputProvider):
             self.store.release(lease)
 
 
-def provider_for_manifest(root: Path, manifest: Manifest) -> LoraBankProvider | None:
-    """EARLY_PROVIDER_FACTORIES entry: a provider when the graph has LoRA banks."""
+def provider_for_bundle(bundle: Bundle) -> LoraBankProvider | None:
+    """PROVIDER_FACTORIES entry: a provider when the graph has LoRA banks."""
+    manifest = bundle.manifest
     if manifest.mode != "runtime" or not bank_specs(manifest):
         return None
     if not any(m in LORA_METHODS for m in manifest.adapters.methods):
         return None
-    return LoraBankProvider(AdapterStore(root, manifest))
+    return LoraBankProvider(AdapterStore(bundle.root, manifest))

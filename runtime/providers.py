@@ -12,10 +12,8 @@ The loop then builds the mask as [prefix | prompt | text] (each part per row, 0 
 has nothing there) and positions as cumsum(mask) - 1, which is how PEFT numbers them.
 
 Providers are shared by concurrent requests: keep per-request state in `ctx.state`, never on
-`self`. Providers that come with the runtime are listed as "module:function" and built
-when a bundle loads: those in EARLY_PROVIDER_FACTORIES (function(root, manifest)) before the
-backend, so it can hold their fixed feeds; those in PROVIDER_FACTORIES (function(bundle))
-after it. Each function returns an InputProvider, or None where the bundle needs none.
+`self`. Providers that come with the runtime are listed in PROVIDER_FACTORIES as
+"module:function" (function(bundle) -> InputProvider | None) and built when a bundle loads.
 """
 
 from __future__ import annotations
@@ -32,15 +30,12 @@ if TYPE_CHECKING:
     from peft_export.runtime.request import GenerationRequest
     from peft_export.runtime.session import Bundle
 
-EARLY_PROVIDER_FACTORIES: tuple[str, ...] = (
-    "peft_export.runtime.adapters_provider:provider_for_manifest",
-)
-"""Built-in providers that need only the bundle's files (LoRA banks)."""
 PROVIDER_FACTORIES: tuple[str, ...] = (
+    "peft_export.runtime.adapters_provider:provider_for_bundle",
     "peft_export.runtime.prompt_inputs:provider_for_bundle",
     "peft_export.runtime.refit_swap:provider_for_bundle",
 )
-"""Built-in providers that need the loaded backend (its dtypes, refit)."""
+"""Built-in providers, "module:function"; each returns a provider for a bundle, or None."""
 
 
 @dataclass

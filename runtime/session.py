@@ -15,11 +15,7 @@ from peft_export.bundle.manifest import Manifest, load_manifest
 from peft_export.runtime.backends import BACKENDS
 from peft_export.runtime.backends.base import Backend, Feed
 from peft_export.runtime.errors import InferenceError
-from peft_export.runtime.providers import (
-    EARLY_PROVIDER_FACTORIES,
-    PROVIDER_FACTORIES,
-    InputProvider,
-)
+from peft_export.runtime.providers import PROVIDER_FACTORIES, InputProvider
 from peft_export.runtime.request import (
     GenerationRequest,
     GenerationResult,
@@ -57,8 +53,7 @@ class Bundle:
         self.backend = backend
         self.codec = codec
         self.input_providers: list[InputProvider] = list(providers)
-        self.input_names = frozenset(s.name for s in backend.inputs()) - backend.held_inputs
-        """The inputs each run passes (those the backend holds are never passed)."""
+        self.input_names = frozenset(spec.name for spec in backend.inputs())
         self._fixed_feeds: dict[str, Feed] | None = None
         self.fixed_version = 0
         """Bumped when providers change, so workspaces bind the fixed feeds again."""
@@ -180,14 +175,13 @@ def load_bundle(
     _kv_dtype(manifest)
     codec = TextCodec.from_bundle(root, manifest)
     backend_cls = _backend_class(backend)
-    early = [p for f in _factories(EARLY_PROVIDER_FACTORIES) if (p := f(root, manifest))]
-    fixed: dict[str, Feed] = {}
-    for provider in early:
-        fixed.update(provider.fixed_feeds())
-    loaded = backend_cls.from_bundle(root, manifest, fixed=fixed, **backend_options)
+    loaded = backend_cls.from_bundle(root, manifest, **backend_options)
     bundle = Bundle(root, manifest, loaded, codec, prefill_chunk=prefill_chunk)
-    late = [p for f in _factories(PROVIDER_FACTORIES) if (p := f(bundle))]
-    for provider in [*early, *late, *providers]:
+    for factory in _provider_factories():
+        provider = factory(bundle)
+        if provider is not None:
+            bundle.add_input_provider(provider)
+    for provider in providers:
         bundle.add_input_provider(provider)
     return bundle
 
@@ -207,9 +201,9 @@ def _backend_class(name: str) -> type[Backend]:
     return getattr(module, attr)
 
 
-def _factories(targets: Sequence[str]) -> list[Callable[..., InputProvider | None]]:
+def _provider_factories() -> list[Callable[[Bundle], InputProvider | None]]:
     factories = []
-    for target in targets:
+    for target in PROVIDER_FACTORIES:
         module_name, _, attr = target.partition(":")
         factories.append(getattr(importlib.import_module(module_name), attr))
     return factories

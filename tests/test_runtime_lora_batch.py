@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import copy
 import random
-import shutil
 import threading
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -24,9 +22,7 @@ from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
 from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
 from peft_export.runtime.adapter_store import AdapterStore
 from peft_export.runtime.adapters_provider import LoraBankProvider
-from peft_export.runtime.backends.ort import OrtBackend
-from peft_export.runtime.session import Bundle, load_bundle
-from peft_export.runtime.text import TextCodec
+from peft_export.runtime.session import load_bundle
 from tests.ort_graph import OrtGraph
 from tests.tiny import make_adapters, tiny_model
 
@@ -142,23 +138,12 @@ def test_onnx_runtime_adapter_format(mixed):
     assert np.abs(got - want).max() <= TOL
 
 
-def _with_slots(root, slots: int, **options) -> Bundle:
-    """`root` loaded as load_bundle does, with a store of `slots` slots (forces evictions)."""
-    manifest = load_manifest(root)
-    store = AdapterStore(root, manifest, slots=slots)
-    provider = LoraBankProvider(store)
-    backend = OrtBackend.from_bundle(root, manifest, fixed=provider.fixed_feeds(), **options)
-    bundle = Bundle(root, manifest, backend, TextCodec.from_bundle(root, manifest))
-    bundle.add_input_provider(provider)
-    return bundle
-
-
-@pytest.mark.parametrize("hold", [True, False], ids=["held-banks", "bound-banks"])
-def test_concurrent_requests_while_adapters_are_loaded_and_evicted(mixed, hold):
+def test_concurrent_requests_while_adapters_are_loaded_and_evicted(mixed):
     _, _, bundle = mixed
-    loaded = _with_slots(bundle, 3, threads=1, hold_fixed_inputs=hold)
-    store = loaded.input_providers[0].store
-    assert bool(loaded.backend.held_inputs) == hold
+    loaded = load_bundle(bundle, threads=1)
+    provider = next(p for p in loaded.input_providers if isinstance(p, LoraBankProvider))
+    store = AdapterStore(bundle, loaded.manifest, slots=3)
+    provider.store = store
     choices = [None, "r2", "r4", "r8", "rs", "do", "ia", "ad"]
     prompt = [5, 77, 130, 9]
     reference = {
@@ -203,7 +188,7 @@ def _merged(base, adapter_dir):
 @pytest.mark.parametrize("retains", [True, False])
 def test_banks_are_bound_once_per_binding_where_the_backend_keeps_them(mixed, retains):
     _, _, bundle_dir = mixed
-    bundle = load_bundle(bundle_dir, threads=1, hold_fixed_inputs=False)
+    bundle = load_bundle(bundle_dir, threads=1)
     bundle.backend.retains_inputs = retains
     banks = set(bundle.fixed_feeds())
     assert banks and all(name.startswith("lora.") for name in banks)
@@ -221,48 +206,3 @@ def test_banks_are_bound_once_per_binding_where_the_backend_keeps_them(mixed, re
     assert all(names.ADAPTER_IDS in fed for fed in calls)
     assert with_banks == ([True] + [False] * (len(calls) - 1) if retains else [True] * len(calls))
     assert first.token_ids != second.token_ids
-
-
-def test_held_banks_are_never_passed_and_match_bound_banks(mixed):
-    """The session holds the banks (ONNX Runtime borrows the store's buffers): runs never get
-    them, slots written after loading are seen, and every row equals the bound-bank run."""
-    _, _, bundle_dir = mixed
-    held = load_bundle(bundle_dir, threads=1)
-    bound = load_bundle(bundle_dir, threads=1, hold_fixed_inputs=False)
-    banks = set(held.fixed_feeds())
-    assert held.backend.held_inputs == banks and not bound.backend.held_inputs
-    assert held.describe()["held_inputs"] == len(banks)
-    calls: list[set[str]] = []
-    run = held.backend.run
-
-    def recording_run(binding, feeds, outputs):
-        calls.append(set(feeds))
-        run(binding, feeds, outputs)
-
-    held.backend.run = recording_run
-    prompts = [[5, 6, 7], [9, 2], [44, 3, 1, 8], [7]] * 2
-    for adapters in (BATCH, BATCH[::-1]):
-        got = held.generate(prompts, adapters=adapters, max_new_tokens=4, ignore_eos=True)
-        want = bound.generate(prompts, adapters=adapters, max_new_tokens=4, ignore_eos=True)
-        assert got.token_ids == want.token_ids
-    assert calls and not any(banks & fed for fed in calls)
-
-
-def test_banks_are_bound_when_the_weights_are_in_an_external_data_file(mixed, tmp_path):
-    """ONNX Runtime would look for a graph's external data (bundles over 2 GB) among the
-    in-memory files that hold the banks, so such graphs bind their banks every step."""
-    _, _, bundle_dir = mixed
-    copy_dir = tmp_path / "external"
-    shutil.copytree(bundle_dir, copy_dir)
-    graph = onnx.load(str(copy_dir / names.GRAPH))
-    onnx.save(graph, str(copy_dir / names.GRAPH), save_as_external_data=True, location="w.data")
-    assert (copy_dir / "w.data").stat().st_size > 0
-    external = load_bundle(copy_dir, threads=1)
-    assert not external.backend.held_inputs
-    prompts = [[5, 6, 7], [9, 2]]
-    rows = ["do", "r8"]
-    got = external.generate(prompts, adapters=rows, max_new_tokens=4, ignore_eos=True)
-    want = load_bundle(bundle_dir, threads=1).generate(
-        prompts, adapters=rows, max_new_tokens=4, ignore_eos=True
-    )
-    assert got.token_ids == want.token_ids

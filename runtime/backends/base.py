@@ -109,24 +109,12 @@ class Backend(abc.ABC):
     retains_inputs: bool = False
     """True when inputs bound by a run stay bound for later runs on the same binding (ONNX
     Runtime's IOBinding): `run` may then omit feeds an earlier run on that binding passed."""
-    held_inputs: frozenset[str] = frozenset()
-    """Graph inputs the backend holds itself, on the buffers it was given as `fixed` when it
-    loaded; `run` never gets them (ONNX Runtime on the CPU: LoRA banks)."""
 
     @classmethod
     @abc.abstractmethod
-    def from_bundle(
-        cls,
-        root: Path,
-        manifest: Manifest,
-        *,
-        fixed: Mapping[str, Feed] | None = None,
-        **options: Any,
-    ) -> Backend:
+    def from_bundle(cls, root: Path, manifest: Manifest, **options: Any) -> Backend:
         """Load this backend's artefact of a validated bundle (graph or engine).
 
-        `fixed` holds inputs whose buffers never move (InputProvider.fixed_feeds), known
-        before loading; a backend may hold them (`held_inputs`) or leave them to `run`.
         Unknown options raise InferenceError naming the accepted ones."""
 
     @abc.abstractmethod

@@ -19,7 +19,6 @@ from peft_export.bundle import names
 from peft_export.bundle.manifest import Manifest
 from peft_export.bundle.paths import confined
 from peft_export.runtime import huge_pages
-from peft_export.runtime.backends import ort_held_inputs
 from peft_export.runtime.backends.base import (
     Backend,
     Buffer,
@@ -65,10 +64,6 @@ class OrtOptions:
     """CPU only: after loading, move the memory the session allocated (its weights) onto
     2 MiB pages (runtime/huge_pages.py). Takes ~1-2 s per GB once; decode steps then miss
     the TLB far less."""
-    hold_fixed_inputs: bool = True
-    """CPU only: inputs whose buffers never move (LoRA banks) become initializers of the
-    session that point at those buffers, so a step does not pass them
-    (runtime/backends/ort_held_inputs.py); False binds them like other inputs."""
     multilora_kernel: str = "auto"
     """MultiLoRA nodes of fp32 graphs on the CPU: "auto" runs the CPU kernel library
     (plugins/multilora, libpeft_multilora_ort.so) when it is built, else the op's ONNX
@@ -149,10 +144,8 @@ class OrtBackend(Backend):
         options: OrtOptions | None = None,
         *,
         multilora_fp32: bool = False,
-        fixed: Mapping[str, Feed] | None = None,
     ) -> None:
-        """`multilora_fp32`: the graph has fp32 MultiLoRA nodes that the CPU kernel can run.
-        `fixed`: graph inputs whose buffers never move, which the session may hold."""
+        """`multilora_fp32`: the graph has fp32 MultiLoRA nodes that the CPU kernel can run."""
         import onnxruntime as ort
 
         self.options = options or OrtOptions()
@@ -169,43 +162,26 @@ class OrtBackend(Backend):
                     f"{self.multilora_library}: ONNX Runtime could not load the MultiLoRA CPU "
                     f"kernel ({_first_line(exc)}); rebuild it, or pass multilora_kernel='off'"
                 ) from None
-        self._held = self._holdable(fixed or {})
-        source: str | bytes | None = None
-        if self._held:
-            source = ort_held_inputs.hold(session_options, Path(graph_path), self._held)
-        if source is None:
-            self._held, source = {}, str(graph_path)
         collapse = self.options.huge_pages and self.device == "cpu"
         before = huge_pages.anonymous_ranges() if collapse else []
         try:
             self.session = ort.InferenceSession(
-                source, sess_options=session_options, providers=providers
+                str(graph_path), sess_options=session_options, providers=providers
             )
         except Exception as exc:  # ORT raises several private exception types
             raise InferenceError(
                 f"{graph_path}: ONNX Runtime could not load the graph ({_first_line(exc)}); "
                 "re-export the bundle with this onnxruntime version installed"
             ) from None
-        del source  # the graph's bytes when held: no longer needed once loaded
         self.huge_page_bytes = 0
         if collapse:
             grown = huge_pages.new_ranges(before, huge_pages.anonymous_ranges())
             self.huge_page_bytes = huge_pages.collapse(grown)
-        overridable = self.session.get_overridable_initializers()
-        held = [arg for arg in overridable if arg.name in self._held]
-        self.held_inputs = frozenset(arg.name for arg in held)
-        self._inputs = [_spec(arg) for arg in [*self.session.get_inputs(), *held]]
+        self._inputs = [_spec(arg) for arg in self.session.get_inputs()]
         self._outputs = [_spec(arg) for arg in self.session.get_outputs()]
 
     @classmethod
-    def from_bundle(
-        cls,
-        root: Path,
-        manifest: Manifest,
-        *,
-        fixed: Mapping[str, Feed] | None = None,
-        **options: Any,
-    ) -> OrtBackend:
+    def from_bundle(cls, root: Path, manifest: Manifest, **options: Any) -> OrtBackend:
         known = {f.name for f in dataclasses.fields(OrtOptions)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -225,9 +201,7 @@ class OrtBackend(Backend):
             (split := names.split_lora_input(t.name)) is not None and split[1] == "A"
             for t in manifest.graph.inputs
         )
-        declared = {t.name for t in manifest.graph.inputs}
-        fixed = {k: v for k, v in (fixed or {}).items() if k in declared}
-        return cls(graph, OrtOptions(**options), multilora_fp32=multilora_fp32, fixed=fixed)
+        return cls(graph, OrtOptions(**options), multilora_fp32=multilora_fp32)
 
     def _providers(self, ort: object) -> list[str]:
         available = ort.get_available_providers()
@@ -262,18 +236,6 @@ class OrtBackend(Backend):
             if mode == "on":
                 raise InferenceError(str(exc)) from None
             return None
-
-    def _holdable(self, fixed: Mapping[str, Feed]) -> dict[str, np.ndarray]:
-        """The fixed inputs this session will hold: host arrays, on the CPU, when asked."""
-        if not fixed or not self.options.hold_fixed_inputs or self.device != "cpu":
-            return {}
-        arrays = {
-            name: feed.numpy() if isinstance(feed, TensorView) else feed
-            for name, feed in fixed.items()
-            if not isinstance(feed, TensorView) or feed.on_host
-        }
-        held = {name: a for name, a in arrays.items() if ort_held_inputs.can_hold(a)}
-        return held if held and ort_held_inputs.borrows_buffers() else {}
 
     def _session_options(self, ort: object) -> object:
         levels = {
@@ -353,7 +315,6 @@ class OrtBackend(Backend):
             "denormals_as_zero": self.options.denormals_as_zero,
             "optimization": self.options.optimization,
             "huge_page_mib": self.huge_page_bytes >> 20,
-            "held_inputs": len(self.held_inputs),
             "multilora": (
                 f"cpu kernel ({self.multilora_library})"
                 if self.multilora_library

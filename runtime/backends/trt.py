@@ -96,15 +96,7 @@ class TrtBackend(Backend):
         self._refit_modified: set[str] | None = None
 
     @classmethod
-    def from_bundle(
-        cls,
-        root: Path,
-        manifest: Manifest,
-        *,
-        fixed: Mapping[str, Feed] | None = None,
-        **options: Any,
-    ) -> TrtBackend:
-        """`fixed` is not held: TensorRT binds every input by address on each run anyway."""
+    def from_bundle(cls, root: Path, manifest: Manifest, **options: Any) -> TrtBackend:
         known = {"engine"}
         unknown = sorted(set(options) - known)
         if unknown:
