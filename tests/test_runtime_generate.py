@@ -46,8 +46,7 @@ def bundle(bundle_dir):
 def test_huge_pages_move_memory_not_results(bundle_dir):
     plain = load_bundle(bundle_dir, threads=1, huge_pages=False)
     assert plain.describe()["huge_page_mib"] == 0
-    huge = load_bundle(bundle_dir, threads=1)
-    assert huge.describe()["huge_page_mib"] >= 0
+    huge = load_bundle(bundle_dir, threads=1)  # a tiny model may span no whole huge page
     want = plain.generate(PROMPTS, max_new_tokens=5, ignore_eos=True).token_ids
     assert huge.generate(PROMPTS, max_new_tokens=5, ignore_eos=True).token_ids == want
 
