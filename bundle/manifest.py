@@ -107,6 +107,31 @@ class EngineRecord:
 
 
 @dataclasses.dataclass
+class QuantizedModule:
+    """One quantized linear layer: where its values came from and its graph tensors."""
+
+    source: str
+    """"rtn" (ONNX Runtime's quantizer, at export) or "gguf:Q4_0" and the like (carried)."""
+    weight: str
+    scales: str
+    zero_points: str = ""
+    """Empty: the format's default zero point (2**(bits-1)); symmetric quantization."""
+
+
+@dataclasses.dataclass
+class Quantization:
+    """Weight-only block quantization of the base's linear layers (adapters stay float)."""
+
+    bits: int
+    block_size: int
+    format: Literal["matmulnbits", "qdq"]
+    accuracy_level: int = 0
+    modules: dict[str, QuantizedModule] = dataclasses.field(default_factory=dict)
+    kept: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Linear layers left at full precision, and why (--quant-skip, shape)."""
+
+
+@dataclasses.dataclass
 class BaseModelInfo:
     source: str
     architecture: str
@@ -129,6 +154,7 @@ class Manifest:
     generation: dict[str, Any] = dataclasses.field(default_factory=dict)
     engines: list[EngineRecord] = dataclasses.field(default_factory=list)
     producer: dict[str, str] = dataclasses.field(default_factory=dict)
+    quantization: Quantization | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

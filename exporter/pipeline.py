@@ -40,6 +40,10 @@ from peft_export.exporter.graph.extension import GraphExtension
 from peft_export.exporter.graph.onnx_export import OPSET, export_onnx
 from peft_export.exporter.graph.wrapper import DecoderWrapper
 from peft_export.exporter.merge import merge_adapter, merge_peft_model
+from peft_export.exporter.quantize.apply import QuantizedModel, quantize_model
+from peft_export.exporter.quantize.blocks import BlockQuantized
+from peft_export.exporter.quantize.graph import quantize_graph_file
+from peft_export.exporter.quantize.scheme import QDQ_OPSET, QuantScheme
 from peft_export.models.architectures import ArchSpec, get_arch
 
 MODES = ("merged", "runtime")
@@ -107,12 +111,16 @@ def export_bundle(
     post_steps: Sequence[PostStep] = (),
     options: dict[str, Any] | None = None,
     opset: int = OPSET,
+    quantize: QuantScheme | None = None,
+    carried_blocks: dict[str, BlockQuantized] | None = None,
     console: Console | None = None,
 ) -> Manifest:
     """Export `base` with `adapters` ((name, dir) pairs or "NAME=DIR") into the bundle `out`.
 
     merged: zero or one adapter, folded into the weights. runtime: every adapter is served
-    by a plan from `planners`. The base model object is not modified.
+    by a plan from `planners`. The base model object is not modified. `quantize` stores the
+    base's linear weights block-quantized (merged: after merging); `carried_blocks` are the
+    source file's own blocks by parameter name (a GGUF's), used where they fit the scheme.
     """
     console = console or Console(stderr=True, quiet=True)
     if mode not in MODES:
@@ -147,6 +155,17 @@ def export_bundle(
         }
     dtype = bundle_writer.PRECISION_DTYPES[precision]
     model = model.to(dtype)
+    quantized = None
+    if quantize is not None:
+        if precision != "fp32":
+            raise ExportError("--quantize keeps activations in fp32; drop --precision or use fp32")
+        with console.status(f"quantizing the base's linear layers to {quantize.level}") as status:
+            quantized = quantize_model(
+                model, quantize, carried=carried_blocks, progress=status.update
+            )
+        console.log(f"quantized {len(quantized.blocks)} layers: {quantized.sources()}")
+        if quantize.graph_format == "qdq":
+            opset = max(opset, QDQ_OPSET)
     context = ExportContext(
         model=model,
         arch=spec,
@@ -176,6 +195,7 @@ def export_bundle(
             lambda stage, manifest, step=step: step(stage, manifest, context) for step in post_steps
         ],
         opset=opset,
+        quantized=quantized,
         console=console,
     )
 
@@ -196,6 +216,7 @@ def export_model(
     force: bool = False,
     post_steps: Sequence[Callable[[Path, Manifest], None]] = (),
     opset: int = OPSET,
+    quantized: QuantizedModel | None = None,
     console: Console | None = None,
 ) -> Manifest:
     """Write a bundle for an in-memory HF causal LM (plain, merged, or a LoRA-family PeftModel).
@@ -226,6 +247,10 @@ def export_model(
                 opset=opset,
                 console=console,
             )
+            quantization = None
+            if quantized is not None:
+                with console.status("writing the quantized weights into the graph"):
+                    quantization = quantize_graph_file(stage / names.GRAPH, quantized)
             for extension in extensions:
                 extension.describe(layout)
             for write in writers:
@@ -243,6 +268,7 @@ def export_model(
                 adapters=layout,
                 tokenizer=bundle_writer.tokenizer_info(stage, model),
             )
+            manifest.quantization = quantization
             bundle_writer.write_manifest(stage, manifest)
             for step in post_steps:
                 step(stage, manifest)

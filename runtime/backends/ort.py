@@ -41,6 +41,9 @@ ORT_TYPES = {
 }
 
 
+QDQ_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+
+
 @dataclass
 class OrtOptions:
     """Session options; the defaults are the fast ones for CPU decoding.
@@ -201,6 +204,13 @@ class OrtBackend(Backend):
             (split := names.split_lora_input(t.name)) is not None and split[1] == "A"
             for t in manifest.graph.inputs
         )
+        if manifest.quantization is not None:
+            # ONNX Runtime turns block-wise DequantizeLinear -> MatMul into MatMulNBits, at
+            # accuracy level 4 (int8 activations) unless told otherwise: keep the bundle's.
+            options["extra_config"] = {
+                QDQ_ACCURACY_KEY: str(manifest.quantization.accuracy_level),
+                **options.get("extra_config", {}),
+            }
         return cls(graph, OrtOptions(**options), multilora_fp32=multilora_fp32)
 
     def _providers(self, ort: object) -> list[str]:

@@ -1,0 +1,105 @@
+"""Quantize the PyTorch model's linear weights in place, before tracing.
+
+Each selected layer's weight is replaced by its dequantized value, so every later step sees
+what the graph will compute: the traced graph (whose float weights `graph.rewrite` then
+swaps for the quantized form), DoRA's magnitude ratio against the base, the LoRA banks' base
+targets, and `verify`'s PyTorch reference. The quantized blocks are returned by module path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from peft_export.exporter.errors import ExportError
+from peft_export.exporter.quantize.blocks import BlockQuantized
+from peft_export.exporter.quantize.rtn import quantize_rtn
+from peft_export.exporter.quantize.scheme import QuantScheme, is_conv1d, linear_weights
+
+
+@dataclass
+class QuantizedModel:
+    """What `quantize_model` did: blocks by module path, and the layers it left alone."""
+
+    scheme: QuantScheme
+    blocks: dict[str, BlockQuantized] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    """Module path -> why it stays at full precision."""
+
+    def sources(self) -> dict[str, int]:
+        """How many layers came from each source ("rtn", "gguf:Q4_0", ...)."""
+        counts: dict[str, int] = {}
+        for block in self.blocks.values():
+            counts[block.source] = counts.get(block.source, 0) + 1
+        return counts
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as [out, in] (Conv1D stores [in, out])."""
+    weight = module.weight.detach()
+    return weight.T if is_conv1d(module) else weight
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    scheme: QuantScheme,
+    *,
+    carried: Mapping[str, BlockQuantized] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> QuantizedModel:
+    """Quantize every linear layer of `model` the scheme selects; weights become dequantized.
+
+    `carried` maps parameter names (`PATH.weight`) to blocks read from the source file (a
+    GGUF's own Q4_0 / Q8_0 ...): those are used as they are when their bit width matches the
+    scheme and the model's weight still equals them (a merged adapter changes it), and
+    re-quantized otherwise.
+    """
+    if model.get_input_embeddings().weight.dtype != torch.float32:
+        raise ExportError("--quantize needs an fp32 model; export with --precision fp32")
+    result = QuantizedModel(scheme)
+    carried = carried or {}
+    layers = linear_weights(model)
+    for index, (path, module) in enumerate(layers.items()):
+        if progress:
+            progress(f"quantizing {path} ({index + 1}/{len(layers)})")
+        reason = _keep_reason(path, module, scheme)
+        if reason:
+            result.kept[path] = reason
+            continue
+        weight = weight_matrix(module).to(torch.float32).numpy()
+        block = _carried_block(carried.get(f"{path}.weight"), weight, scheme)
+        if block is None:
+            block = quantize_rtn(weight, scheme.bits, scheme.block_size, scheme.symmetric)
+        dequantized = torch.from_numpy(block.dequantize())
+        module.weight.copy_(dequantized.T if is_conv1d(module) else dequantized)
+        result.blocks[path] = block
+    if not result.blocks:
+        raise ExportError(
+            "--quantize selected no linear layer (all skipped or in_features not a multiple of "
+            f"--quant-block {scheme.block_size}); loosen --quant-skip or use --quantize none"
+        )
+    return result
+
+
+def _keep_reason(path: str, module: nn.Module, scheme: QuantScheme) -> str | None:
+    if scheme.skips(path):
+        return "--quant-skip"
+    in_features = weight_matrix(module).shape[1]
+    if in_features % scheme.block_size:
+        return f"in_features {in_features} is not a multiple of the block size"
+    return None
+
+
+def _carried_block(
+    block: BlockQuantized | None, weight: np.ndarray, scheme: QuantScheme
+) -> BlockQuantized | None:
+    if block is None or block.bits != scheme.bits or block.shape != weight.shape:
+        return None
+    if block.block_size != scheme.block_size:
+        return None
+    return block if np.array_equal(block.dequantize(), weight) else None

@@ -1,0 +1,307 @@
+"""Swap the traced graph's float weights for their block-quantized form.
+
+The dynamo exporter folds each `nn.Linear` weight's transpose into an anonymous initializer,
+so layers are found by value: every 2-D float initializer feeding a MatMul or Gemm is hashed
+and matched against the dequantized weights `apply.quantize_model` put into the model (the
+traced values are exactly those). A matched MatMul becomes either ONNX Runtime's
+`MatMulNBits` (packed codes, scales, zero points) or a block-wise `DequantizeLinear` feeding
+the same MatMul (standard ONNX, opset 21). Every quantized layer must be found once or more;
+one that is not found is a bug, reported before the bundle is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from peft_export.bundle.manifest import Quantization, QuantizedModule
+from peft_export.exporter.errors import ExportError
+from peft_export.exporter.quantize.apply import QuantizedModel
+from peft_export.exporter.quantize.blocks import BlockQuantized
+from peft_export.exporter.quantize.rtn import pack_codes
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class Match:
+    """A node input that holds a quantized layer's weight, as [K, N] or [N, K] (transposed)."""
+
+    path: str
+    transposed: bool
+
+
+def _digest(array: np.ndarray) -> str:
+    data = np.ascontiguousarray(array, dtype=np.float32)
+    return hashlib.sha256(repr(data.shape).encode() + data.tobytes()).hexdigest()
+
+
+def quantize_graph(model: onnx.ModelProto, quantized: QuantizedModel) -> dict[str, dict[str, str]]:
+    """Rewrite `model` in place; returns, per module path, the names of its graph tensors."""
+    wanted: dict[str, Match] = {}
+    for path, block in quantized.blocks.items():
+        weight = block.dequantize()
+        wanted[_digest(weight.T)] = Match(path, transposed=False)
+        wanted.setdefault(_digest(weight), Match(path, transposed=True))
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    transposes = {
+        n.output[0]: n.input[0]
+        for n in graph.node
+        if n.op_type == "Transpose" and n.input[0] in initializers and _is_2d_swap(n)
+    }
+    matches: dict[str, Match] = {}
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        if name in matches:
+            continue
+        tensor = initializers.get(transposes.get(name, name))
+        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) != 2:
+            continue
+        array = numpy_helper.to_array(tensor)
+        match = wanted.get(_digest(array.T if name in transposes else array))
+        if match is not None:
+            matches[name] = match
+    found = {m.path for m in matches.values()}
+    missing = sorted(set(quantized.blocks) - found)
+    if missing:
+        raise ExportError(
+            f"quantization could not find {len(missing)} layer(s) in the traced graph "
+            f"(first: {missing[0]}); report this with the model used, or --quant-skip them"
+        )
+    records: dict[str, dict[str, str]] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        match = matches.get(node.input[1]) if len(node.input) > 1 else None
+        if match is None or node.op_type not in ("MatMul", "Gemm"):
+            new_nodes.append(node)
+            continue
+        block = quantized.blocks[match.path]
+        if match.path not in records:
+            records[match.path] = _add_tensors(graph, match.path, block, quantized.scheme)
+        new_nodes.extend(_replace(node, match, block, records[match.path], quantized.scheme))
+    used = {name for node in new_nodes for name in node.input}
+    new_nodes = [
+        n
+        for n in new_nodes
+        if n.op_type != "Transpose" or n.output[0] not in transposes or n.output[0] in used
+    ]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {name for node in graph.node for name in node.input}
+    replaced = set(matches) | {transposes[name] for name in matches if name in transposes}
+    kept = [t for t in graph.initializer if t.name in used or t.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if quantized.scheme.graph_format == "matmulnbits":
+        _import_domain(model, MS_DOMAIN, 1)
+    return records
+
+
+def _is_2d_swap(node: onnx.NodeProto) -> bool:
+    perm = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "perm"), None)
+    return perm is None or list(perm) == [1, 0]
+
+
+def _add_tensors(
+    graph: onnx.GraphProto, path: str, block: BlockQuantized, scheme
+) -> dict[str, str]:
+    """Add the layer's codes, scales and zero points as initializers; returns their names."""
+    n, k = block.shape
+    blocks = k // block.block_size
+    names = {"weight": f"{path}.qweight", "scales": f"{path}.scales", "zero_points": ""}
+    default_zero = not block.float_zero_points and bool(
+        np.all(block.zero_points == 1 << (block.bits - 1))
+    )
+    if scheme.graph_format == "matmulnbits":
+        packed = pack_codes(block.codes, block.bits).reshape(n, blocks, -1)
+        tensors = [
+            numpy_helper.from_array(packed, names["weight"]),
+            numpy_helper.from_array(block.scales, names["scales"]),
+        ]
+        if not default_zero:
+            names["zero_points"] = f"{path}.zero_points"
+            zero = block.zero_points
+            if not block.float_zero_points:
+                zero = pack_codes(zero, block.bits)
+            tensors.append(numpy_helper.from_array(zero, names["zero_points"]))
+    else:
+        if block.float_zero_points:
+            raise ExportError(
+                f"{path}: a float zero point (GGUF Q4_1 minimum) has no DequantizeLinear form; "
+                "report this as a bug (such blocks are re-quantized for --quant-format qdq)"
+            )
+        qtype = onnx.TensorProto.UINT4 if block.bits == 4 else onnx.TensorProto.UINT8
+        codes = block.codes.T  # [K, N]: DequantizeLinear feeds MatMul's B directly
+        zero = block.zero_points.T
+        tensors = [
+            _int_tensor(names["weight"], qtype, codes, block.bits),
+            numpy_helper.from_array(np.ascontiguousarray(block.scales.T), names["scales"]),
+            _int_tensor(f"{path}.zero_points", qtype, zero, block.bits),
+        ]
+        names["zero_points"] = f"{path}.zero_points"
+    graph.initializer.extend(tensors)
+    return names
+
+
+def _int_tensor(name: str, qtype: int, values: np.ndarray, bits: int) -> onnx.TensorProto:
+    values = np.ascontiguousarray(values, dtype=np.uint8)
+    raw = pack_codes(values.reshape(1, -1), 4).tobytes() if bits == 4 else values.tobytes()
+    return helper.make_tensor(name, qtype, list(values.shape), raw, raw=True)
+
+
+def _replace(
+    node: onnx.NodeProto, match: Match, block: BlockQuantized, names: dict[str, str], scheme
+) -> list[onnx.NodeProto]:
+    n, k = block.shape
+    gemm = _gemm_attributes(node) if node.op_type == "Gemm" else None
+    transposed = match.transposed if gemm is None else bool(gemm.get("transB", 0))
+    if transposed != match.transposed:
+        raise ExportError(f"{match.path}: the graph uses its weight transposed; report this bug")
+    if scheme.graph_format == "matmulnbits":
+        if match.transposed:
+            raise ExportError(f"{match.path}: a transposed weight has no MatMulNBits form")
+        inputs = [node.input[0], names["weight"], names["scales"], names["zero_points"]]
+        if gemm is not None and len(node.input) > 2 and node.input[2]:
+            inputs += ["", node.input[2]]
+        attributes = {"K": k, "N": n, "bits": block.bits, "block_size": block.block_size}
+        if scheme.accuracy_level:
+            attributes["accuracy_level"] = scheme.accuracy_level
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        return [
+            helper.make_node(
+                "MatMulNBits",
+                inputs,
+                list(node.output),
+                name=f"{node.name or match.path}_Q{block.bits}",
+                domain=MS_DOMAIN,
+                **attributes,
+            )
+        ]
+    if match.transposed:
+        raise ExportError(f"{match.path}: a transposed weight has no DequantizeLinear form yet")
+    dequantized = f"{names['weight']}.dequantized"
+    dq = helper.make_node(
+        "DequantizeLinear",
+        [names["weight"], names["scales"], names["zero_points"]],
+        [dequantized],
+        name=f"{node.name or match.path}_DQ",
+        axis=0,
+        block_size=block.block_size,
+    )
+    inputs = list(node.input)
+    inputs[1] = dequantized
+    rewired = helper.make_node(node.op_type, inputs, list(node.output), name=node.name)
+    rewired.attribute.extend(node.attribute)
+    return [dq, rewired]
+
+
+def _gemm_attributes(node: onnx.NodeProto) -> dict[str, float | int]:
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0:
+        raise ExportError(f"Gemm {node.name} has transA/alpha; report this as a bug")
+    if attributes.get("beta", 1.0) != 1.0:
+        raise ExportError(f"Gemm {node.name} has beta != 1; report this as a bug")
+    return attributes
+
+
+def _import_domain(model: onnx.ModelProto, domain: str, version: int) -> None:
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def read_blocks(
+    model: onnx.ModelProto,
+    records: dict[str, dict[str, str]],
+    bits: int,
+    block_size: int,
+    graph_format: str,
+) -> dict[str, BlockQuantized]:
+    """The blocks stored in a quantized graph, by module path (what `verify` dequantizes)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    blocks = {}
+    for path, names in records.items():
+        blocks[path] = _read_block(initializers, names, bits, block_size, graph_format)
+    return blocks
+
+
+def _read_block(initializers, names, bits, block_size, graph_format) -> BlockQuantized:
+    from peft_export.exporter.quantize.rtn import unpack_codes
+
+    weight = initializers[names["weight"]]
+    scales = numpy_helper.to_array(initializers[names["scales"]]).astype(np.float32)
+    zero_name = names.get("zero_points", "")
+    if graph_format == "matmulnbits":
+        n, blocks = weight.dims[0], weight.dims[1]
+        packed = numpy_helper.to_array(weight).reshape(n, -1)
+        codes = unpack_codes(packed, bits, blocks * block_size)
+        scales = scales.reshape(n, blocks)
+        if not zero_name:
+            zero = np.full((n, blocks), 1 << (bits - 1), dtype=np.uint8)
+        else:
+            zero_array = numpy_helper.to_array(initializers[zero_name])
+            if zero_array.dtype == np.float32:
+                zero = zero_array.reshape(n, blocks)
+            else:
+                zero = unpack_codes(zero_array.reshape(n, -1), bits, blocks)
+        return BlockQuantized(codes, scales, zero, bits, block_size, source="graph")
+    k, n = weight.dims
+    codes = _int_values(weight, bits).reshape(k, n).T
+    zero = _int_values(initializers[zero_name], bits).reshape(k // block_size, n).T
+    return BlockQuantized(
+        np.ascontiguousarray(codes),
+        np.ascontiguousarray(scales.T),
+        np.ascontiguousarray(zero),
+        bits,
+        block_size,
+        source="graph",
+    )
+
+
+def _int_values(tensor: onnx.TensorProto, bits: int) -> np.ndarray:
+    from peft_export.exporter.quantize.rtn import unpack_codes
+
+    count = int(np.prod(tensor.dims))
+    raw = np.frombuffer(tensor.raw_data, dtype=np.uint8)
+    if bits == 8:
+        return raw[:count].copy()
+    return unpack_codes(raw.reshape(1, -1), 4, count)[0]
+
+
+def quantize_graph_file(path: Path, quantized: QuantizedModel) -> Quantization:
+    """Rewrite the graph file at `path` (and its .data) in place; returns the manifest record."""
+    from peft_export.exporter.graph.onnx_export import EXTERNAL_DATA_THRESHOLD
+
+    model = onnx.load(str(path))
+    records = quantize_graph(model, quantized)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    onnx.save(model, str(path), save_as_external_data=external, location=data.name)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(
+            f"the quantized graph fails onnx.checker ({str(exc).splitlines()[0]:.300}); "
+            "report this with the model used, or export with --quantize none"
+        ) from exc
+    scheme = quantized.scheme
+    return Quantization(
+        bits=scheme.bits,
+        block_size=scheme.block_size,
+        format=scheme.graph_format,
+        accuracy_level=scheme.accuracy_level,
+        modules={
+            module: QuantizedModule(source=quantized.blocks[module].source, **names)
+            for module, names in sorted(records.items())
+        },
+        kept=dict(quantized.kept),
+    )

@@ -1,0 +1,93 @@
+"""What `--quantize` asks for, and which of the model's linear layers it applies to."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from torch import nn
+
+from peft_export.exporter.errors import ExportError
+
+LEVELS = ("none", "int8", "int4")
+BLOCK_SIZES = (32, 64, 128)
+FORMATS = ("auto", "matmulnbits", "qdq")
+"""Graph forms: ONNX Runtime's MatMulNBits (CPU, fused), or standard block-wise
+DequantizeLinear -> MatMul (portable; TensorRT builds it as weight-only quantization)."""
+QDQ_OPSET = 21
+"""Block-wise DequantizeLinear and 4-bit integer types arrived in opset 21."""
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Weight-only block quantization of the base's linear layers."""
+
+    bits: int
+    block_size: int = 32
+    graph_format: str = "matmulnbits"
+    skip: tuple[str, ...] = ()
+    """fnmatch patterns of module paths kept at full precision (e.g. "lm_head")."""
+    symmetric: bool = True
+    accuracy_level: int = 0
+    """MatMulNBits' compute type: 0/1 dequantize to float32 (exact), 4 int8 activations (faster)."""
+
+    @classmethod
+    def parse(
+        cls,
+        level: str,
+        *,
+        block_size: int = 32,
+        graph_format: str = "auto",
+        skip: tuple[str, ...] = (),
+        engine: str | None = None,
+        accuracy_level: int = 0,
+    ) -> QuantScheme | None:
+        """The scheme for CLI values; None for `--quantize none`. Checks every value first."""
+        if level not in LEVELS:
+            raise ExportError(f"unknown --quantize {level!r}; use one of {', '.join(LEVELS)}")
+        if block_size not in BLOCK_SIZES:
+            raise ExportError(
+                f"--quant-block {block_size} is not supported; use one of "
+                f"{', '.join(map(str, BLOCK_SIZES))}"
+            )
+        if graph_format not in FORMATS:
+            raise ExportError(f"unknown --quant-format {graph_format!r}; use {', '.join(FORMATS)}")
+        if level == "none":
+            return None
+        if graph_format == "auto":
+            graph_format = "qdq" if engine == "trt" else "matmulnbits"
+        if graph_format == "matmulnbits" and engine == "trt":
+            raise ExportError(
+                "--quant-format matmulnbits is an ONNX Runtime op that TensorRT cannot build; "
+                "use --quant-format qdq (the default with --engine trt)"
+            )
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise ExportError(f"--quant-accuracy {accuracy_level} must be 0, 1, 2, 3 or 4")
+        return cls(
+            bits=8 if level == "int8" else 4,
+            block_size=block_size,
+            graph_format=graph_format,
+            skip=tuple(skip),
+            accuracy_level=accuracy_level,
+        )
+
+    @property
+    def level(self) -> str:
+        return f"int{self.bits}"
+
+    def skips(self, path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, p) for p in self.skip)
+
+
+def linear_weights(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer of the model by module path: nn.Linear and transformers Conv1D."""
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            found[path] = module
+    return found
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers Conv1D (GPT-2) stores its weight [in, out]."""
+    return type(module).__name__ == "Conv1D"
