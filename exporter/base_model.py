@@ -27,6 +27,9 @@ from peft_export.models.base_models import KNOWN_BASES
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from peft_export.exporter.quantize.blocks import BlockQuantized
+    from peft_export.exporter.quantize.scheme import QuantScheme
+
 CACHE_ENV = "PEFT_EXPORT_CACHE"
 GGUF_MAGIC = b"GGUF"
 # Bump when the converted checkpoint's layout changes, so stale caches are not reused.
@@ -43,6 +46,16 @@ class LoadedBase:
     tokenizer_dir: Path
     source: str
     checkpoint_dir: Path
+    gguf_file: Path | None = None
+    """The GGUF file the checkpoint was converted from, if any: its own quantized blocks."""
+
+    def quantized_blocks(self, scheme: QuantScheme | None) -> dict[str, BlockQuantized] | None:
+        """The GGUF's own blocks by parameter name, to carry exactly; None when not a GGUF."""
+        if scheme is None or self.gguf_file is None:
+            return None
+        from peft_export.exporter.quantize.gguf_blocks import read_gguf_blocks
+
+        return read_gguf_blocks(self.gguf_file, self.model).blocks
 
 
 def cache_root() -> Path:
@@ -68,7 +81,16 @@ def load_base(
         tokenizer_dir=tokenizer_dir,
         source=source,
         checkpoint_dir=checkpoint_dir,
+        gguf_file=gguf_source(source),
     )
+
+
+def gguf_source(source: str) -> Path | None:
+    """The GGUF file behind `source` (a short name or a .gguf path), else None."""
+    if source in KNOWN_BASES:
+        return _locate_known(source)
+    path = Path(source).expanduser()
+    return path.resolve() if path.is_file() and _has_gguf_magic(path) else None
 
 
 def resolve_checkpoint(source: str) -> Path:

@@ -29,6 +29,13 @@ from peft_export.bundle.paths import confined
 from peft_export.bundle.safetensors_io import read_header
 from peft_export.exporter.adapter_source import read_adapter
 from peft_export.exporter.errors import ExportError
+from peft_export.exporter.quantize.blocks import BlockQuantized
+from peft_export.exporter.quantize.reference import (
+    EVAL_TEXT,
+    graph_blocks,
+    load_blocks,
+    quantization_effect,
+)
 
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
@@ -122,16 +129,30 @@ def verify_bundle(
             )
     bundle = load_bundle(root, backend=backend)
     prompt_ids = [_encode(bundle, text) for text in prompts]
-    reports = []
+    blocks = graph_blocks(root, manifest)
+    reports, effects = [], {}
     for target in targets:
         with console.status(f"verifying {target.name or 'base'} ({target.method})"):
-            reference = _reference_model(base.model, target)
+            reference = _reference_model(base.model, target, blocks, manifest.mode)
             report = _compare(
                 bundle, reference, target, prompt_ids, max_new_tokens, decode_steps, tolerance
             )
-            del reference
         reports.append(report)
         console.print(_summary(report))
+        if blocks:
+            with console.status(f"measuring quantization's effect on {target.name or 'base'}"):
+                full = _reference_model(base.model, target, {}, manifest.mode)
+                effects[target.name or "base"] = quantization_effect(
+                    full,
+                    reference,
+                    _encode_text(bundle, EVAL_TEXT),
+                    prompt_ids,
+                    _reference_greedy,
+                    max_new_tokens,
+                )
+                del full
+            console.print(f"quantization vs unquantized: {effects[target.name or 'base']}")
+        del reference
     mixed = _mixed_batch_check(bundle, targets, prompt_ids, max_new_tokens)
     passed = all(r.passed for r in reports) and mixed.get("identical", True)
     result = {
@@ -145,6 +166,7 @@ def verify_bundle(
         "prompts": list(prompts),
         "adapters": [asdict(r) for r in reports],
         "mixed_batch": mixed,
+        "quantization": _quantization_report(manifest, effects),
         "passed": passed,
         "host": platform.platform(),
     }
@@ -194,13 +216,50 @@ def _encode(bundle: Any, text: str) -> list[int]:
     return list(bundle.codec.encode_prompt(text, chat=True))
 
 
-def _reference_model(base: torch.nn.Module, target: Target) -> torch.nn.Module:
+def _reference_model(
+    base: torch.nn.Module, target: Target, blocks: dict[str, BlockQuantized], mode: str
+) -> torch.nn.Module:
+    """PyTorch/PEFT with the bundle's weights: quantized layers as the graph stores them.
+
+    Runtime bundles quantize the base under a float adapter (QLoRA); merged bundles quantize
+    the merged weights, so there the adapter is merged first and the graph's values replace
+    the merged layers.
+    """
     if target.source is None:
-        return base
+        return load_blocks(copy.deepcopy(base), blocks) if blocks else base
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(target.source))
-    return model.eval()
+    if mode == "runtime" or not blocks:
+        model = load_blocks(copy.deepcopy(base), blocks)
+        return PeftModel.from_pretrained(model, str(target.source)).eval()
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(target.source))
+    return load_blocks(merged.merge_and_unload(), blocks).eval()
+
+
+def _quantization_report(manifest: Manifest, effects: dict[str, Any]) -> dict[str, Any] | None:
+    quantization = manifest.quantization
+    if quantization is None:
+        return None
+    sources: dict[str, int] = {}
+    for module in quantization.modules.values():
+        sources[module.source] = sources.get(module.source, 0) + 1
+    return {
+        "bits": quantization.bits,
+        "block_size": quantization.block_size,
+        "format": quantization.format,
+        "accuracy_level": quantization.accuracy_level,
+        "layers": sources,
+        "kept": quantization.kept,
+        "reference": "PyTorch/PEFT on the graph's dequantized weights"
+        + ("; adapter merged in fp32 before quantizing" if manifest.mode == "merged" else ""),
+        "vs_unquantized": effects,
+    }
+
+
+def _encode_text(bundle: Any, text: str) -> list[int]:
+    """Ids of `text`, cut to the model's context (a tiny test model has 256 positions)."""
+    limit = int(bundle.manifest.generation.get("max_position_embeddings", 512))
+    return list(bundle.codec.encode_prompt(text, chat=False))[: min(limit, 512)]
 
 
 @torch.no_grad()

@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from peft_export.exporter.quantize.scheme import BLOCK_SIZES, FORMATS, LEVELS, QuantScheme
+
 OPTIONS: tuple[str, ...] = (
     "peft_export.exporter.runtime_adapters.cli_options:lora_bank_options",
     "peft_export.exporter.engines.build:export_engine_options",
@@ -63,6 +65,42 @@ def _with_contributed_options(command):
     default=None,
     help="Store weights in model.onnx.data (automatic above 1.5 GB).",
 )
+@click.option(
+    "--quantize",
+    type=click.Choice(LEVELS),
+    default="none",
+    show_default=True,
+    help="Store the base's linear weights block-quantized (weight-only; adapters stay float).",
+)
+@click.option(
+    "--quant-block",
+    type=click.Choice([str(b) for b in BLOCK_SIZES]),
+    default="32",
+    show_default=True,
+    help="Weights per quantization block (along the input features).",
+)
+@click.option(
+    "--quant-skip",
+    multiple=True,
+    metavar="PATTERN",
+    help="Module paths kept at full precision (fnmatch, repeatable; e.g. lm_head).",
+)
+@click.option(
+    "--quant-format",
+    type=click.Choice(FORMATS),
+    default="auto",
+    show_default=True,
+    help="Graph form: matmulnbits (ONNX Runtime) or qdq (standard DequantizeLinear, TensorRT); "
+    "auto picks qdq with --engine trt.",
+)
+@click.option(
+    "--quant-accuracy",
+    type=click.IntRange(0, 4),
+    default=0,
+    show_default=True,
+    help="ONNX Runtime's compute for quantized MatMuls: 0 float32 (exact parity), "
+    "4 int8 activations (faster, approximate).",
+)
 @click.option("--out", required=True, type=click.Path(), help="Bundle folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @_with_contributed_options
@@ -73,6 +111,11 @@ def command(
     mode: str,
     precision: str,
     external_data: bool | None,
+    quantize: str,
+    quant_block: str,
+    quant_skip: tuple[str, ...],
+    quant_format: str,
+    quant_accuracy: int,
     out: str,
     force: bool,
     **options: Any,
@@ -93,6 +136,16 @@ def command(
     for value in adapters:
         name, path = parse_adapter_arg(value)
         read_adapter(path, name=name, method=method)
+    scheme = QuantScheme.parse(
+        quantize,
+        block_size=int(quant_block),
+        graph_format=quant_format,
+        skip=quant_skip,
+        engine=options.get("engine"),
+        accuracy_level=quant_accuracy,
+    )
+    if scheme is not None and precision != "fp32":
+        raise ExportError("--quantize keeps activations in fp32; drop --precision or use fp32")
     console = Console(stderr=True)
     from peft_export.exporter.base_model import load_base
     from peft_export.exporter.graph.ort_fusions import graph_opset
@@ -114,6 +167,8 @@ def command(
         post_steps=[_resolve(ref) for ref in POST_STEPS],
         options=options,
         opset=graph_opset(options),
+        quantize=scheme,
+        carried_blocks=loaded.quantized_blocks(scheme),
         console=console,
     )
     inputs = len(manifest.graph.inputs)

@@ -18,7 +18,7 @@ from torch import nn
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.quantize.blocks import BlockQuantized
 from peft_export.exporter.quantize.rtn import quantize_rtn
-from peft_export.exporter.quantize.scheme import QuantScheme, is_conv1d, linear_weights
+from peft_export.exporter.quantize.scheme import QuantScheme
 
 
 @dataclass
@@ -103,3 +103,17 @@ def _carried_block(
     if block.block_size != scheme.block_size:
         return None
     return block if np.array_equal(block.dequantize(), weight) else None
+
+
+def linear_weights(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer of the model by module path: nn.Linear and transformers Conv1D."""
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            found[path] = module
+    return found
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers Conv1D (GPT-2) stores its weight [in, out]."""
+    return type(module).__name__ == "Conv1D"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from torch import nn
-
 from peft_export.exporter.errors import ExportError
 
 LEVELS = ("none", "int8", "int4")
@@ -77,17 +75,3 @@ class QuantScheme:
 
     def skips(self, path: str) -> bool:
         return any(fnmatch.fnmatchcase(path, p) for p in self.skip)
-
-
-def linear_weights(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear layer of the model by module path: nn.Linear and transformers Conv1D."""
-    found = {}
-    for path, module in model.named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-            found[path] = module
-    return found
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers Conv1D (GPT-2) stores its weight [in, out]."""
-    return type(module).__name__ == "Conv1D"
