@@ -75,6 +75,8 @@ def quantize_model(
         block = _carried_block(carried.get(f"{path}.weight"), weight, scheme)
         if block is None:
             block = quantize_rtn(weight, scheme.bits, scheme.block_size, scheme.symmetric)
+            if scheme.graph_format == "qdq" and scheme.bits == 8:
+                block = block.with_positive_scales()
         dequantized = torch.from_numpy(block.dequantize())
         module.weight.copy_(dequantized.T if is_conv1d(module) else dequantized)
         result.blocks[path] = block
@@ -101,6 +103,11 @@ def _carried_block(
     if block is None or block.bits != scheme.bits or block.shape != weight.shape:
         return None
     if block.block_size != scheme.block_size:
+        return None
+    symmetric = not block.float_zero_points and np.all(block.zero_points == 1 << (block.bits - 1))
+    if scheme.graph_format == "qdq" and not symmetric:
+        return None  # DequantizeLinear's form for TensorRT has no zero points
+    if scheme.graph_format == "qdq" and scheme.bits == 8 and np.any(block.scales < 0):
         return None
     return block if np.array_equal(block.dequantize(), weight) else None
 

@@ -67,3 +67,25 @@ class BlockQuantized:
         if self.float_zero_points:
             return codes * scale - zero * scale
         return (codes - zero) * scale
+
+    def with_positive_scales(self) -> BlockQuantized:
+        """The same blocks with every scale >= 0 (TensorRT refuses negative int8 scales).
+
+        Symmetric blocks only: a block with a negative scale has its codes mirrored around
+        the zero point; the one code that has no mirror (the most negative) is clipped by one
+        step, so the weights may move by at most one scale step in such blocks.
+        """
+        half = 1 << (self.bits - 1)
+        if self.float_zero_points or not np.all(self.zero_points == half):
+            raise ValueError("positive scales need symmetric blocks")
+        flip = np.repeat(self.scales < 0, self.block_size, axis=1)
+        signed = self.codes.astype(np.int16) - half
+        mirrored = np.clip(np.where(flip, -signed, signed), -half, half - 1) + half
+        return BlockQuantized(
+            mirrored.astype(np.uint8),
+            np.abs(self.scales),
+            self.zero_points,
+            self.bits,
+            self.block_size,
+            self.source,
+        )

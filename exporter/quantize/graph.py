@@ -133,28 +133,28 @@ def _add_tensors(
                 zero = pack_codes(zero, block.bits)
             tensors.append(numpy_helper.from_array(zero, names["zero_points"]))
     else:
-        if block.float_zero_points:
+        if not default_zero:
             raise ExportError(
-                f"{path}: a float zero point (GGUF Q4_1 minimum) has no DequantizeLinear form; "
-                "report this as a bug (such blocks are re-quantized for --quant-format qdq)"
+                f"{path}: DequantizeLinear takes symmetric blocks only (TensorRT needs zero "
+                "points of 0); report this as a bug (such blocks are re-quantized for qdq)"
             )
-        qtype = onnx.TensorProto.UINT4 if block.bits == 4 else onnx.TensorProto.UINT8
-        codes = block.codes.T  # [K, N]: DequantizeLinear feeds MatMul's B directly
-        zero = block.zero_points.T
+        # Signed codes with the implicit zero point 0: the same values as unsigned codes with
+        # zero point 2**(bits-1), in the form TensorRT builds as weight-only quantization.
+        qtype = onnx.TensorProto.INT4 if block.bits == 4 else onnx.TensorProto.INT8
+        signed = block.codes.T.astype(np.int16) - (1 << (block.bits - 1))  # [K, N]: MatMul's B
         tensors = [
-            _int_tensor(names["weight"], qtype, codes, block.bits),
+            _int_tensor(names["weight"], qtype, signed, block.bits),
             numpy_helper.from_array(np.ascontiguousarray(block.scales.T), names["scales"]),
-            _int_tensor(f"{path}.zero_points", qtype, zero, block.bits),
         ]
-        names["zero_points"] = f"{path}.zero_points"
     graph.initializer.extend(tensors)
     return names
 
 
 def _int_tensor(name: str, qtype: int, values: np.ndarray, bits: int) -> onnx.TensorProto:
-    values = np.ascontiguousarray(values, dtype=np.uint8)
-    raw = pack_codes(values.reshape(1, -1), 4).tobytes() if bits == 4 else values.tobytes()
-    return helper.make_tensor(name, qtype, list(values.shape), raw, raw=True)
+    """Signed integers as a raw INT4 (two's-complement nibbles, low first) or INT8 tensor."""
+    raw = np.ascontiguousarray(values, dtype=np.int16).astype(np.uint8) & ((1 << bits) - 1)
+    data = pack_codes(raw.reshape(1, -1), 4).tobytes() if bits == 4 else raw.tobytes()
+    return helper.make_tensor(name, qtype, list(values.shape), data, raw=True)
 
 
 def _replace(
@@ -191,7 +191,7 @@ def _replace(
     dequantized = f"{names['weight']}.dequantized"
     dq = helper.make_node(
         "DequantizeLinear",
-        [names["weight"], names["scales"], names["zero_points"]],
+        [names["weight"], names["scales"]],
         [dequantized],
         name=f"{node.name or match.path}_DQ",
         axis=0,
@@ -254,26 +254,27 @@ def _read_block(initializers, names, bits, block_size, graph_format) -> BlockQua
                 zero = unpack_codes(zero_array.reshape(n, -1), bits, blocks)
         return BlockQuantized(codes, scales, zero, bits, block_size, source="graph")
     k, n = weight.dims
-    codes = _int_values(weight, bits).reshape(k, n).T
-    zero = _int_values(initializers[zero_name], bits).reshape(k // block_size, n).T
+    half = 1 << (bits - 1)
+    codes = (_signed_values(weight, bits).reshape(k, n).T + half).astype(np.uint8)
+    zero = np.full((n, k // block_size), half, dtype=np.uint8)
     return BlockQuantized(
         np.ascontiguousarray(codes),
         np.ascontiguousarray(scales.T),
-        np.ascontiguousarray(zero),
+        zero,
         bits,
         block_size,
         source="graph",
     )
 
 
-def _int_values(tensor: onnx.TensorProto, bits: int) -> np.ndarray:
+def _signed_values(tensor: onnx.TensorProto, bits: int) -> np.ndarray:
     from peft_export.exporter.quantize.rtn import unpack_codes
 
     count = int(np.prod(tensor.dims))
     raw = np.frombuffer(tensor.raw_data, dtype=np.uint8)
-    if bits == 8:
-        return raw[:count].copy()
-    return unpack_codes(raw.reshape(1, -1), 4, count)[0]
+    raw = raw[:count] if bits == 8 else unpack_codes(raw.reshape(1, -1), 4, count)[0]
+    values = raw.astype(np.int16)
+    return np.where(values >= (1 << (bits - 1)), values - (1 << bits), values)
 
 
 def quantize_graph_file(path: Path, quantized: QuantizedModel) -> Quantization:
