@@ -1,0 +1,154 @@
+"""Quantized bases (int8 / int4 weights, float adapters): parity with PyTorch/PEFT.
+
+The reference runs PyTorch/PEFT on the very weights the bundle's graph holds. They are read
+back here by ONNX Runtime itself (each quantized layer's own MatMulNBits or DequantizeLinear
+node, run on an identity matrix), not by peft-export's dequantizer, so a wrong packing or
+zero point anywhere fails these tests. Merged bundles merge the adapter first, then quantize.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper
+from peft import PeftModel
+from prompt_helpers import check_row, run_rows
+from tiny import make_adapter, save_tiny_tokenizer, tiny_model
+
+from peft_export.bundle.manifest import load_manifest
+from peft_export.exporter.pipeline import InMemoryBase, export_bundle
+from peft_export.exporter.prompt_adapters.planner import plan_prompt_inputs
+from peft_export.exporter.quantize.scheme import QuantScheme
+from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
+from peft_export.runtime.session import load_bundle
+
+PROMPTS = [[5, 17, 33, 80, 120, 9, 44], [1, 42, 7]]
+NEW_TOKENS = 6
+RUNTIME_METHODS = ("lora", "dora", "ia3", "prefix_tuning", "prompt_tuning")
+
+
+def ort_weights(bundle_dir) -> dict[str, np.ndarray]:
+    """Each quantized layer's weight [out, in] as ONNX Runtime computes it from the graph."""
+    manifest = load_manifest(bundle_dir)
+    model = onnx.load(str(bundle_dir / manifest.graph.file))
+    initializers = {t.name: t for t in model.graph.initializer}
+    weights = {}
+    for path, record in manifest.quantization.modules.items():
+        node = next(n for n in model.graph.node if record.weight in n.input)
+        k = _input_features(node, initializers, record.weight)
+        if node.op_type == "MatMulNBits":
+            inputs = ["x", *node.input[1:4]]
+            probe = helper.make_node(node.op_type, inputs, ["y"], domain=node.domain)
+            probe.attribute.extend(node.attribute)
+        else:
+            probe = helper.make_node(node.op_type, list(node.input), ["y"])
+            probe.attribute.extend(node.attribute)
+        used = [initializers[name] for name in probe.input if name in initializers]
+        graph = helper.make_graph(
+            [probe],
+            "probe",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [k, k])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            used,
+        )
+        opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        session = ort.InferenceSession(
+            helper.make_model(graph, opset_imports=opsets).SerializeToString(), options
+        )
+        feeds = {"x": np.eye(k, dtype=np.float32)} if node.op_type == "MatMulNBits" else {}
+        weights[path] = session.run(None, feeds)[0].T  # [K, N] -> [out, in]
+    return weights
+
+
+def _input_features(node, initializers, weight_name: str) -> int:
+    if node.op_type == "MatMulNBits":
+        return next(a.i for a in node.attribute if a.name == "K")
+    return initializers[weight_name].dims[0]
+
+
+@torch.no_grad()
+def with_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> torch.nn.Module:
+    for path, weight in weights.items():
+        module = model.get_submodule(path)
+        value = torch.from_numpy(np.ascontiguousarray(weight))
+        module.weight.copy_(value.T if type(module).__name__ == "Conv1D" else value)
+    return model
+
+
+@pytest.fixture(scope="module", params=[("llama", 4), ("qwen2", 8), ("gpt2", 4), ("llama", 8)])
+def quantized(request, tmp_path_factory):
+    arch, bits = request.param
+    tmp = tmp_path_factory.mktemp(f"quant-{arch}-{bits}")
+    base = tiny_model(arch)
+    tokenizer = save_tiny_tokenizer(tmp / "tokenizer")
+    dirs = {m: make_adapter(base, m, tmp, seed=3 + i) for i, m in enumerate(RUNTIME_METHODS)}
+    scheme = QuantScheme.parse(f"int{bits}")
+    export_bundle(
+        InMemoryBase(base, tokenizer),
+        [("lora", dirs["lora"])],
+        out=tmp / "merged",
+        quantize=scheme,
+    )
+    export_bundle(
+        InMemoryBase(base, tokenizer),
+        list(dirs.items()),
+        out=tmp / "runtime",
+        mode="runtime",
+        planners=[plan_lora_banks, plan_prompt_inputs],
+        options={"prefix_max_len": 8},
+        quantize=scheme,
+    )
+    return arch, bits, base, dirs, tmp
+
+
+def test_manifest_records_every_linear_layer(quantized):
+    arch, bits, base, _, tmp = quantized
+    for mode in ("merged", "runtime"):
+        record = load_manifest(tmp / mode).quantization
+        assert record.bits == bits and record.block_size == 32
+        linear = {n for n, m in base.named_modules() if type(m).__name__ in ("Linear", "Conv1D")}
+        assert set(record.modules) == linear
+        assert {m.source for m in record.modules.values()} == {"rtn"}
+
+
+def test_graph_holds_no_float_copy_of_a_quantized_weight(quantized):
+    _, _, base, _, tmp = quantized
+    model = onnx.load(str(tmp / "runtime" / "model.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert "MatMulNBits" in ops
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    shapes = {tuple(t.dims) for t in floats}
+    embed = tuple(base.get_input_embeddings().weight.shape)
+    linear = {tuple(m.weight.shape) for m in base.modules() if type(m).__name__ == "Linear"}
+    weights = (linear | {s[::-1] for s in linear}) - {embed}
+    assert not shapes & weights, f"float weights left: {shapes & weights}"
+
+
+def test_merged_lora_matches_peft_on_the_graph_weights(quantized):
+    _, _, base, dirs, tmp = quantized
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(dirs["lora"])).merge_and_unload()
+    reference = with_weights(merged.eval(), ort_weights(tmp / "merged"))
+    bundle = load_bundle(tmp / "merged")
+    for prompt, run in zip(PROMPTS, run_rows(bundle, PROMPTS, [None, None], NEW_TOKENS)):
+        check_row(run, reference, prompt)
+
+
+def test_runtime_adapters_match_peft_on_the_graph_weights_in_one_mixed_batch(quantized):
+    _, _, base, dirs, tmp = quantized
+    quantized_base = with_weights(copy.deepcopy(base), ort_weights(tmp / "runtime"))
+    names = [None, *RUNTIME_METHODS]
+    prompts = [PROMPTS[i % 2] for i in range(len(names))]
+    bundle = load_bundle(tmp / "runtime")
+    runs = run_rows(bundle, prompts, names, NEW_TOKENS)
+    for name, prompt, run in zip(names, prompts, runs):
+        reference = quantized_base
+        if name is not None:
+            reference = PeftModel.from_pretrained(copy.deepcopy(quantized_base), str(dirs[name]))
+        check_row(run, reference.eval(), prompt)
