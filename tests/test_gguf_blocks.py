@@ -250,6 +250,39 @@ def test_q4_1_blocks_exact_for_every_code():
     assert (~exact).sum() < 0.005 * n  # ... and leaves few blocks inexact
 
 
+def matmulnbits_weight(quantized: BlockQuantized) -> np.ndarray:
+    """W [N, K] as ONNX Runtime's MatMulNBits (CPU, accuracy 0) computes it: identity @ W.T."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, k = quantized.shape
+    codes = quantized.codes.reshape(n, k // 32, 16, 2)  # 4 bits: low nibble first
+    packed = codes[..., 0] | (codes[..., 1] << np.uint8(4))
+    # Float zero points: one per block, unpacked.
+    inputs = {"B": packed, "S": quantized.scales.ravel(), "Z": quantized.zero_points.ravel()}
+    attributes = {"K": k, "N": n, "bits": 4, "block_size": 32, "accuracy_level": 0}
+    node = helper.make_node("MatMulNBits", [*"ABSZ"], ["Y"], domain="com.microsoft", **attributes)
+    graph = helper.make_graph(
+        [node],
+        "w",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [k, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [k, n])],
+        [numpy_helper.from_array(value, name) for name, value in inputs.items()],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"A": np.eye(k, dtype=np.float32)})[0].T
+
+
+def test_q4_1_blocks_run_exactly_in_matmulnbits(llama_gguf):
+    """Mirrored blocks (negative scales, float zero points) hold in the real op, not only here."""
+    result = read_gguf_blocks(llama_gguf, load(llama_gguf))
+    quantized = result.blocks["model.layers.0.mlp.gate_proj.weight"]
+    assert quantized.float_zero_points and (quantized.scales < 0).any()
+    assert np.array_equal(matmulnbits_weight(quantized), quantized.dequantize())
+
+
 @pytest.fixture(scope="module")
 def llama_gguf(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("llama-only") / "tiny.gguf"
