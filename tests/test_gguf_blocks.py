@@ -96,11 +96,11 @@ def _data(rng: np.random.Generator, weight: Weight) -> np.ndarray:
     return gguf.quants.quantize(values, weight.qtype)
 
 
-def write_gguf(path: Path, architecture: str, *, tied: bool, name: str = "tiny") -> list[Weight]:
+def write_gguf(path: Path, architecture: str, *, tied: bool) -> list[Weight]:
     """A tiny GGUF of `architecture`; returns its linear weights (lm_head included)."""
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(path, architecture)
-    writer.add_name(name)
+    writer.add_name("tiny")
     writer.add_block_count(LAYERS)
     writer.add_embedding_length(HIDDEN)
     writer.add_head_count(HEADS)
@@ -261,7 +261,9 @@ def matmulnbits_weight(quantized: BlockQuantized) -> np.ndarray:
     # Float zero points: one per block, unpacked.
     inputs = {"B": packed, "S": quantized.scales.ravel(), "Z": quantized.zero_points.ravel()}
     attributes = {"K": k, "N": n, "bits": 4, "block_size": 32, "accuracy_level": 0}
-    node = helper.make_node("MatMulNBits", [*"ABSZ"], ["Y"], domain="com.microsoft", **attributes)
+    node = helper.make_node(
+        "MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft", **attributes
+    )
     graph = helper.make_graph(
         [node],
         "w",
