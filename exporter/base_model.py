@@ -27,7 +27,7 @@ from peft_export.models.base_models import KNOWN_BASES
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from peft_export.exporter.quantize.blocks import BlockQuantized
+    from peft_export.exporter.quantize.gguf_blocks import GgufBlocks
     from peft_export.exporter.quantize.scheme import QuantScheme
 
 CACHE_ENV = "PEFT_EXPORT_CACHE"
@@ -49,13 +49,13 @@ class LoadedBase:
     gguf_file: Path | None = None
     """The GGUF file the checkpoint was converted from, if any: its own quantized blocks."""
 
-    def quantized_blocks(self, scheme: QuantScheme | None) -> dict[str, BlockQuantized] | None:
-        """The GGUF's own blocks by parameter name, to carry exactly; None when not a GGUF."""
+    def gguf_blocks(self, scheme: QuantScheme | None) -> GgufBlocks | None:
+        """The GGUF's own quantized blocks, to carry exactly; None when not needed or no GGUF."""
         if scheme is None or self.gguf_file is None:
             return None
         from peft_export.exporter.quantize.gguf_blocks import read_gguf_blocks
 
-        return read_gguf_blocks(self.gguf_file, self.model).blocks
+        return read_gguf_blocks(self.gguf_file, self.model)
 
 
 def cache_root() -> Path:

@@ -36,6 +36,7 @@ from peft_export.exporter.quantize.reference import (
     load_blocks,
     quantization_effect,
 )
+from peft_export.exporter.quantize.scheme import ACCURACY_EXACT
 
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
@@ -127,7 +128,10 @@ def verify_bundle(
                 f"base model {manifest.base_model.source!r} no longer matches the weights the "
                 "bundle was exported from; pass --base with the original model"
             )
-    bundle = load_bundle(root, backend=backend)
+    # A quantized bundle's parity is judged on float32 compute over its dequantized weights;
+    # serving may quantize activations too (its accuracy level), which is reported apart.
+    exact = {"quant_accuracy": ACCURACY_EXACT} if manifest.quantization and backend == "ort" else {}
+    bundle = load_bundle(root, backend=backend, **exact)
     prompt_ids = [_encode(bundle, text) for text in prompts]
     blocks = graph_blocks(root, manifest)
     reports, effects = [], {}

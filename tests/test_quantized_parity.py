@@ -23,7 +23,7 @@ from tiny import make_adapter, save_tiny_tokenizer, tiny_model
 from peft_export.bundle.manifest import load_manifest
 from peft_export.exporter.pipeline import InMemoryBase, export_bundle
 from peft_export.exporter.prompt_adapters.planner import plan_prompt_inputs
-from peft_export.exporter.quantize.scheme import QuantScheme
+from peft_export.exporter.quantize.scheme import ACCURACY_EXACT, ACCURACY_FAST, QuantScheme
 from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
 from peft_export.runtime.session import load_bundle
 
@@ -44,15 +44,16 @@ def ort_weights(bundle_dir) -> dict[str, np.ndarray]:
         if node.op_type == "MatMulNBits":
             inputs = ["x", *node.input[1:4]]
             probe = helper.make_node(node.op_type, inputs, ["y"], domain=node.domain)
-            probe.attribute.extend(node.attribute)
+            probe.attribute.extend(a for a in node.attribute if a.name != "accuracy_level")
         else:
             probe = helper.make_node(node.op_type, list(node.input), ["y"])
             probe.attribute.extend(node.attribute)
         used = [initializers[name] for name in probe.input if name in initializers]
+        nbits = node.op_type == "MatMulNBits"
         graph = helper.make_graph(
             [probe],
             "probe",
-            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [k, k])],
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [k, k])] if nbits else [],
             [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
             used,
         )
@@ -62,7 +63,7 @@ def ort_weights(bundle_dir) -> dict[str, np.ndarray]:
         session = ort.InferenceSession(
             helper.make_model(graph, opset_imports=opsets).SerializeToString(), options
         )
-        feeds = {"x": np.eye(k, dtype=np.float32)} if node.op_type == "MatMulNBits" else {}
+        feeds = {"x": np.eye(k, dtype=np.float32)} if nbits else {}
         weights[path] = session.run(None, feeds)[0].T  # [K, N] -> [out, in]
     return weights
 
@@ -122,7 +123,7 @@ def test_graph_holds_no_float_copy_of_a_quantized_weight(quantized):
     _, _, base, _, tmp = quantized
     model = onnx.load(str(tmp / "runtime" / "model.onnx"))
     ops = {n.op_type for n in model.graph.node}
-    assert "MatMulNBits" in ops
+    assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
     floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
     shapes = {tuple(t.dims) for t in floats}
     embed = tuple(base.get_input_embeddings().weight.shape)
@@ -135,8 +136,10 @@ def test_merged_lora_matches_peft_on_the_graph_weights(quantized):
     _, _, base, dirs, tmp = quantized
     merged = PeftModel.from_pretrained(copy.deepcopy(base), str(dirs["lora"])).merge_and_unload()
     reference = with_weights(merged.eval(), ort_weights(tmp / "merged"))
-    bundle = load_bundle(tmp / "merged")
-    for prompt, run in zip(PROMPTS, run_rows(bundle, PROMPTS, [None, None], NEW_TOKENS)):
+    bundle = load_bundle(tmp / "merged", quant_accuracy=ACCURACY_EXACT)
+    for prompt, run in zip(
+        PROMPTS, run_rows(bundle, PROMPTS, [None, None], NEW_TOKENS), strict=True
+    ):
         check_row(run, reference, prompt)
 
 
@@ -145,10 +148,23 @@ def test_runtime_adapters_match_peft_on_the_graph_weights_in_one_mixed_batch(qua
     quantized_base = with_weights(copy.deepcopy(base), ort_weights(tmp / "runtime"))
     names = [None, *RUNTIME_METHODS]
     prompts = [PROMPTS[i % 2] for i in range(len(names))]
-    bundle = load_bundle(tmp / "runtime")
+    bundle = load_bundle(tmp / "runtime", quant_accuracy=ACCURACY_EXACT)
     runs = run_rows(bundle, prompts, names, NEW_TOKENS)
-    for name, prompt, run in zip(names, prompts, runs):
+    for name, prompt, run in zip(names, prompts, runs, strict=True):
         reference = quantized_base
         if name is not None:
             reference = PeftModel.from_pretrained(copy.deepcopy(quantized_base), str(dirs[name]))
         check_row(run, reference.eval(), prompt)
+
+
+def test_served_accuracy_level_quantizes_activations_and_verify_level_does_not(quantized):
+    """The bundle serves at its own level (int8 activations); exact runs at float32 compute."""
+    _, _, _, _, tmp = quantized
+    assert load_manifest(tmp / "merged").quantization.accuracy_level == ACCURACY_FAST
+    runs = {
+        level: run_rows(load_bundle(tmp / "merged", quant_accuracy=level), PROMPTS[:1], [None], 2)
+        for level in (None, ACCURACY_FAST, ACCURACY_EXACT)
+    }
+    np.testing.assert_array_equal(runs[None][0].logits, runs[ACCURACY_FAST][0].logits)
+    gap = np.abs(runs[ACCURACY_FAST][0].logits - runs[ACCURACY_EXACT][0].logits).max()
+    assert 0 < gap < 0.25  # int8 activations: small, never zero

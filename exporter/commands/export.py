@@ -18,7 +18,13 @@ from typing import Any
 
 import click
 
-from peft_export.exporter.quantize.scheme import BLOCK_SIZES, FORMATS, LEVELS, QuantScheme
+from peft_export.exporter.quantize.scheme import (
+    ACCURACY_FAST,
+    BLOCK_SIZES,
+    FORMATS,
+    LEVELS,
+    QuantScheme,
+)
 
 OPTIONS: tuple[str, ...] = (
     "peft_export.exporter.runtime_adapters.cli_options:lora_bank_options",
@@ -90,16 +96,16 @@ def _with_contributed_options(command):
     type=click.Choice(FORMATS),
     default="auto",
     show_default=True,
-    help="Graph form: matmulnbits (ONNX Runtime) or qdq (standard DequantizeLinear, TensorRT); "
-    "auto picks qdq with --engine trt.",
+    help="Graph form: qdq (standard DequantizeLinear; ONNX Runtime and TensorRT) or "
+    "matmulnbits (ONNX Runtime only; keeps a GGUF's Q4_1 blocks exactly, slower on CPU).",
 )
 @click.option(
     "--quant-accuracy",
     type=click.IntRange(0, 4),
-    default=0,
+    default=ACCURACY_FAST,
     show_default=True,
-    help="ONNX Runtime's compute for quantized MatMuls: 0 float32 (exact parity), "
-    "4 int8 activations (faster, approximate).",
+    help="ONNX Runtime's compute for quantized MatMuls when serving: 4 int8 activations "
+    "(fast), 1 float32 (exact; verify always checks parity at 1).",
 )
 @click.option("--out", required=True, type=click.Path(), help="Bundle folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
@@ -150,10 +156,15 @@ def command(
     from peft_export.exporter.base_model import load_base
     from peft_export.exporter.graph.ort_fusions import graph_opset
     from peft_export.exporter.pipeline import check_out_dir, export_bundle
+    from peft_export.exporter.quantize.gguf_blocks import describe_carried
 
     check_out_dir(Path(out), force)
     with console.status(f"loading base model {base}"):
         loaded = load_base(base)
+    with console.status("reading the GGUF's quantized blocks"):
+        carried = loaded.gguf_blocks(scheme)
+    if carried is not None:
+        console.log(describe_carried(carried))
     manifest = export_bundle(
         loaded,
         list(adapters),
@@ -168,7 +179,7 @@ def command(
         options=options,
         opset=graph_opset(options),
         quantize=scheme,
-        carried_blocks=loaded.quantized_blocks(scheme),
+        carried_blocks=carried.blocks if carried is not None else None,
         console=console,
     )
     inputs = len(manifest.graph.inputs)

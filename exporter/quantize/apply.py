@@ -55,9 +55,9 @@ def quantize_model(
     """Quantize every linear layer of `model` the scheme selects; weights become dequantized.
 
     `carried` maps parameter names (`PATH.weight`) to blocks read from the source file (a
-    GGUF's own Q4_0 / Q8_0 ...): those are used as they are when their bit width matches the
-    scheme and the model's weight still equals them (a merged adapter changes it), and
-    re-quantized otherwise.
+    GGUF's own Q4_0 / Q4_1 / Q8_0): those are kept as they are, at their own bit width, when
+    the model's weight still equals them (a merged adapter changes it), their block size is
+    the scheme's and the graph form can hold them; the rest are quantized here.
     """
     if model.get_input_embeddings().weight.dtype != torch.float32:
         raise ExportError("--quantize needs an fp32 model; export with --precision fp32")
@@ -100,16 +100,17 @@ def _keep_reason(path: str, module: nn.Module, scheme: QuantScheme) -> str | Non
 def _carried_block(
     block: BlockQuantized | None, weight: np.ndarray, scheme: QuantScheme
 ) -> BlockQuantized | None:
-    if block is None or block.bits != scheme.bits or block.shape != weight.shape:
-        return None
-    if block.block_size != scheme.block_size:
+    if block is None or block.shape != weight.shape or block.block_size != scheme.block_size:
         return None
     symmetric = not block.float_zero_points and np.all(block.zero_points == 1 << (block.bits - 1))
     if scheme.graph_format == "qdq" and not symmetric:
         return None  # DequantizeLinear's form for TensorRT has no zero points
     if scheme.graph_format == "qdq" and scheme.bits == 8 and np.any(block.scales < 0):
         return None
-    return block if np.array_equal(block.dequantize(), weight) else None
+    # Equal up to float32 rounding (a few GGUF Q4_1 blocks are an ulp off, GgufBlocks), not
+    # changed by a merged adapter.
+    tolerance = 4 * np.spacing(np.float32(np.abs(weight).max()))
+    return block if np.abs(block.dequantize() - weight).max() <= tolerance else None
 
 
 def linear_weights(model: nn.Module) -> dict[str, nn.Module]:

@@ -320,3 +320,17 @@ def _take_rows(quantized: BlockQuantized, rows: np.ndarray) -> BlockQuantized:
         block_size=quantized.block_size,
         source=quantized.source,
     )
+
+
+def describe_carried(carried: GgufBlocks) -> str:
+    """One line for the export log: what the GGUF's blocks became."""
+    types: dict[str, int] = {}
+    for block in carried.blocks.values():
+        types[block.source] = types.get(block.source, 0) + 1
+    for name in carried.requantized.values():
+        types[f"{name} (requantized)"] = types.get(f"{name} (requantized)", 0) + 1
+    text = ", ".join(f"{count} {kind}" for kind, count in sorted(types.items()))
+    inexact = carried.inexact_total
+    if inexact:
+        text += f"; {inexact} Q4_1 blocks are within one float32 step of the file, not exact"
+    return f"GGUF linear layers: {text}"

@@ -218,18 +218,19 @@ def _import_domain(model: onnx.ModelProto, domain: str, version: int) -> None:
         model.opset_import.append(helper.make_opsetid(domain, version))
 
 
-def read_blocks(
-    model: onnx.ModelProto,
-    records: dict[str, dict[str, str]],
-    bits: int,
-    block_size: int,
-    graph_format: str,
-) -> dict[str, BlockQuantized]:
+def read_blocks(model: onnx.ModelProto, quantization: Quantization) -> dict[str, BlockQuantized]:
     """The blocks stored in a quantized graph, by module path (what `verify` dequantizes)."""
     initializers = {t.name: t for t in model.graph.initializer}
     blocks = {}
-    for path, names in records.items():
-        blocks[path] = _read_block(initializers, names, bits, block_size, graph_format)
+    for path, record in quantization.modules.items():
+        names = {
+            "weight": record.weight,
+            "scales": record.scales,
+            "zero_points": record.zero_points,
+        }
+        blocks[path] = _read_block(
+            initializers, names, record.bits, quantization.block_size, quantization.format
+        )
     return blocks
 
 
@@ -301,7 +302,9 @@ def quantize_graph_file(path: Path, quantized: QuantizedModel) -> Quantization:
         format=scheme.graph_format,
         accuracy_level=scheme.accuracy_level,
         modules={
-            module: QuantizedModule(source=quantized.blocks[module].source, **names)
+            module: QuantizedModule(
+                source=quantized.blocks[module].source, bits=quantized.blocks[module].bits, **names
+            )
             for module, names in sorted(records.items())
         },
         kept=dict(quantized.kept),

@@ -45,13 +45,7 @@ def graph_blocks(root: Path, manifest: Manifest) -> dict[str, BlockQuantized]:
     if quantization is None:
         return {}
     model = onnx.load(str(confined(root, manifest.graph.file)))
-    records = {
-        path: {"weight": m.weight, "scales": m.scales, "zero_points": m.zero_points}
-        for path, m in quantization.modules.items()
-    }
-    return read_blocks(
-        model, records, quantization.bits, quantization.block_size, quantization.format
-    )
+    return read_blocks(model, quantization)
 
 
 @torch.no_grad()

@@ -9,9 +9,15 @@ from peft_export.exporter.errors import ExportError
 
 LEVELS = ("none", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
-FORMATS = ("auto", "matmulnbits", "qdq")
-"""Graph forms: ONNX Runtime's MatMulNBits (CPU, fused), or standard block-wise
-DequantizeLinear -> MatMul (portable; TensorRT builds it as weight-only quantization)."""
+FORMATS = ("auto", "qdq", "matmulnbits")
+"""Graph forms. qdq (auto's choice): standard block-wise DequantizeLinear -> MatMul, which
+TensorRT builds as weight-only quantization and ONNX Runtime fuses into its MatMulNBits
+kernel at the accuracy level the session asks for. matmulnbits: ONNX Runtime's op written
+out, which alone can hold float zero points (a GGUF Q4_1 block's minimum, exactly)."""
+ACCURACY_EXACT = 1
+"""ONNX Runtime's quantized MatMul computing in float32 on the dequantized weights."""
+ACCURACY_FAST = 4
+"""ONNX Runtime's quantized MatMul quantizing activations to int8 per block (CPU)."""
 QDQ_OPSET = 21
 """Block-wise DequantizeLinear and 4-bit integer types arrived in opset 21."""
 
@@ -26,8 +32,8 @@ class QuantScheme:
     skip: tuple[str, ...] = ()
     """fnmatch patterns of module paths kept at full precision (e.g. "lm_head")."""
     symmetric: bool = True
-    accuracy_level: int = 0
-    """MatMulNBits' compute type: 0/1 dequantize to float32 (exact), 4 int8 activations (faster)."""
+    accuracy_level: int = ACCURACY_FAST
+    """ONNX Runtime's compute for quantized MatMuls when serving; `verify` runs ACCURACY_EXACT."""
 
     @classmethod
     def parse(
@@ -38,7 +44,7 @@ class QuantScheme:
         graph_format: str = "auto",
         skip: tuple[str, ...] = (),
         engine: str | None = None,
-        accuracy_level: int = 0,
+        accuracy_level: int = ACCURACY_FAST,
     ) -> QuantScheme | None:
         """The scheme for CLI values; None for `--quantize none`. Checks every value first."""
         if level not in LEVELS:
@@ -53,7 +59,7 @@ class QuantScheme:
         if level == "none":
             return None
         if graph_format == "auto":
-            graph_format = "qdq" if engine == "trt" else "matmulnbits"
+            graph_format = "qdq"
         if graph_format == "matmulnbits" and engine == "trt":
             raise ExportError(
                 "--quant-format matmulnbits is an ONNX Runtime op that TensorRT cannot build; "

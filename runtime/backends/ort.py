@@ -67,6 +67,10 @@ class OrtOptions:
     """CPU only: after loading, move the memory the session allocated (its weights) onto
     2 MiB pages (runtime/huge_pages.py). Takes ~1-2 s per GB once; decode steps then miss
     the TLB far less."""
+    quant_accuracy: int | None = None
+    """Quantized bundles: ONNX Runtime's compute for their MatMuls, None for the bundle's
+    own (manifest): 4 quantizes activations to int8 (fast), 1 computes in float32 on the
+    dequantized weights (exact; what `verify` uses)."""
     multilora_kernel: str = "auto"
     """MultiLoRA nodes of fp32 graphs on the CPU: "auto" runs the CPU kernel library
     (plugins/multilora, libpeft_multilora_ort.so) when it is built, else the op's ONNX
@@ -143,7 +147,7 @@ class OrtBackend(Backend):
 
     def __init__(
         self,
-        graph_path: str | Path,
+        graph_path: str | Path | bytes,
         options: OrtOptions | None = None,
         *,
         multilora_fp32: bool = False,
@@ -169,11 +173,14 @@ class OrtBackend(Backend):
         before = huge_pages.anonymous_ranges() if collapse else []
         try:
             self.session = ort.InferenceSession(
-                str(graph_path), sess_options=session_options, providers=providers
+                graph_path if isinstance(graph_path, bytes) else str(graph_path),
+                sess_options=session_options,
+                providers=providers,
             )
         except Exception as exc:  # ORT raises several private exception types
+            where = "the graph" if isinstance(graph_path, bytes) else graph_path
             raise InferenceError(
-                f"{graph_path}: ONNX Runtime could not load the graph ({_first_line(exc)}); "
+                f"{where}: ONNX Runtime could not load the graph ({_first_line(exc)}); "
                 "re-export the bundle with this onnxruntime version installed"
             ) from None
         self.huge_page_bytes = 0
@@ -204,14 +211,19 @@ class OrtBackend(Backend):
             (split := names.split_lora_input(t.name)) is not None and split[1] == "A"
             for t in manifest.graph.inputs
         )
-        if manifest.quantization is not None:
-            # ONNX Runtime turns block-wise DequantizeLinear -> MatMul into MatMulNBits, at
-            # accuracy level 4 (int8 activations) unless told otherwise: keep the bundle's.
-            options["extra_config"] = {
-                QDQ_ACCURACY_KEY: str(manifest.quantization.accuracy_level),
-                **options.get("extra_config", {}),
-            }
-        return cls(graph, OrtOptions(**options), multilora_fp32=multilora_fp32)
+        ort_options = OrtOptions(**options)
+        source: Path | bytes = graph
+        quantization = manifest.quantization
+        if quantization is not None:
+            level = ort_options.quant_accuracy
+            if level is None:
+                level = quantization.accuracy_level
+            # ONNX Runtime fuses block-wise DequantizeLinear -> MatMul into MatMulNBits at
+            # the level this session config names; written-out MatMulNBits nodes carry theirs.
+            ort_options.extra_config = {QDQ_ACCURACY_KEY: str(level), **ort_options.extra_config}
+            if quantization.format == "matmulnbits" and level != quantization.accuracy_level:
+                source = _with_accuracy_level(graph, level)
+        return cls(source, ort_options, multilora_fp32=multilora_fp32)
 
     def _providers(self, ort: object) -> list[str]:
         available = ort.get_available_providers()
@@ -331,6 +343,30 @@ class OrtBackend(Backend):
                 else "onnx function body"
             ),
         }
+
+
+def _with_accuracy_level(graph: Path, level: int) -> bytes:
+    """The graph with every MatMulNBits node set to `level` (serialized, for the session)."""
+    try:
+        import onnx
+    except ImportError:
+        raise InferenceError(
+            "changing a MatMulNBits bundle's accuracy level needs the onnx package; "
+            "pip install onnx, or load it with quant_accuracy=None"
+        ) from None
+    model = onnx.load(str(graph))
+    if any(t.HasField("data_location") and t.data_location for t in model.graph.initializer):
+        raise InferenceError(
+            f"{graph}: a graph with external data keeps the accuracy level it was exported "
+            "with; re-export with --quant-accuracy, or load it with quant_accuracy=None"
+        )
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+    return model.SerializeToString()
 
 
 def _device(view: TensorView) -> str:
