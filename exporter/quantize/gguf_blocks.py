@@ -253,9 +253,9 @@ def q4_1_blocks(
     rounds to exactly -m. For about one block in ten no float32 z does (consecutive z*d step
     by up to 2 ulps of m), so those blocks are stored mirrored, c = 15 - q and s = -d, which
     is exact when z*(-d) rounds to -(15d + m): a second, largely independent chance. Blocks
-    where neither hits (0.035% of SmolLM2's Q4_1 blocks, and any with d == 0 and m != 0)
-    keep c = q, s = d and the nearest z: each of their values is off by float32(z*d) + m,
-    at most one ulp of m on SmolLM2.
+    where neither hits (0.035% of SmolLM2's Q4_1 blocks) keep c = q, s = d and the nearest
+    z: each of their values is off by float32(z*d) + m, at most one ulp of m on SmolLM2. A
+    constant block (d == 0) is stored as c = 1, s = m, z = 0, which is exact.
     """
     z, exact = _zero_point(d, -m)
     missed = np.flatnonzero(~exact)
@@ -268,6 +268,9 @@ def q4_1_blocks(
     d[mirror] = -d[mirror]
     z[mirror] = z_mirror[hit]
     exact[mirror] = True
+    flat = np.flatnonzero(~exact & (d == 0))
+    q[flat], d[flat], z[flat] = 1, m[flat], 0  # a constant block: 1 * m - 0 * m == m
+    exact[flat] = True
     return q, d, z, exact
 
 
