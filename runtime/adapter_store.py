@@ -123,13 +123,13 @@ def read_adapter_file(
             header = reader.header
             _check_header(path, header, manifest, name, dtype, specs)
             tensors, digest = reader.read_all(allocate=host_memory.huge_page_bytes)
+        safetensors_io.check_finite(path, tensors)
         if entry.sha256 and digest != entry.sha256:
             raise BundleError(
                 f"{path}: the file changed under the bundle (its sha256 is not the one the "
                 f"manifest records); re-add the adapter with 'peft-export adapters add {root} "
                 f"{name}=PATH --replace'"
             )
-        safetensors_io.check_finite(path, tensors)
     except BundleError as exc:
         raise InferenceError(str(exc)) from None
     meta = header.metadata
