@@ -466,9 +466,8 @@ void AdapterStore::release(const std::vector<int>& slots) {
       auto index = static_cast<std::size_t>(slot);
       --pins_[index];
       // The last request on an older copy's slot frees it (see load()).
-      if (pins_[index] == 0 && !held_in_[index].first.empty() && !current_locked(held_in_[index])) {
-        free_locked(held_in_[index]);
-      }
+      Identity held = held_in_[index];  // a copy: free_locked clears held_in_[index]
+      if (pins_[index] == 0 && !held.first.empty() && !current_locked(held)) free_locked(held);
     }
   }
   released_.notify_all();
