@@ -7,12 +7,15 @@ of a crash or a huge allocation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -52,18 +55,66 @@ class SafetensorsHeader:
 
 def read_header(path: str | Path, *, max_total_bytes: int | None = None) -> SafetensorsHeader:
     """Parse and validate the header of a safetensors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise BundleError(f"{path}: file not found; check the path, or re-create the file")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        prefix = fh.read(8)
-        if len(prefix) < 8:
-            raise BundleError(f"{path}: truncated safetensors file (no header); re-create it")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise BundleError(f"{path}: safetensors header length {header_len} is invalid; {_FIX}")
-        raw = fh.read(header_len)
+    with SafetensorsReader(path, max_total_bytes=max_total_bytes) as reader:
+        return reader.header
+
+
+class SafetensorsReader:
+    """One open safetensors file: its header and its tensor bytes come from the same file
+    descriptor. A file replaced by rename between the two reads (`adapters add --replace`)
+    therefore never pairs one file's offsets with another file's bytes."""
+
+    def __init__(self, path: str | Path, *, max_total_bytes: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BundleError(f"{self.path}: file not found; check the path, or re-create the file")
+        self._fh = open(self.path, "rb")  # noqa: SIM115 - closed by close() / the with block
+        try:
+            self._size = os.fstat(self._fh.fileno()).st_size
+            self.header, self._head = _parse_header(
+                self._fh, self.path, self._size, max_total_bytes
+            )
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def read_all(
+        self, allocate: Callable[[int], np.ndarray] | None = None
+    ) -> tuple[dict[str, np.ndarray], str]:
+        """Every tensor (views of one block: `allocate(nbytes) -> uint8 array`, else numpy)
+        and the sha256 of every byte of the file as read, to compare with a recorded hash."""
+        size = self._size - self.header.data_start
+        block = np.empty(size, dtype=np.uint8) if allocate is None else allocate(size)
+        self._fh.seek(self.header.data_start)
+        if self._fh.readinto(memoryview(block)[:size]) != size:
+            raise BundleError(f"{self.path}: tensor data is truncated; {_FIX}")
+        digest = hashlib.sha256(self._head)
+        digest.update(memoryview(block)[:size])
+        return _views(block, self.header), digest.hexdigest()
+
+
+def _parse_header(
+    fh: BinaryIO, path: Path, size: int, max_total_bytes: int | None
+) -> tuple[SafetensorsHeader, bytes]:
+    """The validated header read from `fh` (at offset 0), and its raw bytes (for the hash)."""
+    prefix = fh.read(8)
+    if len(prefix) < 8:
+        raise BundleError(f"{path}: truncated safetensors file (no header); re-create it")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
+        raise BundleError(f"{path}: safetensors header length {header_len} is invalid; {_FIX}")
+    raw = fh.read(header_len)
+    if len(raw) != header_len:
+        raise BundleError(f"{path}: truncated safetensors header; {_FIX}")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -89,7 +140,7 @@ def read_header(path: str | Path, *, max_total_bytes: int | None = None) -> Safe
     for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:], strict=False):
         if begin_b < end_a:
             raise BundleError(f"{path}: tensors {name_a!r} and {name_b!r} overlap; {_FIX}")
-    return SafetensorsHeader(tensors, dict(metadata), data_start)
+    return SafetensorsHeader(tensors, dict(metadata), data_start), prefix + raw
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_len: int) -> TensorInfo:
@@ -126,9 +177,13 @@ def read_tensors(
     """Read every tensor of a validated file into numpy (BF16 comes back as raw uint16).
 
     With `allocate(nbytes) -> uint8 array`, the tensor bytes are read into that one block
-    and the tensors are views of it (the runtime's adapter store puts it on huge pages)."""
+    and the tensors are views of it (the runtime's adapter store puts it on huge pages).
+    Without `header`, header and bytes come from one open file (SafetensorsReader); a header
+    read earlier is only safe for a file nothing replaces in between."""
     path = Path(path)
-    header = header or read_header(path)
+    if header is None:
+        with SafetensorsReader(path) as reader:
+            return reader.read_all(allocate)[0]
     if allocate is not None:
         return _read_into_block(path, header, allocate)
     out: dict[str, np.ndarray] = {}
@@ -151,6 +206,10 @@ def _read_into_block(
         fh.seek(header.data_start)
         if fh.readinto(memoryview(block)[:size]) != size:
             raise BundleError(f"{path}: tensor data is truncated; {_FIX}")
+    return _views(block, header)
+
+
+def _views(block: np.ndarray, header: SafetensorsHeader) -> dict[str, np.ndarray]:
     return {
         name: block[info.begin : info.end].view(DTYPES[info.dtype]).reshape(info.shape)
         for name, info in header.tensors.items()

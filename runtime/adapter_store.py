@@ -6,10 +6,17 @@ its slot in place, so a swap never re-creates a session or engine. Slot 0 is the
 and is never written.
 
 Concurrency: `acquire` pins every slot a request uses (a refcount per slot) for the whole
-request and `release` unpins them. A slot is written only while no one has it pinned and
-before any request can see it (the name -> slot entry is set after the write, under the
-lock), so a running request never reads a half-written slot and an adapter in use is never
-evicted. A request needing more adapters than free slots waits for other requests to finish.
+request and `release` unpins them (once per lease). A slot is written only under the lock,
+while no one has it pinned and before any request can see it (the identity -> slot entry is
+set after the write), so a running request never reads a half-written slot and an adapter in
+use is never evicted. A request needing more adapters than free slots waits for other
+requests to finish.
+
+Slots are keyed by an adapter's identity, its name and the sha256 of its file's bytes, never
+by the name alone: after `adapters add --replace`, a request that read the old file while the
+new one was being read places the old copy under the old identity, so later requests (which
+ask for the new identity) can never be handed the old weights. A slot whose identity is no
+longer the name's current copy is freed as soon as no request pins it.
 """
 
 from __future__ import annotations
@@ -58,11 +65,19 @@ class HostAdapter:
     rank: int
     tensors: dict[str, np.ndarray]
     sha256: str = ""
-    """The manifest's hash of the file it came from: a replaced adapter has another."""
+    """sha256 of the file's bytes as read (checked against the manifest's record)."""
     regions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(
         default=None, repr=False, compare=False
     )
     """Cached (bank indices, source pointers, byte counts) for the native slot copy."""
+
+    @property
+    def identity(self) -> Identity:
+        return (self.name, self.sha256)
+
+
+Identity = tuple[str, str]
+"""(adapter name, sha256 of its file): what a bank slot holds."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,8 @@ class Lease:
 
     ids: np.ndarray
     slots: tuple[int, ...]
+    token: object = field(default=None, repr=False, compare=False)
+    """Identifies the lease to its store, so a second `release` of it unpins nothing."""
 
 
 def bank_specs(manifest: Manifest) -> list[BankSpec]:
@@ -102,15 +119,22 @@ def read_adapter_file(
         )
     try:
         path = confined(root, entry.file)
-        header = safetensors_io.read_header(path)
-        _check_header(path, header, manifest, name, dtype, specs)
-        tensors = safetensors_io.read_tensors(path, header, allocate=host_memory.huge_page_bytes)
+        with safetensors_io.SafetensorsReader(path) as reader:
+            header = reader.header
+            _check_header(path, header, manifest, name, dtype, specs)
+            tensors, digest = reader.read_all(allocate=host_memory.huge_page_bytes)
         safetensors_io.check_finite(path, tensors)
+        if entry.sha256 and digest != entry.sha256:
+            raise BundleError(
+                f"{path}: the file changed under the bundle (its sha256 is not the one the "
+                f"manifest records); re-add the adapter with 'peft-export adapters add {root} "
+                f"{name}=PATH --replace'"
+            )
     except BundleError as exc:
         raise InferenceError(str(exc)) from None
     meta = header.metadata
     rank = int(meta.get("rank", "0") or 0)
-    return HostAdapter(name, meta["method"], rank, tensors, entry.sha256)
+    return HostAdapter(name, meta["method"], rank, tensors, digest)
 
 
 def _check_header(path, header, manifest, name, dtype, specs) -> None:
@@ -214,9 +238,10 @@ class AdapterStore:
         self._slot_pointers: dict[int, np.ndarray] = {}
         self._lock = threading.Condition()
         self._host: dict[str, HostAdapter] = {}
-        self._slot_of: dict[str, int] = {}
-        self._name_in: list[str | None] = [None] * self.slots
+        self._slot_of: dict[Identity, int] = {}
+        self._held_in: list[Identity | None] = [None] * self.slots
         self._pins = [0] * self.slots
+        self._leases: set[object] = set()
         self._lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(1, self.slots))
         self.swaps = 0
         self._manifest_stamp = _mtime_ns(self.root / names.MANIFEST)
@@ -227,37 +252,47 @@ class AdapterStore:
         """Bring an adapter into host memory (validated); no slot is touched.
 
         An adapter replaced in the bundle since it was loaded (`adapters add --replace`) is
-        read again; its old slot is given up, and requests still running keep reading it.
+        read again; its old slot is freed once no running request pins it. A copy read while
+        a newer one replaced it is returned to its caller only, never kept.
         """
         manifest = self._current_manifest()
         entry = manifest.adapters.installed.get(name)
         with self._lock:
             held = self._host.get(name)
-        if held is not None and (entry is None or entry.sha256 == held.sha256):
+        if held is not None and (entry is None or entry.sha256 in ("", held.sha256)):
             return held
-        adapter = read_adapter_file(self.root, manifest, name, self.dtype, self.specs)
+        adapter = self._read(manifest, name)
         self._regions(adapter)  # ready for a native slot copy before anyone can place it
         with self._lock:
             held = self._host.get(name)
             if held is not None and held.sha256 == adapter.sha256:
                 return held
+            current = self.manifest.adapters.installed.get(name)
+            if current is not None and current.sha256 not in ("", adapter.sha256):
+                return adapter
             self._host[name] = adapter
-            slot = self._slot_of.pop(name, None)
-            if slot is not None:
-                self._name_in[slot] = None
-                self._lru.move_to_end(slot, last=False)
+            self._free_stale_locked(name)
             return adapter
 
+    def _read(self, manifest: Manifest, name: str) -> HostAdapter:
+        """Read `name` with `manifest`; a failure while the bundle was being replaced is
+        retried once with the manifest that replaced it."""
+        try:
+            return read_adapter_file(self.root, manifest, name, self.dtype, self.specs)
+        except InferenceError:
+            fresh = self._refresh_manifest()
+            if fresh.adapters.installed.get(name) == manifest.adapters.installed.get(name):
+                raise
+        return read_adapter_file(self.root, fresh, name, self.dtype, self.specs)
+
     def drop(self, name: str) -> bool:
-        """Forget an adapter (host copy and slot); False while a request is using it."""
+        """Forget an adapter (host copy and slots); False while a request is using it."""
         with self._lock:
-            slot = self._slot_of.get(name)
-            if slot is not None and self._pins[slot]:
+            placed = [key for key in self._slot_of if key[0] == name]
+            if any(self._pins[self._slot_of[key]] for key in placed):
                 return False
-            if slot is not None:
-                del self._slot_of[name]
-                self._name_in[slot] = None
-                self._lru.move_to_end(slot, last=False)
+            for key in placed:
+                self._free_locked(key)
             self._host.pop(name, None)
             return True
 
@@ -267,9 +302,9 @@ class AdapterStore:
             return sorted(self._host)
 
     def resident(self) -> dict[str, int]:
-        """Adapters currently placed in a bank slot, with their slot."""
+        """Adapters whose current copy is placed in a bank slot, with their slot."""
         with self._lock:
-            return dict(self._slot_of)
+            return {key[0]: slot for key, slot in self._slot_of.items() if self._current(key)}
 
     def owns(self, name: str) -> bool:
         entry = self._current_manifest().adapters.installed.get(name)
@@ -285,29 +320,39 @@ class AdapterStore:
                 f"one request names {len(wanted)} different adapters but the banks hold "
                 f"{self.slots - 1}; split the batch or load the bundle with more slots"
             )
-        hosted = {name: self.load(name) for name in wanted}
+        hosted = [self.load(name) for name in wanted]
+        keys = [adapter.identity for adapter in hosted]
         deadline = time.monotonic() + self.wait_timeout_s
         with self._lock:
-            while not self._can_place(wanted):
+            while not self._can_place(keys):
                 if not self._lock.wait(timeout=max(0.0, deadline - time.monotonic())):
                     raise InferenceError(
                         "all adapter slots stayed in use by other requests; retry, or load "
                         "the bundle with more slots"
                     )
-            resident_first = sorted(wanted, key=lambda n: n not in self._slot_of)
             slot_of = {}
-            for name in resident_first:
-                slot = self._place(hosted[name])
+            for adapter in sorted(hosted, key=lambda a: a.identity not in self._slot_of):
+                slot = self._place(adapter)
                 self._pins[slot] += 1
                 self._lru.move_to_end(slot)
-                slot_of[name] = slot
+                slot_of[adapter.name] = slot
+            token = object()
+            self._leases.add(token)
         ids = np.array([0 if a is None else slot_of[a] for a in adapters], dtype=np.int64)
-        return Lease(ids, tuple(slot_of.values()))
+        return Lease(ids, tuple(slot_of.values()), token)
 
     def release(self, lease: Lease) -> None:
+        """Unpin the lease's slots; releasing it again (or a lease of another store) is a
+        no-op, so pin counts never go negative."""
         with self._lock:
+            if lease.token not in self._leases:
+                return
+            self._leases.discard(lease.token)
             for slot in lease.slots:
                 self._pins[slot] -= 1
+                key = self._held_in[slot]
+                if not self._pins[slot] and key is not None and not self._current(key):
+                    self._free_locked(key)
             self._lock.notify_all()
 
     def feeds(self) -> dict[str, TensorView]:
@@ -318,34 +363,68 @@ class AdapterStore:
         """Host view of one bank (tests, diagnostics)."""
         return self._arrays[name]
 
-    def _can_place(self, wanted: list[str]) -> bool:
-        missing = sum(1 for n in wanted if n not in self._slot_of)
+    def write_slot(self, slot: int, adapter: HostAdapter) -> None:
+        """Write `adapter` into bank slot `slot` now (benchmarks, tests): under the lock, and
+        refused for slot 0 and for a slot a running request pins."""
+        with self._lock:
+            if not 0 < slot < self.slots or self._pins[slot]:
+                raise InferenceError(
+                    f"bank slot {slot} is the base model, out of range or in use by a request; "
+                    f"write one of the unpinned slots 1..{self.slots - 1}"
+                )
+            self._assign_locked(slot, adapter)
+
+    def _can_place(self, wanted: list[Identity]) -> bool:
+        missing = sum(1 for key in wanted if key not in self._slot_of)
         free = sum(
-            1 for s in range(1, self.slots) if not self._pins[s] and self._name_in[s] not in wanted
+            1 for s in range(1, self.slots) if not self._pins[s] and self._held_in[s] not in wanted
         )
         return missing <= free
 
-    def _place(self, adapter: HostAdapter) -> int:
-        """Slot of `adapter`, writing it into the least recently used unpinned slot if needed.
+    def _current(self, key: Identity) -> bool:
+        """Whether `key` is the name's current host copy (else its slot serves no new request)."""
+        held = self._host.get(key[0])
+        return held is not None and held.sha256 == key[1]
 
-        Called with the lock held; the chosen slot is pinned by no one.
-        """
-        slot = self._slot_of.get(adapter.name)
+    def _free_locked(self, key: Identity) -> None:
+        """Forget the slot of `key` (unpinned) and make it the first to be reused."""
+        slot = self._slot_of.pop(key)
+        self._held_in[slot] = None
+        self._lru.move_to_end(slot, last=False)
+
+    def _free_stale_locked(self, name: str) -> None:
+        """Free the unpinned slots holding an older copy of `name` (pinned ones: on release)."""
+        for key, slot in list(self._slot_of.items()):
+            if key[0] == name and not self._pins[slot] and not self._current(key):
+                self._free_locked(key)
+
+    def _place(self, adapter: HostAdapter) -> int:
+        """Slot of `adapter`'s identity, writing it into the least recently used unpinned slot
+        if needed. Called with the lock held; the chosen slot is pinned by no one."""
+        slot = self._slot_of.get(adapter.identity)
         if slot is not None:
             return slot
         unpinned = [s for s in self._lru if not self._pins[s]]
-        slot = next((s for s in unpinned if self._name_in[s] is None), unpinned[0])
-        evicted = self._name_in[slot]
-        if evicted is not None:
-            del self._slot_of[evicted]
-        self._name_in[slot] = None
-        self.write_slot(slot, adapter)
-        self._name_in[slot] = adapter.name
-        self._slot_of[adapter.name] = slot
+        slot = next((s for s in unpinned if self._held_in[s] is None), unpinned[0])
+        self._assign_locked(slot, adapter)
         self.swaps += 1
         return slot
 
-    def write_slot(self, slot: int, adapter: HostAdapter) -> None:
+    def _assign_locked(self, slot: int, adapter: HostAdapter) -> None:
+        """Write `adapter` into unpinned `slot` and record it there (lock held). The slot is
+        unnamed while it is written, so a failed write leaves it empty, never mislabelled."""
+        evicted = self._held_in[slot]
+        if evicted is not None:
+            del self._slot_of[evicted]
+        self._held_in[slot] = None
+        moved = self._slot_of.pop(adapter.identity, None)
+        if moved is not None:
+            self._held_in[moved] = None
+        self._write_slot_locked(slot, adapter)
+        self._held_in[slot] = adapter.identity
+        self._slot_of[adapter.identity] = slot
+
+    def _write_slot_locked(self, slot: int, adapter: HostAdapter) -> None:
         """Copy one adapter into bank slot `slot` in place (slot-0 values where it has none).
 
         With the MultiLoRA CPU library built, all banks are copied in one native call

@@ -19,7 +19,7 @@ from peft_export.bundle import names
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.manifest import Manifest, load_manifest
 from peft_export.bundle.paths import confined
-from peft_export.bundle.safetensors_io import check_finite, read_header, read_tensors
+from peft_export.bundle.safetensors_io import SafetensorsReader, check_finite
 from peft_export.runtime.errors import InferenceError
 from peft_export.runtime.providers import InputProvider, RequestContext, Reservation, StepState
 
@@ -60,8 +60,10 @@ def load_prompt_adapter(root: Path, manifest: Manifest, name: str) -> PromptAdap
         raise InferenceError(f"adapter {name!r} is {entry.method}, not a prompt-side method")
     path = confined(root, entry.file)
     try:
-        header = read_header(path, max_total_bytes=MAX_ADAPTER_BYTES)
-        tensors = read_tensors(path, header)
+        # Header and bytes from one open file: a replace between two opens would mix files.
+        with SafetensorsReader(path, max_total_bytes=MAX_ADAPTER_BYTES) as reader:
+            header = reader.header
+            tensors, _ = reader.read_all()
         check_finite(path, tensors)
     except BundleError as exc:
         raise InferenceError(f"adapter {name!r}: {exc}") from None

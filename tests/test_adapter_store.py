@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from peft_export.exporter.errors import ExportError
 from peft_export.exporter.pipeline import InMemoryBase, export_bundle
 from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter, remove_adapter
 from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
-from peft_export.runtime import host_memory
+from peft_export.runtime import adapter_store, host_memory
 from peft_export.runtime.adapter_store import AdapterStore
 from peft_export.runtime.errors import InferenceError
 from tests.tiny import make_adapter, tiny_model
@@ -205,8 +208,6 @@ def main_ok(argv: list[str]) -> None:
 def test_replaced_adapter_is_read_again_while_a_running_request_keeps_the_old(small, tmp_path):
     """`adapters add --replace` on a bundle a store serves: the next request gets the new
     weights; a request holding the old slot keeps reading the old ones."""
-    import shutil
-
     base, tmp, original = small
     bundle = tmp_path / "bundle"
     shutil.copytree(original, bundle)
@@ -241,3 +242,171 @@ def test_bank_allocation_failure_is_one_line_error(small, monkeypatch):
     monkeypatch.setattr(host_memory, "carve", refuse)
     with pytest.raises(InferenceError, match=r"cannot allocate \d+ MiB .* smaller --slots"):
         AdapterStore(bundle, load_manifest(bundle))
+
+
+def _copied(small, tmp_path) -> Path:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small[2], bundle)
+    return bundle
+
+
+def _slot_values(store: AdapterStore, slot: int) -> dict[str, np.ndarray]:
+    return {name: store.bank(name)[slot].copy() for name in store.specs}
+
+
+def _file_values(store: AdapterStore, path: Path) -> dict[str, np.ndarray]:
+    """What a slot holding this file must contain (banks it has no tensor for: slot 0)."""
+    tensors = load_file(str(path))
+    return {name: tensors.get(name, store.bank(name)[0]) for name in store.specs}
+
+
+def _assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert got.keys() == want.keys()
+    for name in got:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_replace_between_two_requests_loads_never_serves_old_weights_later(
+    small, tmp_path, monkeypatch
+):
+    """Issue 21 item 1. Request A reads the old a1, the file is replaced, request B reads the
+    new one; A then places its copy before B looks for a slot. B and every later request must
+    get the new weights (the store once placed A's copy under the bare name and served it)."""
+    base, tmp, _ = small
+    bundle = _copied(small, tmp_path)
+    store = AdapterStore(bundle, load_manifest(bundle))
+    path = bundle / "adapters" / "a1.safetensors"
+    old = _file_values(store, path)
+    gates = {
+        "A": (threading.Event(), threading.Event()),
+        "B": (threading.Event(), threading.Event()),
+    }
+    real_load = store.load
+
+    def paused_load(name: str):
+        adapter = real_load(name)
+        gate = gates.get(threading.current_thread().name)
+        if gate is not None:
+            gate[0].set()  # read its copy of the file...
+            assert gate[1].wait(60), "test gate never opened"  # ...and waits to place it
+        return adapter
+
+    monkeypatch.setattr(store, "load", paused_load)
+    leases = {}
+
+    def request(label: str) -> None:
+        leases[label] = store.acquire(["a1"])
+
+    threads = {
+        label: threading.Thread(target=request, args=(label,), name=label) for label in gates
+    }
+    threads["A"].start()
+    assert gates["A"][0].wait(60)
+    source = make_adapter(base, "lora", tmp, name="a1-v2", seed=21, **_QV)
+    main_ok(["adapters", "add", str(bundle), f"a1={source}", "--replace"])
+    new = _file_values(store, path)
+    assert any(not np.array_equal(old[k], new[k]) for k in old)
+    threads["B"].start()
+    assert gates["B"][0].wait(60)
+    gates["A"][1].set()
+    threads["A"].join(60)
+    gates["B"][1].set()
+    threads["B"].join(60)
+    assert set(leases) == {"A", "B"}, "a request failed (see the thread's exception above)"
+    (slot_a,), (slot_b,) = leases["A"].slots, leases["B"].slots
+    _assert_same(_slot_values(store, slot_a), old)  # A keeps the copy it started with
+    _assert_same(_slot_values(store, slot_b), new)
+    later = store.acquire(["a1"])
+    assert later.slots == (slot_b,)
+    store.release(later)
+    store.release(leases["B"])
+    store.release(leases["A"])
+    assert store.resident() == {"a1": slot_b}, "the old copy's slot is freed once unpinned"
+    again = store.acquire(["a1"])
+    _assert_same(_slot_values(store, again.slots[0]), new)
+    store.release(again)
+
+
+_QV = {"target_modules": ["q_proj", "v_proj"]}
+
+
+def test_header_and_tensor_bytes_come_from_one_open_file(small, tmp_path, monkeypatch):
+    """Issue 21 item 2. The file is replaced (renamed over) between the header read and the
+    tensor read: the store must read the bytes of the file whose header it checked."""
+    bundle = _copied(small, tmp_path)
+    store = AdapterStore(bundle, load_manifest(bundle))
+    path = bundle / "adapters" / "a1.safetensors"
+    want = _file_values(store, path)
+    other = bundle / "adapters" / ".a2-copy"
+    shutil.copyfile(bundle / "adapters" / "a2.safetensors", other)
+    real_check = adapter_store._check_header
+
+    def check_then_replace(*args) -> None:
+        real_check(*args)
+        if other.exists():
+            os.replace(other, path)
+
+    monkeypatch.setattr(adapter_store, "_check_header", check_then_replace)
+    lease = store.acquire(["a1"])
+    _assert_same(_slot_values(store, lease.slots[0]), want)
+    store.release(lease)
+    assert not other.exists(), "the replacement happened"
+
+
+def test_file_changed_under_the_bundle_is_refused_before_a_slot_is_written(small, tmp_path):
+    """Issue 21 item 2: a valid adapter file that is not the one the manifest recorded."""
+    bundle = _copied(small, tmp_path)
+    shutil.copyfile(bundle / "adapters" / "a2.safetensors", bundle / "adapters" / "a1.safetensors")
+    store = AdapterStore(bundle, load_manifest(bundle))
+    before = {name: store.bank(name).copy() for name in store.specs}
+    with pytest.raises(InferenceError) as info:
+        store.acquire(["a1"])
+    message = str(info.value)
+    assert "a1.safetensors: the file changed under the bundle" in message
+    assert "re-add the adapter" in message and "\n" not in message
+    _assert_same({name: store.bank(name) for name in store.specs}, before)
+    assert store.resident() == {} and store.held() == []
+
+
+def test_release_twice_unpins_once(small):
+    """Issue 21 item 7: a second release of a lease used to drive the pin count to -1, which
+    counts as pinned forever (and lets a later request's slot be evicted under it)."""
+    bundle = small[2]
+    store = AdapterStore(bundle, load_manifest(bundle), wait_timeout_s=0.5)
+    lease = store.acquire(["a0"])
+    store.release(lease)
+    store.release(lease)
+    held = store.acquire(["a0"])
+    assert store.drop("a0") is False, "a0 is in use by `held`"
+    store.release(held)
+    both = store.acquire(["a1", "a2"])  # needs both slots unpinned
+    store.release(both)
+    assert store.drop("a1") and store.drop("a2")
+
+
+def test_write_slot_is_locked_and_keeps_the_slot_map_true(small, monkeypatch):
+    """Issue 21 item 7: `write_slot` is public; it must take the store's lock, refuse a slot
+    a request pins, and record what it wrote (the slot's old adapter is no longer there)."""
+    bundle = small[2]
+    store = AdapterStore(bundle, load_manifest(bundle))
+    real_write = store._write_slot_locked
+
+    def write_checking_the_lock(slot, adapter) -> None:
+        assert store._lock._is_owned(), "a slot is written without the store's lock"
+        real_write(slot, adapter)
+
+    monkeypatch.setattr(store, "_write_slot_locked", write_checking_the_lock)
+    a0 = _file_values(store, bundle / "adapters" / "a0.safetensors")
+    a1 = _file_values(store, bundle / "adapters" / "a1.safetensors")
+    lease = store.acquire(["a0"])
+    (slot,) = lease.slots
+    with pytest.raises(InferenceError, match="in use"):
+        store.write_slot(slot, store.load("a1"))
+    _assert_same(_slot_values(store, slot), a0)
+    store.release(lease)
+    store.write_slot(slot, store.load("a1"))
+    _assert_same(_slot_values(store, slot), a1)
+    assert store.resident() == {"a1": slot}
+    again = store.acquire(["a0"])
+    _assert_same(_slot_values(store, again.slots[0]), a0)
+    store.release(again)

@@ -237,6 +237,30 @@ def test_adapter_store_matches_python_store(cpp_build, tiny_bundle):
         runtime.close()
 
 
+def test_adapter_replaced_while_serving_is_read_again(cpp_build, tiny_bundle, tmp_path):
+    """`adapters add --replace` on a bundle the C++ runtime serves (issue 21 item 1): the next
+    request uses the new file, whose bytes C++ hashes against the sha256 Python recorded."""
+    import shutil
+
+    from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
+    from peft_export.runtime.session import load_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    runtime = CppRuntime(cpp_build, bundle, threads=1, slots=3)
+    try:
+        before = runtime.ids([PROMPTS[0]], ["lora"], max_new_tokens=8)
+        source = make_adapter(tiny_model("llama"), "lora", tmp_path, name="lora-v2", seed=41)
+        add_adapter(bundle, "lora", source, replace=True)
+        after = runtime.ids([PROMPTS[0]], ["lora"], max_new_tokens=8)
+        want = python_ids(load_bundle(bundle, threads=1), [PROMPTS[0]], ["lora"], 8)
+        assert after == want
+        assert after != before, "the new adapter should change the greedy ids"
+        assert list(runtime.adapters("status")["resident"]) == ["lora"]
+    finally:
+        runtime.close()
+
+
 def test_concurrent_requests_equal_sequential(cpp_build, tiny_bundle):
     runtime = CppRuntime(cpp_build, tiny_bundle, threads=1, slots=3)
     jobs = [([PROMPTS[i % 3]], [a]) for i, a in enumerate(["lora", "dora", "ia3", None] * 2)]

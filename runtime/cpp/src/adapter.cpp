@@ -194,7 +194,7 @@ HostAdapter read_adapter(const Manifest& manifest, const std::string& name,
     refuse(file, "was made for other base weights (base_weights_sha256 differs from the bundle's); "
                  "re-create it with 'peft-export adapters add' for this bundle");
   }
-  HostAdapter adapter{name, value("method"), file, {}};
+  HostAdapter adapter{name, value("method"), file, {}, {}};
   const auto& methods = manifest.adapters.methods;
   if (std::find(methods.begin(), methods.end(), adapter.method) == methods.end()) {
     refuse(file, "method '" + adapter.method + "' is not one this bundle's graph accepts; "
@@ -237,6 +237,13 @@ HostAdapter read_adapter(const Manifest& manifest, const std::string& name,
     }
   }
   if (adapter.tensors.empty()) refuse(file, "holds no tensors; re-create the adapter");
+  adapter.sha256 = st.sha256();
+  auto entry = manifest.adapters.installed.find(name);
+  if (entry != manifest.adapters.installed.end() && !entry->second.sha256.empty() &&
+      entry->second.sha256 != adapter.sha256) {
+    refuse(file, "the file changed under the bundle (its sha256 is not the one manifest.json "
+                 "records); re-add the adapter with 'peft-export adapters add --replace'");
+  }
   return adapter;
 }
 

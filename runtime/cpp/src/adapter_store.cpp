@@ -1,10 +1,12 @@
 #include "peft_export/adapter_store.hpp"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -22,6 +24,56 @@ bool split_bank(const std::string& name, std::string& module, std::string& part)
   part = name.substr(dot + 1);
   return part == "A" || part == "B" || part == "out_scale" || part == "in_scale" ||
          part == "bias_scale";
+}
+
+constexpr std::size_t kBankAlign = 64;  // each bank starts on a cache line
+
+[[noreturn]] void too_large(const std::string& what) {
+  throw BundleError("manifest.json: " + what + " overflows 64-bit sizes; the manifest is "
+                    "damaged: re-export the bundle (or load it with fewer slots)");
+}
+
+// slots x (the slot's dimensions) x the dtype's size, refusing any product that overflows:
+// every factor comes from manifest.json (or the caller's slot count).
+std::size_t bank_bytes(const BankSpec& spec) {
+  std::uint64_t bytes = dtype_size(spec.dtype);
+  for (std::int64_t dim : spec.shape) {
+    if (dim < 0 || __builtin_mul_overflow(bytes, static_cast<std::uint64_t>(dim), &bytes)) {
+      too_large("bank " + spec.name + " (slots x r_max x features)");
+    }
+  }
+  return static_cast<std::size_t>(bytes);
+}
+
+// All banks, each rounded up to kBankAlign, as allocate_block lays them out.
+std::size_t aligned_total(const std::vector<std::size_t>& nbytes) {
+  std::size_t total = 0;
+  for (std::size_t bytes : nbytes) {
+    std::size_t padded = 0;
+    if (__builtin_add_overflow(bytes, kBankAlign - 1, &padded) ||
+        __builtin_add_overflow(total, padded / kBankAlign * kBankAlign, &total)) {
+      too_large("the sum of the adapter banks");
+    }
+  }
+  return total;
+}
+
+// Banks larger than half this machine's memory (a huge adapters.slots, r_max or feature
+// count in a manifest) are refused: filling them would take the machine down instead.
+void check_bank_memory(int slots, std::size_t total) {
+  long pages = sysconf(_SC_PHYS_PAGES);
+  long page_size = sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page_size <= 0) return;
+  double have = static_cast<double>(pages) * static_cast<double>(page_size);
+  if (static_cast<double>(total) > have / 2) {
+    char text[160];
+    std::snprintf(text, sizeof text,
+                  "%d adapter slots need %.1f GiB of banks, more than half of this machine's "
+                  "%.1f GiB; ",
+                  slots, static_cast<double>(total) / (1 << 30), have / (1 << 30));
+    throw InferenceError(std::string(text) + "load the bundle with fewer slots, or re-export it "
+                         "with a smaller --slots");
+  }
 }
 
 }  // namespace
@@ -46,10 +98,10 @@ AdapterBanks::AdapterBanks(const Manifest& manifest, int slots)
     if (part == "B") spec.shape.insert(spec.shape.end(), {module->out_features, layout.r_max});
     if (part == "out_scale" || part == "bias_scale") spec.shape.push_back(module->out_features);
     if (part == "in_scale") spec.shape.push_back(module->in_features);
-    nbytes_.push_back(static_cast<std::size_t>(element_count(spec.shape)) *
-                      dtype_size(spec.dtype));
+    nbytes_.push_back(bank_bytes(spec));
     specs_.push_back(std::move(spec));
   }
+  check_bank_memory(slots_, aligned_total(nbytes_));
   allocate_block();
   for (int slot = 0; slot < slots_; ++slot) {
     for (std::size_t bank = 0; bank < specs_.size(); ++bank) reset_slot(bank, slot);
@@ -64,11 +116,10 @@ void AdapterBanks::Unmap::operator()(std::byte* mapping) const { munmap(mapping,
 // pages (Linux; elsewhere, or with THP off, ordinary pages). Each bank starts on a cache line.
 void AdapterBanks::allocate_block() {
   using huge_pages::kHugePage;
-  constexpr std::size_t kAlign = 64;
-  std::size_t total = 0;
+  std::size_t total = 0;  // aligned_total(nbytes_), checked before: no overflow here
   for (std::size_t bytes : nbytes_) {
     offset_.push_back(total);
-    total += (bytes + kAlign - 1) / kAlign * kAlign;
+    total += (bytes + kBankAlign - 1) / kBankAlign * kBankAlign;
   }
   const std::size_t length = total + kHugePage;
   void* mapping = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -163,20 +214,67 @@ AdapterStore::AdapterStore(const Manifest& manifest, std::filesystem::path bundl
     : manifest_(manifest), bundle_dir_(std::move(bundle_dir)), banks_(banks),
       wait_seconds_(wait_seconds) {
   int slots = banks_ != nullptr ? banks_->slots() : 1;
-  name_in_.assign(static_cast<std::size_t>(slots), "");
+  held_in_.assign(static_cast<std::size_t>(slots), Identity{});
   pins_.assign(static_cast<std::size_t>(slots), 0);
   for (int slot = 1; slot < slots; ++slot) lru_.push_back(slot);
+  std::error_code ec;
+  manifest_stamp_ = std::filesystem::last_write_time(bundle_dir_ / "manifest.json", ec);
 }
 
 std::shared_ptr<const HostAdapter> AdapterStore::load(const std::string& name) {
   Manifest manifest;
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (manifest_changed_locked() || !manifest_.adapters.installed.count(name)) {
+      refresh_manifest_locked();
+    }
     auto held = host_.find(name);
-    if (held != host_.end()) return held->second;
-    if (!manifest_.adapters.installed.count(name)) refresh_manifest_locked();
+    if (held != host_.end()) {
+      auto entry = manifest_.adapters.installed.find(name);
+      if (entry == manifest_.adapters.installed.end() || entry->second.sha256.empty() ||
+          entry->second.sha256 == held->second->sha256) {
+        return held->second;
+      }
+    }
     manifest = manifest_;
   }
+  std::shared_ptr<const HostAdapter> adapter;
+  try {
+    adapter = read(manifest, name);
+  } catch (const BundleError&) {
+    // The bundle may have been replaced while the file was read: retry once with the manifest
+    // that replaced it, fail as read when it records nothing new for this adapter.
+    Manifest fresh;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      refresh_manifest_locked();
+      fresh = manifest_;
+    }
+    auto before = manifest.adapters.installed.find(name);
+    auto after = fresh.adapters.installed.find(name);
+    if (after == fresh.adapters.installed.end() ||
+        (before != manifest.adapters.installed.end() &&
+         before->second.file == after->second.file &&
+         before->second.sha256 == after->second.sha256)) {
+      throw;
+    }
+    adapter = read(fresh, name);
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto held = host_.find(name);
+  if (held != host_.end() && held->second->sha256 == adapter->sha256) return held->second;
+  auto current = manifest_.adapters.installed.find(name);
+  if (current != manifest_.adapters.installed.end() && !current->second.sha256.empty() &&
+      current->second.sha256 != adapter->sha256) {
+    return adapter;  // superseded while it was read: this caller's request only
+  }
+  host_[name] = adapter;
+  free_stale_locked(name);
+  return adapter;
+}
+
+std::shared_ptr<const HostAdapter> AdapterStore::read(const Manifest& manifest,
+                                                      const std::string& name) const {
   auto entry = manifest.adapters.installed.find(name);
   if (entry == manifest.adapters.installed.end()) {
     std::string known;
@@ -189,18 +287,24 @@ std::shared_ptr<const HostAdapter> AdapterStore::load(const std::string& name) {
                          name + "=PATH'");
   }
   std::filesystem::path path = confined_path(bundle_dir_, entry->second.file);
-  auto adapter = std::make_shared<const HostAdapter>(read_adapter(manifest, name, path));
-  std::lock_guard<std::mutex> lock(mutex_);
-  return host_.emplace(name, adapter).first->second;
+  return std::make_shared<const HostAdapter>(read_adapter(manifest, name, path));
+}
+
+bool AdapterStore::manifest_changed_locked() const {
+  std::error_code ec;
+  return std::filesystem::last_write_time(bundle_dir_ / "manifest.json", ec) != manifest_stamp_;
 }
 
 void AdapterStore::refresh_manifest_locked() {
+  std::error_code ec;
+  auto stamp = std::filesystem::last_write_time(bundle_dir_ / "manifest.json", ec);
   Manifest fresh;
   try {
     fresh = load_manifest(bundle_dir_);
   } catch (const BundleError&) {
     return;
   }
+  manifest_stamp_ = stamp;
   bool same_base = fresh.base_model.weights_sha256 == manifest_.base_model.weights_sha256;
   bool same_graph = fresh.graph.inputs.size() == manifest_.graph.inputs.size() &&
                     fresh.adapters.r_max == manifest_.adapters.r_max;
@@ -209,15 +313,13 @@ void AdapterStore::refresh_manifest_locked() {
 
 bool AdapterStore::drop(const std::string& name) {
   std::lock_guard<std::mutex> lock(mutex_);
-  auto placed = slot_of_.find(name);
-  if (placed != slot_of_.end()) {
-    int slot = placed->second;
+  std::vector<Identity> placed;
+  for (const auto& [key, slot] : slot_of_) {
+    if (key.first != name) continue;
     if (pins_[static_cast<std::size_t>(slot)] > 0) return false;
-    slot_of_.erase(placed);
-    name_in_[static_cast<std::size_t>(slot)].clear();
-    lru_.remove(slot);
-    lru_.push_front(slot);
+    placed.push_back(key);
   }
+  for (const Identity& key : placed) free_locked(key);
   host_.erase(name);
   return true;
 }
@@ -231,7 +333,11 @@ std::vector<std::string> AdapterStore::held() const {
 
 std::map<std::string, int> AdapterStore::resident() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return slot_of_;
+  std::map<std::string, int> out;
+  for (const auto& [key, slot] : slot_of_) {
+    if (current_locked(key)) out[key.first] = slot;
+  }
+  return out;
 }
 
 std::size_t AdapterStore::swaps() const {
@@ -239,35 +345,60 @@ std::size_t AdapterStore::swaps() const {
   return swaps_;
 }
 
-bool AdapterStore::can_place_locked(const std::vector<std::string>& wanted) const {
+bool AdapterStore::can_place_locked(const std::vector<Identity>& wanted) const {
   std::size_t missing = 0;
-  for (const auto& name : wanted) missing += slot_of_.count(name) ? 0 : 1;
+  for (const auto& key : wanted) missing += slot_of_.count(key) ? 0 : 1;
   std::size_t free = 0;
-  for (std::size_t slot = 1; slot < name_in_.size(); ++slot) {
-    bool wanted_here = std::find(wanted.begin(), wanted.end(), name_in_[slot]) != wanted.end();
+  for (std::size_t slot = 1; slot < held_in_.size(); ++slot) {
+    bool wanted_here = std::find(wanted.begin(), wanted.end(), held_in_[slot]) != wanted.end();
     if (pins_[slot] == 0 && !wanted_here) ++free;
   }
   return missing <= free;
 }
 
-int AdapterStore::place_locked(const std::string& name, const HostAdapter& adapter) {
-  auto placed = slot_of_.find(name);
+bool AdapterStore::current_locked(const Identity& key) const {
+  auto held = host_.find(key.first);
+  return held != host_.end() && held->second->sha256 == key.second;
+}
+
+void AdapterStore::free_locked(const Identity& key) {
+  auto placed = slot_of_.find(key);
+  int slot = placed->second;
+  slot_of_.erase(placed);
+  held_in_[static_cast<std::size_t>(slot)] = Identity{};
+  lru_.remove(slot);
+  lru_.push_front(slot);  // reused first
+}
+
+void AdapterStore::free_stale_locked(const std::string& name) {
+  std::vector<Identity> stale;
+  for (const auto& [key, slot] : slot_of_) {
+    if (key.first == name && pins_[static_cast<std::size_t>(slot)] == 0 && !current_locked(key)) {
+      stale.push_back(key);
+    }
+  }
+  for (const Identity& key : stale) free_locked(key);
+}
+
+int AdapterStore::place_locked(const HostAdapter& adapter) {
+  Identity key{adapter.name, adapter.sha256};
+  auto placed = slot_of_.find(key);
   if (placed != slot_of_.end()) return placed->second;
   int chosen = -1;
   for (int slot : lru_) {
     if (pins_[static_cast<std::size_t>(slot)] > 0) continue;
     if (chosen < 0) chosen = slot;  // least recently used unpinned slot
-    if (name_in_[static_cast<std::size_t>(slot)].empty()) {
+    if (held_in_[static_cast<std::size_t>(slot)].first.empty()) {
       chosen = slot;  // an empty one is preferred
       break;
     }
   }
-  std::string& evicted = name_in_[static_cast<std::size_t>(chosen)];
-  if (!evicted.empty()) slot_of_.erase(evicted);
-  evicted.clear();
+  Identity& held = held_in_[static_cast<std::size_t>(chosen)];
+  if (!held.first.empty()) slot_of_.erase(held);
+  held = Identity{};  // unnamed while written: a failed write leaves it empty
   banks_->write_slot(chosen, &adapter);
-  evicted = name;
-  slot_of_[name] = chosen;
+  held = key;
+  slot_of_[key] = chosen;
   ++swaps_;
   return chosen;
 }
@@ -280,14 +411,14 @@ AdapterStore::Lease AdapterStore::acquire(const std::vector<std::string>& row_ad
     }
   }
   std::map<std::string, std::shared_ptr<const HostAdapter>> hosted;
-  std::vector<std::string> wanted;  // LoRA-family adapters: they need a slot
+  std::vector<Identity> wanted;  // LoRA-family adapters: they need a slot
   for (const std::string& name : named) {
     hosted[name] = load(name);
-    if (hosted[name]->has_lora()) wanted.push_back(name);
+    if (hosted[name]->has_lora()) wanted.emplace_back(name, hosted[name]->sha256);
   }
   if (!wanted.empty() && banks_ == nullptr) {
-    throw InferenceError("adapter '" + wanted.front() + "' has LoRA weights but this bundle's "
-                         "graph has no adapter banks; re-export with --mode runtime");
+    throw InferenceError("adapter '" + wanted.front().first + "' has LoRA weights but this "
+                         "bundle's graph has no adapter banks; re-export with --mode runtime");
   }
   if (static_cast<int>(wanted.size()) > slots() - 1) {
     throw InferenceError("one request names " + std::to_string(wanted.size()) +
@@ -309,13 +440,13 @@ AdapterStore::Lease AdapterStore::acquire(const std::vector<std::string>& row_ad
       }
     }
     std::stable_partition(wanted.begin(), wanted.end(),
-                          [&](const std::string& name) { return slot_of_.count(name) > 0; });
-    for (const std::string& name : wanted) {
-      int slot = place_locked(name, *hosted[name]);
+                          [&](const Identity& key) { return slot_of_.count(key) > 0; });
+    for (const Identity& key : wanted) {
+      int slot = place_locked(*hosted[key.first]);
       ++pins_[static_cast<std::size_t>(slot)];
       lru_.remove(slot);
       lru_.push_back(slot);
-      slot_of[name] = slot;
+      slot_of[key.first] = slot;
       lease.pinned_.push_back(slot);
     }
     lease.store_ = this;
@@ -331,7 +462,13 @@ AdapterStore::Lease AdapterStore::acquire(const std::vector<std::string>& row_ad
 void AdapterStore::release(const std::vector<int>& slots) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (int slot : slots) --pins_[static_cast<std::size_t>(slot)];
+    for (int slot : slots) {
+      auto index = static_cast<std::size_t>(slot);
+      --pins_[index];
+      // The last request on an older copy's slot frees it (see load()).
+      Identity held = held_in_[index];  // a copy: free_locked clears held_in_[index]
+      if (pins_[index] == 0 && !held.first.empty() && !current_locked(held)) free_locked(held);
+    }
   }
   released_.notify_all();
 }

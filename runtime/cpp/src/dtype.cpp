@@ -1,6 +1,7 @@
 #include "peft_export/dtype.hpp"
 
 #include <cstring>
+#include <string>
 
 #include "peft_export/errors.hpp"
 
@@ -144,7 +145,14 @@ void from_float(DType dtype, const float* src, std::size_t count, void* dst) {
 
 std::int64_t element_count(const std::vector<std::int64_t>& shape) {
   std::int64_t count = 1;
-  for (std::int64_t dim : shape) count *= dim;
+  for (std::int64_t dim : shape) {
+    if (dim < 0 || __builtin_mul_overflow(count, dim, &count)) {
+      std::string text;
+      for (std::int64_t d : shape) text += (text.empty() ? "" : ", ") + std::to_string(d);
+      throw InferenceError("a tensor of shape [" + text + "] has no valid size; check the " +
+                           "request's sizes and the bundle's manifest");
+    }
+  }
   return count;
 }
 

@@ -56,6 +56,32 @@ bool Fields::boolean(const std::string& key, bool fallback) const {
   return value->get<bool>();
 }
 
+void check_json_depth(const std::string& text, const std::string& what, const std::string& fix) {
+  int depth = 0;
+  bool in_string = false;
+  bool escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > kMaxJsonDepth) {
+        throw BundleError(what + " nests JSON deeper than " + std::to_string(kMaxJsonDepth) +
+                          " levels; " + fix);
+      }
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+}
+
 std::int64_t non_negative_integer(const Json& value, const std::string& where,
                                   const std::string& file) {
   if (value.is_number_unsigned()) {

@@ -35,6 +35,15 @@ class Fields {
   std::string file_;
 };
 
+// Deepest nesting of arrays and objects accepted in a bundle's JSON. Real manifests and
+// safetensors headers stay under 10; nlohmann-json copies and dumps values recursively, so a
+// hostile document nested a million levels deep would overflow the stack.
+inline constexpr int kMaxJsonDepth = 128;
+
+// Throws BundleError("WHAT nests JSON deeper than 128 levels; FIX") when `text` does: a scan
+// of brackets outside strings, done before the text is parsed.
+void check_json_depth(const std::string& text, const std::string& what, const std::string& fix);
+
 // Checks that `value` is a non-negative integer (not a bool) and returns it.
 std::int64_t non_negative_integer(const Json& value, const std::string& where,
                                   const std::string& file);

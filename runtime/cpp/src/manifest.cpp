@@ -16,6 +16,10 @@ using detail::Json;
 
 constexpr const char* kFile = "manifest.json";
 constexpr std::uintmax_t kMaxManifestBytes = 64ull * 1024 * 1024;
+// Largest size field (vocabulary, features, rank, lengths, fixed graph dimensions): any real
+// model is far below it, and a product of two such fields cannot overflow 64 bits. Products
+// of more (adapter banks: slots x r_max x features) are checked where they are allocated.
+constexpr std::int64_t kMaxSize = INT32_MAX;
 
 int small_int(const Fields& fields, const std::string& key) {
   std::int64_t value = fields.integer(key);
@@ -23,10 +27,22 @@ int small_int(const Fields& fields, const std::string& key) {
   return static_cast<int>(value);
 }
 
+std::int64_t bounded(const Fields& fields, const std::string& key, std::int64_t value) {
+  if (value > kMaxSize) {
+    fields.fail(key, "is " + std::to_string(value) + ", more than any model has (at most " +
+                         std::to_string(kMaxSize) + "); re-export the bundle");
+  }
+  return value;
+}
+
 std::int64_t positive(const Fields& fields, const std::string& key) {
-  std::int64_t value = fields.integer(key);
+  std::int64_t value = bounded(fields, key, fields.integer(key));
   if (value == 0) fields.fail(key, "must be positive; re-export the bundle");
   return value;
+}
+
+std::int64_t opt_size(const Fields& fields, const std::string& key) {
+  return bounded(fields, key, fields.opt_integer(key).value_or(0));
 }
 
 DType parse_dtype(const Fields& fields, const std::string& key) {
@@ -57,6 +73,10 @@ TensorSpec parse_tensor(const Json& value, const std::string& where) {
       dim.name = shape[i].get<std::string>();
     } else {
       dim.size = detail::non_negative_integer(shape[i], at, kFile);
+      if (dim.size > kMaxSize) {
+        throw BundleError(std::string(kFile) + ": " + at + " is " + std::to_string(dim.size) +
+                          ", more than any model has; re-export the bundle");
+      }
     }
     spec.shape.push_back(std::move(dim));
   }
@@ -112,10 +132,10 @@ AdapterLayout parse_adapters(const Json& value) {
   AdapterLayout layout;
   layout.methods = string_list(fields, "methods");
   layout.slots = fields.find("slots") ? small_int(fields, "slots") : 0;
-  layout.r_max = fields.opt_integer("r_max").value_or(0);
-  layout.prefix_max_len = fields.opt_integer("prefix_max_len").value_or(0);
-  layout.prompt_max_len = fields.opt_integer("prompt_max_len").value_or(0);
-  layout.adaption_max_len = fields.opt_integer("adaption_max_len").value_or(0);
+  layout.r_max = opt_size(fields, "r_max");
+  layout.prefix_max_len = opt_size(fields, "prefix_max_len");
+  layout.prompt_max_len = opt_size(fields, "prompt_max_len");
+  layout.adaption_max_len = opt_size(fields, "adaption_max_len");
   if (fields.find("modules") != nullptr) {
     const Json& modules = list_field(fields, "modules");
     for (std::size_t i = 0; i < modules.size(); ++i) {
@@ -229,6 +249,7 @@ const ModuleSlot* AdapterLayout::module(const std::string& path) const {
 }
 
 Manifest parse_manifest(const std::string& json_text) {
+  detail::check_json_depth(json_text, kFile, "re-export the bundle");
   Json data = Json::parse(json_text, nullptr, false);
   if (data.is_discarded()) {
     throw BundleError(std::string(kFile) + ": not valid JSON; re-export the bundle");

@@ -1,13 +1,19 @@
 #include "peft_export/safetensors.hpp"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <tuple>
 
+#include "json_fields.hpp"
 #include "peft_export/errors.hpp"
+#include "sha256.hpp"
 
 namespace peft_export {
 namespace {
@@ -17,6 +23,20 @@ constexpr std::int64_t kMaxDim = std::int64_t{1} << 40;
 
 [[noreturn]] void fail(const std::filesystem::path& path, const std::string& problem) {
   throw BundleError(path.string() + ": " + problem);
+}
+
+// Reads exactly `size` bytes at `offset` (pread: the descriptor's position is never shared).
+bool read_at(int fd, void* out, std::uint64_t size, std::uint64_t offset) {
+  auto* bytes = static_cast<char*>(out);
+  while (size > 0) {
+    ssize_t got = ::pread(fd, bytes, size, static_cast<off_t>(offset));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) return false;
+    bytes += got;
+    size -= static_cast<std::uint64_t>(got);
+    offset += static_cast<std::uint64_t>(got);
+  }
+  return true;
 }
 
 std::uint64_t read_u64_le(const unsigned char* bytes) {
@@ -91,28 +111,44 @@ SafetensorInfo parse_entry(const std::filesystem::path& path, const std::string&
 }  // namespace
 
 SafetensorsFile::SafetensorsFile(std::filesystem::path path) : path_(std::move(path)) {
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path_, ec)) fail(path_, "file not found");
-  std::uint64_t size = std::filesystem::file_size(path_, ec);
-  if (ec) fail(path_, "cannot be read");
-  std::ifstream in(path_, std::ios::binary);
+  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) fail(path_, errno == ENOENT ? "file not found" : "cannot be opened");
+  try {
+    parse_header();
+  } catch (...) {
+    ::close(fd_);
+    throw;
+  }
+}
+
+SafetensorsFile::~SafetensorsFile() { ::close(fd_); }
+
+void SafetensorsFile::parse_header() {
+  struct stat file_info {};
+  if (::fstat(fd_, &file_info) != 0 || !S_ISREG(file_info.st_mode)) {
+    fail(path_, "is not a regular file");
+  }
+  size_ = static_cast<std::uint64_t>(file_info.st_size);
   unsigned char prefix[8] = {};
-  if (size < 8 || !in.read(reinterpret_cast<char*>(prefix), 8)) {
+  if (size_ < 8 || !read_at(fd_, prefix, 8, 0)) {
     fail(path_, "truncated safetensors file (no header); re-create it");
   }
   std::uint64_t header_len = read_u64_le(prefix);
-  if (header_len > std::min(kMaxHeaderBytes, size - 8)) {
+  if (header_len > std::min(kMaxHeaderBytes, size_ - 8)) {
     fail(path_, "safetensors header length " + std::to_string(header_len) + " is invalid");
   }
   std::string raw(header_len, '\0');
-  if (!in.read(raw.data(), static_cast<std::streamsize>(header_len))) {
+  if (!read_at(fd_, raw.data(), header_len, 8)) {
     fail(path_, "truncated safetensors header; re-create it");
   }
+  head_.assign(reinterpret_cast<const char*>(prefix), 8);
+  head_ += raw;
+  detail::check_json_depth(raw, path_.string() + ": safetensors header", "re-create the file");
   Json header = Json::parse(raw, nullptr, false);
   if (header.is_discarded()) fail(path_, "safetensors header is not valid JSON; re-create it");
   if (!header.is_object()) fail(path_, "safetensors header is not an object");
   data_start_ = 8 + header_len;
-  std::uint64_t data_len = size - data_start_;
+  std::uint64_t data_len = size_ - data_start_;
   std::vector<std::tuple<std::uint64_t, std::uint64_t, std::string>> spans;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
@@ -142,19 +178,34 @@ const SafetensorInfo* SafetensorsFile::find(const std::string& name) const {
   return it == tensors_.end() ? nullptr : &it->second;
 }
 
-std::vector<std::byte> SafetensorsFile::read(const std::string& name) const {
+void SafetensorsFile::read_data() {
+  if (data_read_) return;
+  std::vector<std::byte> data(size_ - data_start_);
+  if (!read_at(fd_, data.data(), data.size(), data_start_)) {
+    fail(path_, "tensor data is truncated (the file shrank while it was read)");
+  }
+  data_ = std::move(data);
+  data_read_ = true;
+}
+
+std::vector<std::byte> SafetensorsFile::read(const std::string& name) {
   const SafetensorInfo* info = find(name);
   if (info == nullptr) fail(path_, "has no tensor '" + name + "'");
-  std::vector<std::byte> data(info->nbytes());
-  std::ifstream in(path_, std::ios::binary);
-  in.seekg(static_cast<std::streamoff>(data_start_ + info->begin));
-  if (!in.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(data.size()))) {
-    fail(path_, "tensor '" + name + "' is truncated");
-  }
+  read_data();
+  auto begin = data_.begin() + static_cast<std::ptrdiff_t>(info->begin);
+  std::vector<std::byte> data(begin, begin + static_cast<std::ptrdiff_t>(info->nbytes()));
   if (has_non_finite(info->dtype, data)) {
     fail(path_, "tensor '" + name + "' contains NaN or Inf; fix the adapter");
   }
   return data;
+}
+
+std::string SafetensorsFile::sha256() {
+  read_data();
+  detail::Sha256 hash;
+  hash.update(head_.data(), head_.size());
+  hash.update(data_.data(), data_.size());
+  return hash.hex();
 }
 
 }  // namespace peft_export

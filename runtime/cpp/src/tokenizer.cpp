@@ -13,6 +13,7 @@
 #include <sstream>
 #include <unordered_map>
 
+#include "json_fields.hpp"
 #include "peft_export/errors.hpp"
 #include "peft_export/tokenizer.hpp"
 
@@ -295,6 +296,8 @@ std::shared_ptr<Tokenizer> load_byte_level_bpe(const std::filesystem::path& toke
   std::ifstream in(tokenizer_json, std::ios::binary);
   std::ostringstream text;
   text << in.rdbuf();
+  detail::check_json_depth(text.str(), tokenizer_json.string(),
+                           "pass token ids or set your own Tokenizer");
   Json doc = Json::parse(text.str(), nullptr, false);
   if (doc.is_discarded() || !doc.is_object() || !doc.contains("model") ||
       doc["model"].value("type", "") != "BPE" || !is_byte_level(doc.value("decoder", Json()))) {

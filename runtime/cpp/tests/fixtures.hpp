@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "peft_export/safetensors.hpp"
 
 namespace fixtures {
 
@@ -89,6 +90,30 @@ inline std::filesystem::path lora_bundle(const std::string& name, int slots = 3)
   }
   check::write_file(dir / "manifest.json", doc.dump());
   return dir;
+}
+
+// Writes `bytes` next to `path` and renames it into place, as the bundle writer does.
+inline void replace_file(const std::filesystem::path& path, const std::string& bytes) {
+  auto staged = path.parent_path() / ("." + path.filename().string() + ".staged");
+  check::write_file(staged, bytes);
+  std::filesystem::rename(staged, path);
+}
+
+// Makes manifest.json record the sha256 of every installed adapter file, as exports do.
+inline void record_hashes(const std::filesystem::path& dir) {
+  Json doc = Json::parse(std::ifstream(dir / "manifest.json"));
+  for (auto& [name, entry] : doc["adapters"]["installed"].items()) {
+    entry["sha256"] = peft_export::SafetensorsFile(dir / entry["file"].get<std::string>()).sha256();
+  }
+  replace_file(dir / "manifest.json", doc.dump());
+}
+
+// 'peft-export adapters add --replace': adapter `name` gets A filled with `value`, and the
+// manifest its new hash.
+inline void replace_adapter(const std::filesystem::path& dir, const std::string& name,
+                            float value) {
+  replace_file(dir / "adapters" / (name + ".safetensors"), lora_file(name, value));
+  record_hashes(dir);
 }
 
 }  // namespace fixtures

@@ -129,4 +129,37 @@ TEST(concurrent_requests_keep_their_slots) {
   CHECK(wrong == 0);
 }
 
+TEST(replaced_adapter_is_read_again_while_a_running_request_keeps_the_old) {
+  Store s("replace");
+  fixtures::record_hashes(s.dir);
+  auto running = s.store.acquire({"a"});
+  const int old_slot = static_cast<int>(running.slots()[0]);
+  CHECK(s.a_value(old_slot) == 1.0f);
+  fixtures::replace_adapter(s.dir, "a", 7.0f);
+  int new_slot = -1;
+  {
+    auto lease = s.store.acquire({"a"});
+    new_slot = static_cast<int>(lease.slots()[0]);
+    CHECK(new_slot != old_slot);
+    CHECK(s.a_value(new_slot) == 7.0f);
+    CHECK(s.a_value(old_slot) == 1.0f);  // the running request's weights are untouched
+    CHECK(lease.adapters()[0]->sha256 != running.adapters()[0]->sha256);
+  }
+  CHECK(s.store.resident() == (std::map<std::string, int>{{"a", new_slot}}));
+  running = AdapterStore::Lease();  // the last request on the old copy ends: its slot is freed
+  { auto lease = s.store.acquire({"a"}); CHECK(lease.slots()[0] == new_slot); }
+  { auto lease = s.store.acquire({"b"}); CHECK(lease.slots()[0] == old_slot); }
+  CHECK(s.store.resident() == (std::map<std::string, int>{{"a", new_slot}, {"b", old_slot}}));
+}
+
+TEST(adapter_file_changed_under_the_bundle_is_refused_before_a_slot_is_written) {
+  Store s("changed");
+  fixtures::record_hashes(s.dir);
+  check::write_file(s.dir / "adapters/a.safetensors", fixtures::lora_file("a", 5.0f));
+  CHECK_THROWS(s.store.acquire({"a"}), peft_export::BundleError,
+               "the file changed under the bundle");
+  for (int slot = 0; slot < 3; ++slot) CHECK(s.a_value(slot) == 0.0f);
+  CHECK(s.store.resident().empty() && s.store.held().empty());
+}
+
 int main() { return check::run_all(); }

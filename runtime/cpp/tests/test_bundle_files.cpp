@@ -3,6 +3,7 @@
 
 #include "fixtures.hpp"
 #include "peft_export/adapter.hpp"
+#include "peft_export/adapter_store.hpp"
 #include "peft_export/errors.hpp"
 #include "peft_export/manifest.hpp"
 #include "peft_export/safetensors.hpp"
@@ -150,6 +151,96 @@ TEST(adapter_files_must_fit_the_bundle) {
   check::write_file(dir / "ok.safetensors", fixtures::safetensors({{"lora.m.A", a}}, meta));
   auto adapter = peft_export::read_adapter(manifest, "ok", dir / "ok.safetensors");
   CHECK(adapter.has_lora() && adapter.method == "lora");
+}
+
+TEST(safetensors_header_and_bytes_come_from_one_open_file) {
+  auto dir = check::temp_dir("st_one_open");
+  check::write_file(dir / "x.safetensors", fixtures::lora_file("x", 0.5f));
+  peft_export::SafetensorsFile file(dir / "x.safetensors");
+  // Replaced by rename after the header was read, with other tensor offsets: the bytes read
+  // must still be the first file's.
+  fixtures::replace_file(
+      dir / "x.safetensors",
+      fixtures::safetensors({{"a.pad", {"F32", {4}, std::vector<float>(4, 7.0f)}},
+                             {"lora.m.A", {"F32", {2, 4}, std::vector<float>(8, 8.0f)}}},
+                            fixtures::adapter_meta("x")));
+  auto bytes = file.read("lora.m.A");
+  std::vector<float> values(8);
+  std::memcpy(values.data(), bytes.data(), 32);
+  CHECK(values == std::vector<float>(8, 0.5f));
+  check::write_file(dir / "copy.safetensors", fixtures::lora_file("x", 0.5f));
+  CHECK(file.sha256() == peft_export::SafetensorsFile(dir / "copy.safetensors").sha256());
+}
+
+TEST(adapter_whose_bytes_differ_from_the_manifest_hash_is_refused) {
+  auto dir = check::temp_dir("adapter_hash");
+  auto doc = fixtures::manifest();
+  check::write_file(dir / "x.safetensors", fixtures::lora_file("x", 1.0f));
+  check::write_file(dir / "same.safetensors", fixtures::lora_file("x", 1.0f));
+  doc["adapters"]["installed"]["x"] = {
+      {"file", "x.safetensors"}, {"method", "lora"},
+      {"sha256", peft_export::SafetensorsFile(dir / "same.safetensors").sha256()}};
+  auto manifest = peft_export::parse_manifest(doc.dump());
+  CHECK(peft_export::read_adapter(manifest, "x", dir / "x.safetensors").sha256 ==
+        manifest.adapters.installed.at("x").sha256);
+  check::write_file(dir / "x.safetensors", fixtures::lora_file("x", 2.0f));
+  CHECK_THROWS(peft_export::read_adapter(manifest, "x", dir / "x.safetensors"), BundleError,
+               "x.safetensors: the file changed under the bundle");
+}
+
+// Crafted manifests: sizes that overflow or could never be allocated, and nesting that would
+// exhaust the stack, are refused with one clean error (the sanitizer build runs these too).
+TEST(crafted_manifest_sizes_are_refused_cleanly) {
+  auto with = [](int slots, std::int64_t r_max, std::int64_t features) {
+    Json doc = fixtures::manifest(slots);
+    doc["adapters"]["r_max"] = r_max;
+    doc["adapters"]["modules"][0]["in_features"] = features;
+    return doc.dump();
+  };
+  Json graph = fixtures::manifest();
+  graph["graph"]["inputs"][1]["shape"] = {"slots", std::int64_t{1} << 31, 4};
+  CHECK_THROWS(peft_export::parse_manifest(graph.dump()), BundleError,
+               "manifest.graph.inputs[1].shape[1] is 2147483648, more than any model has");
+  CHECK_THROWS(peft_export::parse_manifest(with(3, std::int64_t{1} << 62, 4)), BundleError,
+               "manifest.adapters.r_max is 4611686018427387904, more than any model has");
+  CHECK_THROWS(peft_export::parse_manifest(with(3, 2, std::int64_t{1} << 40)), BundleError,
+               "in_features is 1099511627776, more than any model has");
+  const std::int64_t big = INT32_MAX;
+  auto overflow = peft_export::parse_manifest(with(INT32_MAX, big, big));
+  CHECK_THROWS(peft_export::AdapterBanks(overflow), BundleError,
+               "(slots x r_max x features) overflows 64-bit sizes");
+  auto huge = peft_export::parse_manifest(with(1 << 20, 1 << 16, 1 << 16));  // 16 PiB
+  CHECK_THROWS(peft_export::AdapterBanks(huge), peft_export::InferenceError,
+               "more than half of this machine's");
+  auto fits = peft_export::parse_manifest(with(3, 2, 4));
+  CHECK(peft_export::AdapterBanks(fits).slots() == 3);
+}
+
+TEST(deeply_nested_json_is_refused_before_parsing) {
+  const std::size_t depth = 1000000;
+  Json doc = fixtures::manifest();
+  doc["base_model"]["config"] = Json::object();
+  std::string text = doc.dump();
+  std::string deep = std::string(depth, '[') + std::string(depth, ']');
+  std::string marker = "\"config\":{}";
+  text.replace(text.find(marker), marker.size(), "\"config\":{\"x\":" + deep + "}");
+  CHECK_THROWS(peft_export::parse_manifest(text), BundleError,
+               "manifest.json nests JSON deeper than 128 levels; re-export the bundle");
+  // Brackets inside strings do not count; 100 levels of real nesting are fine.
+  doc["base_model"]["config"] = {{"s", std::string(depth / 10, '[')}};
+  Json nested = Json::object();
+  for (int i = 0; i < 100; ++i) nested = Json{{"n", nested}};
+  doc["base_model"]["config"]["n"] = nested;
+  CHECK(peft_export::parse_manifest(doc.dump()).base_model.architecture == "llama");
+
+  auto dir = check::temp_dir("st_deep");
+  std::string header = "{\"__metadata__\":{\"k\":" + deep + "}}";
+  std::uint64_t len = header.size();
+  std::string bytes(8, '\0');
+  std::memcpy(bytes.data(), &len, 8);
+  check::write_file(dir / "deep.safetensors", bytes + header);
+  CHECK_THROWS(peft_export::SafetensorsFile(dir / "deep.safetensors"), BundleError,
+               "deep.safetensors: safetensors header nests JSON deeper than 128 levels");
 }
 
 int main() { return check::run_all(); }

@@ -22,12 +22,14 @@ struct HostTensor {
 
 // One runtime-mode adapter file, fully read and checked: every tensor names a graph input of
 // this bundle, fits its shape (rank <= r_max, lengths <= the manifest's maxima) and is finite,
-// and the file was made for this bundle's base weights.
+// the file was made for this bundle's base weights, and its bytes hash to the sha256 the
+// manifest records for it (when it records one).
 struct HostAdapter {
   std::string name;
   std::string method;
   std::filesystem::path file;
   std::map<std::string, HostTensor> tensors;
+  std::string sha256;  // of the file's bytes as read: with `name`, the adapter's identity
 
   bool has_lora() const;
   std::int64_t prefix_len() const;    // virtual tokens entering as past KV (0: none)

@@ -6,6 +6,12 @@
 // requests load, swap and evict adapters; a missing adapter goes to the first empty unpinned
 // slot in LRU order, else evicts the least recently used unpinned one; a request that finds
 // every usable slot pinned waits for others to finish (up to a timeout).
+//
+// A slot holds an adapter identity, its name and the sha256 of its file's bytes, never a bare
+// name: after 'peft-export adapters add --replace' the next request reads the new file, a
+// request still running keeps the slot of the old copy, and that slot is freed once no one
+// pins it; a request that read the old copy while the new one was read places it under the
+// old identity, so no later request is ever handed the old weights.
 #pragma once
 
 #include <cstddef>
@@ -19,6 +25,7 @@
 #include <condition_variable>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "peft_export/adapter.hpp"
@@ -105,19 +112,21 @@ class AdapterStore {
   AdapterStore(const Manifest& manifest, std::filesystem::path bundle_dir, AdapterBanks* banks,
                double wait_seconds = kDefaultWaitSeconds);
 
-  // Brings an adapter into host memory (validated); no slot is touched. Names unknown to
-  // the manifest loaded at start re-read it, so adapters added to the bundle while serving
-  // ('peft-export adapters add') are found.
+  // Brings an adapter into host memory (validated); no slot is touched. manifest.json is read
+  // again when it changed on disk (or names an unknown adapter), so adapters added to the
+  // bundle while serving are found, and one replaced there is read again (its file checked
+  // against the sha256 the manifest records). A copy read while a newer one replaced it is
+  // returned to its caller only, never kept.
   std::shared_ptr<const HostAdapter> load(const std::string& name);
-  // Forgets an adapter (host copy and slot); false while a request is using it.
+  // Forgets an adapter (host copy and slots); false while a request is using it.
   bool drop(const std::string& name);
   // Adapters in host memory, sorted (for multiplexing: which requests this replica serves).
   std::vector<std::string> held() const;
-  // Adapters placed in a bank slot, with their slot.
+  // Adapters whose current copy is placed in a bank slot, with their slot.
   std::map<std::string, int> resident() const;
   // Slot writes so far (placements, including those that evicted another adapter).
   std::size_t swaps() const;
-  int slots() const { return static_cast<int>(name_in_.size()); }
+  int slots() const { return static_cast<int>(held_in_.size()); }
 
   // Pins a slot for every distinct LoRA-family adapter of the rows (placing it into the
   // least recently used unpinned slot if needed; "" rows and prompt-side adapters get slot
@@ -125,9 +134,16 @@ class AdapterStore {
   Lease acquire(const std::vector<std::string>& row_adapters);
 
  private:
-  bool can_place_locked(const std::vector<std::string>& wanted) const;
-  int place_locked(const std::string& name, const HostAdapter& adapter);
+  using Identity = std::pair<std::string, std::string>;  // name, sha256 of its file's bytes
+
+  std::shared_ptr<const HostAdapter> read(const Manifest& manifest, const std::string& name) const;
+  bool can_place_locked(const std::vector<Identity>& wanted) const;
+  int place_locked(const HostAdapter& adapter);
+  bool current_locked(const Identity& key) const;
+  void free_locked(const Identity& key);
+  void free_stale_locked(const std::string& name);
   void release(const std::vector<int>& slots);
+  bool manifest_changed_locked() const;
   void refresh_manifest_locked();
 
   Manifest manifest_;
@@ -137,8 +153,9 @@ class AdapterStore {
   mutable std::mutex mutex_;
   std::condition_variable released_;
   std::map<std::string, std::shared_ptr<const HostAdapter>> host_;
-  std::map<std::string, int> slot_of_;
-  std::vector<std::string> name_in_;  // per slot, "" when empty (slot 0: the base model)
+  std::filesystem::file_time_type manifest_stamp_;  // manifest.json's mtime when last read
+  std::map<Identity, int> slot_of_;
+  std::vector<Identity> held_in_;  // per slot, name "" when empty (slot 0: the base model)
   std::vector<int> pins_;             // per slot: requests using it
   std::list<int> lru_;                // slots 1.., least recently used first
   std::size_t swaps_ = 0;

@@ -28,6 +28,8 @@ void to_float(DType dtype, const void* src, std::size_t count, float* dst);
 // Writes `count` floats into `dst` as `dtype` (floating types only).
 void from_float(DType dtype, const float* src, std::size_t count, void* dst);
 
+// Product of the dimensions; InferenceError when one is negative or the product overflows
+// (sizes multiply manifest and request values: never trusted to fit).
 std::int64_t element_count(const std::vector<std::int64_t>& shape);
 
 }  // namespace peft_export
