@@ -112,6 +112,8 @@ class QuantizedModule:
 
     source: str
     """"rtn" (ONNX Runtime's quantizer, at export) or "gguf:Q4_0" and the like (carried)."""
+    bits: int
+    """4 or 8: a layer carried from a GGUF keeps its own width."""
     weight: str
     scales: str
     zero_points: str = ""
@@ -123,6 +125,7 @@ class Quantization:
     """Weight-only block quantization of the base's linear layers (adapters stay float)."""
 
     bits: int
+    """Width of the layers quantized at export (carried layers keep their own)."""
     block_size: int
     format: Literal["matmulnbits", "qdq"]
     accuracy_level: int = 0
