@@ -130,6 +130,8 @@ class Quantization:
     format: Literal["matmulnbits", "qdq"]
     accuracy_level: int = 0
     modules: dict[str, QuantizedModule] = dataclasses.field(default_factory=dict)
+    embedding: dict[str, QuantizedModule] = dataclasses.field(default_factory=dict)
+    """The token table when quantized too (GatherBlockQuantized; ONNX Runtime-only graphs)."""
     kept: dict[str, str] = dataclasses.field(default_factory=dict)
     """Linear layers left at full precision, and why (--quant-skip, shape)."""
 

@@ -65,6 +65,25 @@ def ort_weights(bundle_dir) -> dict[str, np.ndarray]:
         )
         feeds = {"x": np.eye(k, dtype=np.float32)} if nbits else {}
         weights[path] = session.run(None, feeds)[0].T  # [K, N] -> [out, in]
+    for path, record in manifest.quantization.embedding.items():
+        node = next(n for n in model.graph.node if record.weight in n.input)
+        rows = initializers[record.weight].dims[0]
+        probe = helper.make_node(
+            node.op_type, [record.weight, "ids", record.scales], ["y"], domain=node.domain
+        )
+        probe.attribute.extend(node.attribute)
+        graph = helper.make_graph(
+            [probe],
+            "probe",
+            [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [rows])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            [initializers[record.weight], initializers[record.scales]],
+        )
+        opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        session = ort.InferenceSession(
+            helper.make_model(graph, opset_imports=opsets).SerializeToString()
+        )
+        weights[path] = session.run(None, {"ids": np.arange(rows, dtype=np.int64)})[0]
     return weights
 
 
@@ -83,14 +102,18 @@ def with_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> torc
     return model
 
 
-@pytest.fixture(scope="module", params=[("llama", 4), ("qwen2", 8), ("gpt2", 4), ("llama", 8)])
+@pytest.fixture(
+    scope="module",
+    params=[("llama", 4, False), ("qwen2", 8, True), ("gpt2", 4, True), ("llama", 8, True)],
+    ids=["llama-int4", "qwen2-int8-embedding", "gpt2-int4-tied-embedding", "llama-int8-embedding"],
+)
 def quantized(request, tmp_path_factory):
-    arch, bits = request.param
+    arch, bits, embedding = request.param
     tmp = tmp_path_factory.mktemp(f"quant-{arch}-{bits}")
     base = tiny_model(arch)
     tokenizer = save_tiny_tokenizer(tmp / "tokenizer")
     dirs = {m: make_adapter(base, m, tmp, seed=3 + i) for i, m in enumerate(RUNTIME_METHODS)}
-    scheme = QuantScheme.parse(f"int{bits}")
+    scheme = QuantScheme.parse(f"int{bits}", ort_only=embedding)
     export_bundle(
         InMemoryBase(base, tokenizer),
         [("lora", dirs["lora"])],
@@ -106,21 +129,23 @@ def quantized(request, tmp_path_factory):
         options={"prefix_max_len": 8},
         quantize=scheme,
     )
-    return arch, bits, base, dirs, tmp
+    return arch, bits, base, dirs, tmp, embedding
 
 
 def test_manifest_records_every_linear_layer(quantized):
-    arch, bits, base, _, tmp = quantized
+    _, bits, base, _, tmp, embedding = quantized
     for mode in ("merged", "runtime"):
         record = load_manifest(tmp / mode).quantization
         assert record.bits == bits and record.block_size == 32
         linear = {n for n, m in base.named_modules() if type(m).__name__ in ("Linear", "Conv1D")}
         assert set(record.modules) == linear
         assert {m.source for m in record.modules.values()} == {"rtn"}
+        table = {n for n, m in base.named_modules() if m is base.get_input_embeddings()}
+        assert set(record.embedding) == (table if embedding else set())
 
 
 def test_graph_holds_no_float_copy_of_a_quantized_weight(quantized):
-    _, _, base, _, tmp = quantized
+    _, _, base, _, tmp, embedding = quantized
     model = onnx.load(str(tmp / "runtime" / "model.onnx"))
     ops = {n.op_type for n in model.graph.node}
     assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
@@ -128,12 +153,13 @@ def test_graph_holds_no_float_copy_of_a_quantized_weight(quantized):
     shapes = {tuple(t.dims) for t in floats}
     embed = tuple(base.get_input_embeddings().weight.shape)
     linear = {tuple(m.weight.shape) for m in base.modules() if type(m).__name__ == "Linear"}
-    weights = (linear | {s[::-1] for s in linear}) - {embed}
+    weights = linear | {s[::-1] for s in linear}
+    weights = weights if embedding else weights - {embed}
     assert not shapes & weights, f"float weights left: {shapes & weights}"
 
 
 def test_merged_lora_matches_peft_on_the_graph_weights(quantized):
-    _, _, base, dirs, tmp = quantized
+    _, _, base, dirs, tmp, _ = quantized
     merged = PeftModel.from_pretrained(copy.deepcopy(base), str(dirs["lora"])).merge_and_unload()
     reference = with_weights(merged.eval(), ort_weights(tmp / "merged"))
     bundle = load_bundle(tmp / "merged", quant_accuracy=ACCURACY_EXACT)
@@ -144,7 +170,7 @@ def test_merged_lora_matches_peft_on_the_graph_weights(quantized):
 
 
 def test_runtime_adapters_match_peft_on_the_graph_weights_in_one_mixed_batch(quantized):
-    _, _, base, dirs, tmp = quantized
+    _, _, base, dirs, tmp, _ = quantized
     quantized_base = with_weights(copy.deepcopy(base), ort_weights(tmp / "runtime"))
     names = [None, *RUNTIME_METHODS]
     prompts = [PROMPTS[i % 2] for i in range(len(names))]
@@ -159,7 +185,7 @@ def test_runtime_adapters_match_peft_on_the_graph_weights_in_one_mixed_batch(qua
 
 def test_served_accuracy_level_quantizes_activations_and_verify_level_does_not(quantized):
     """The bundle serves at its own level (int8 activations); exact runs at float32 compute."""
-    _, _, _, _, tmp = quantized
+    _, _, _, _, tmp, _ = quantized
     assert load_manifest(tmp / "merged").quantization.accuracy_level == ACCURACY_FAST
     runs = {
         level: run_rows(load_bundle(tmp / "merged", quant_accuracy=level), PROMPTS[:1], [None], 2)

@@ -149,6 +149,7 @@ def command(
         skip=quant_skip,
         engine=options.get("engine"),
         accuracy_level=quant_accuracy,
+        ort_only=options.get("ort_fusions", "none") != "none",
     )
     if scheme is not None and precision != "fp32":
         raise ExportError("--quantize keeps activations in fp32; drop --precision or use fp32")

@@ -27,6 +27,8 @@ class QuantizedModel:
 
     scheme: QuantScheme
     blocks: dict[str, BlockQuantized] = field(default_factory=dict)
+    embedding: tuple[str, BlockQuantized] | None = None
+    """The token embedding's path and blocks, when the scheme quantizes it."""
     kept: dict[str, str] = field(default_factory=dict)
     """Module path -> why it stays at full precision."""
 
@@ -85,7 +87,40 @@ def quantize_model(
             "--quantize selected no linear layer (all skipped or in_features not a multiple of "
             f"--quant-block {scheme.block_size}); loosen --quant-skip or use --quantize none"
         )
+    if scheme.embeddings:
+        _quantize_embedding(model, scheme, result)
     return result
+
+
+def _quantize_embedding(model: nn.Module, scheme: QuantScheme, result: QuantizedModel) -> None:
+    """Quantize the token table too: a tied table takes its lm_head's blocks (one weight).
+
+    ONNX Runtime's GatherBlockQuantized reads only the rows a step needs; its codes have the
+    implicit zero point (symmetric blocks only).
+    """
+    embedding = model.get_input_embeddings()
+    path = next(p for p, m in model.named_modules() if m is embedding)
+    tied = next((p for p, m in linear_weights(model).items() if m.weight is embedding.weight), None)
+    if scheme.skips(path):
+        result.kept[path] = "--quant-skip"
+        return
+    if tied is not None:
+        block = result.blocks.get(tied)
+        if block is None or not _symmetric(block):
+            result.kept[path] = f"tied to {tied}, which is not quantized symmetrically"
+            return
+    else:
+        weight = embedding.weight.detach().to(torch.float32).numpy()
+        if weight.shape[1] % scheme.block_size:
+            result.kept[path] = "hidden size is not a multiple of the block size"
+            return
+        block = quantize_rtn(weight, scheme.bits, scheme.block_size, symmetric=True)
+        embedding.weight.copy_(torch.from_numpy(block.dequantize()))
+    result.embedding = (path, block)
+
+
+def _symmetric(block: BlockQuantized) -> bool:
+    return not block.float_zero_points and bool(np.all(block.zero_points == 1 << (block.bits - 1)))
 
 
 def _keep_reason(path: str, module: nn.Module, scheme: QuantScheme) -> str | None:
@@ -102,8 +137,7 @@ def _carried_block(
 ) -> BlockQuantized | None:
     if block is None or block.shape != weight.shape or block.block_size != scheme.block_size:
         return None
-    symmetric = not block.float_zero_points and np.all(block.zero_points == 1 << (block.bits - 1))
-    if scheme.graph_format == "qdq" and not symmetric:
+    if scheme.graph_format == "qdq" and not _symmetric(block):
         return None  # DequantizeLinear's form for TensorRT has no zero points
     if scheme.graph_format == "qdq" and scheme.bits == 8 and np.any(block.scales < 0):
         return None

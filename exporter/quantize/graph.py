@@ -26,6 +26,8 @@ from peft_export.exporter.quantize.blocks import BlockQuantized
 from peft_export.exporter.quantize.rtn import pack_codes
 
 MS_DOMAIN = "com.microsoft"
+EMBEDDING_KEY = "embedding"
+"""Key of the token table's record in `quantize_graph`'s result."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,11 @@ def quantize_graph(model: onnx.ModelProto, quantized: QuantizedModel) -> dict[st
         if match.path not in records:
             records[match.path] = _add_tensors(graph, match.path, block, quantized.scheme)
         new_nodes.extend(_replace(node, match, block, records[match.path], quantized.scheme))
+    if quantized.embedding is not None:
+        embedding_names = _quantize_gather(graph, new_nodes, initializers, *quantized.embedding)
+        replaced_extra = {embedding_names.pop("replaced")}
+    else:
+        embedding_names, replaced_extra = None, set()
     used = {name for node in new_nodes for name in node.input}
     new_nodes = [
         n
@@ -97,12 +104,68 @@ def quantize_graph(model: onnx.ModelProto, quantized: QuantizedModel) -> dict[st
     graph.node.extend(new_nodes)
     used = {name for node in graph.node for name in node.input}
     replaced = set(matches) | {transposes[name] for name in matches if name in transposes}
+    replaced |= replaced_extra
     kept = [t for t in graph.initializer if t.name in used or t.name not in replaced]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    if quantized.scheme.graph_format == "matmulnbits":
+    if quantized.scheme.graph_format == "matmulnbits" or embedding_names:
         _import_domain(model, MS_DOMAIN, 1)
+    if embedding_names:
+        records[EMBEDDING_KEY] = embedding_names
     return records
+
+
+def _quantize_gather(
+    graph: onnx.GraphProto,
+    nodes: list[onnx.NodeProto],
+    initializers: dict[str, onnx.TensorProto],
+    path: str,
+    block: BlockQuantized,
+) -> dict[str, str]:
+    """Turn the token table's Gather into ONNX Runtime's GatherBlockQuantized (rows on demand).
+
+    Codes are INT4 (signed, zero point 0) or uint8 (zero point 128, the op's default), the
+    same values as `block`; the table is found by value like the linear weights.
+    """
+    want = _digest(block.dequantize())
+    table = next(
+        (
+            name
+            for name, t in initializers.items()
+            if t.data_type == onnx.TensorProto.FLOAT
+            and tuple(t.dims) == block.shape
+            and _digest(numpy_helper.to_array(t)) == want
+        ),
+        None,
+    )
+    gathers = [n for n in nodes if n.op_type == "Gather" and n.input and n.input[0] == table]
+    if table is None or not gathers:
+        raise ExportError(
+            f"quantization could not find the token table {path} in the traced graph; "
+            "report this with the model used, or --quant-skip it"
+        )
+    names = {"weight": f"{path}.qweight", "scales": f"{path}.scales", "zero_points": ""}
+    attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": block.block_size}
+    if block.bits == 4:
+        signed = block.codes.astype(np.int16) - 8
+        codes = _int_tensor(names["weight"], onnx.TensorProto.INT4, signed, 4)
+    else:
+        codes = numpy_helper.from_array(block.codes, names["weight"])
+        attributes["bits"] = 8
+    graph.initializer.extend([codes, numpy_helper.from_array(block.scales, names["scales"])])
+    for node in gathers:
+        if any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            raise ExportError(f"{path}: the table is gathered along axis != 0; report this bug")
+        quantized = helper.make_node(
+            "GatherBlockQuantized",
+            [names["weight"], node.input[1], names["scales"]],
+            list(node.output),
+            name=f"{node.name or path}_Q{block.bits}",
+            domain=MS_DOMAIN,
+            **attributes,
+        )
+        nodes[nodes.index(node)] = quantized
+    return {**names, "replaced": table}
 
 
 def _is_2d_swap(node: onnx.NodeProto) -> bool:
@@ -231,7 +294,24 @@ def read_blocks(model: onnx.ModelProto, quantization: Quantization) -> dict[str,
         blocks[path] = _read_block(
             initializers, names, record.bits, quantization.block_size, quantization.format
         )
+    for path, record in quantization.embedding.items():
+        blocks[path] = _read_gather_block(initializers, record, quantization.block_size)
     return blocks
+
+
+def _read_gather_block(
+    initializers: dict[str, onnx.TensorProto], record: QuantizedModule, block_size: int
+) -> BlockQuantized:
+    weight = initializers[record.weight]
+    rows, cols = weight.dims
+    half = 1 << (record.bits - 1)
+    if record.bits == 4:
+        codes = (_signed_values(weight, 4).reshape(rows, cols) + half).astype(np.uint8)
+    else:
+        codes = numpy_helper.to_array(weight)
+    scales = numpy_helper.to_array(initializers[record.scales]).astype(np.float32)
+    zero = np.full(scales.shape, half, dtype=np.uint8)
+    return BlockQuantized(codes, scales, zero, record.bits, block_size, source="graph")
 
 
 def _read_block(initializers, names, bits, block_size, graph_format) -> BlockQuantized:
@@ -301,6 +381,7 @@ def quantize_graph_file(path: Path, quantized: QuantizedModel) -> Quantization:
         block_size=scheme.block_size,
         format=scheme.graph_format,
         accuracy_level=scheme.accuracy_level,
+        embedding=_embedding_record(records.pop(EMBEDDING_KEY, None), quantized),
         modules={
             module: QuantizedModule(
                 source=quantized.blocks[module].source, bits=quantized.blocks[module].bits, **names
@@ -309,3 +390,12 @@ def quantize_graph_file(path: Path, quantized: QuantizedModel) -> Quantization:
         },
         kept=dict(quantized.kept),
     )
+
+
+def _embedding_record(
+    names: dict[str, str] | None, quantized: QuantizedModel
+) -> dict[str, QuantizedModule]:
+    if names is None or quantized.embedding is None:
+        return {}
+    path, block = quantized.embedding
+    return {path: QuantizedModule(source=block.source, bits=block.bits, **names)}

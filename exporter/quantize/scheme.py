@@ -32,6 +32,8 @@ class QuantScheme:
     skip: tuple[str, ...] = ()
     """fnmatch patterns of module paths kept at full precision (e.g. "lm_head")."""
     symmetric: bool = True
+    embeddings: bool = False
+    """Also quantize the token table (ONNX Runtime's GatherBlockQuantized: ORT-only graphs)."""
     accuracy_level: int = ACCURACY_FAST
     """ONNX Runtime's compute for quantized MatMuls when serving; `verify` runs ACCURACY_EXACT."""
 
@@ -45,8 +47,13 @@ class QuantScheme:
         skip: tuple[str, ...] = (),
         engine: str | None = None,
         accuracy_level: int = ACCURACY_FAST,
+        ort_only: bool = False,
     ) -> QuantScheme | None:
-        """The scheme for CLI values; None for `--quantize none`. Checks every value first."""
+        """The scheme for CLI values; None for `--quantize none`. Checks every value first.
+
+        `ort_only`: the graph is for ONNX Runtime alone (`--ort-fusions cpu`), so the token
+        table may use ONNX Runtime's quantized Gather too (matmulnbits graphs always do).
+        """
         if level not in LEVELS:
             raise ExportError(f"unknown --quantize {level!r}; use one of {', '.join(LEVELS)}")
         if block_size not in BLOCK_SIZES:
@@ -73,6 +80,7 @@ class QuantScheme:
             graph_format=graph_format,
             skip=tuple(skip),
             accuracy_level=accuracy_level,
+            embeddings=ort_only or graph_format == "matmulnbits",
         )
 
     @property
