@@ -406,3 +406,125 @@ def test_ort_fused_bundle_equals_python_runtime(cpp_build, cpu_kernel_library, t
         runtime.close()
     want = python_ids(load_bundle(bundle, threads=1), PROMPTS[:3], adapters, 10)
     assert got == want
+
+
+QUANT_ADAPTERS = {
+    "int4": [None, "lora", "lora2"],
+    "int8": [None, None, None],
+    "nbits": [None, "lora", "lora"],
+}
+"""Rows' adapters per quantized bundle: int4 and nbits serve LoRA banks, int8 has one merged."""
+
+
+@pytest.fixture(scope="module")
+def quantized_bundles(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Llama bundles on quantized bases: int4 with runtime LoRA banks, int8 with a LoRA
+    merged in (both the default DequantizeLinear form, served at level 4), and int4 with
+    written-out MatMulNBits nodes (level 4 in the nodes)."""
+    from peft_export.exporter.pipeline import InMemoryBase, export_bundle
+    from peft_export.exporter.quantize.scheme import QuantScheme
+    from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
+
+    tmp = tmp_path_factory.mktemp("cpp-quant")
+    base = tiny_model("llama")
+    lora = make_adapter(base, "lora", tmp / "adapters", name="lora", seed=3)
+    lora2 = make_adapter(base, "lora", tmp / "adapters", name="lora2", seed=5)
+    model = InMemoryBase(base, save_tiny_tokenizer(tmp / "tokenizer"))
+    runtime = {"mode": "runtime", "planners": [plan_lora_banks]}
+    bundles = {name: tmp / name for name in QUANT_ADAPTERS}
+    export_bundle(
+        model,
+        [("lora", lora), ("lora2", lora2)],
+        out=bundles["int4"],
+        quantize=QuantScheme.parse("int4"),
+        **runtime,
+    )
+    export_bundle(model, [("lora", lora)], out=bundles["int8"], quantize=QuantScheme.parse("int8"))
+    nbits = QuantScheme.parse("int4", graph_format="matmulnbits")
+    export_bundle(model, [("lora", lora)], out=bundles["nbits"], quantize=nbits, **runtime)
+    return bundles
+
+
+@pytest.mark.parametrize("level", [None, 4, 1])
+@pytest.mark.parametrize("name", ["int4", "int8"])
+def test_quantized_bundle_equals_python_runtime_at_the_same_level(
+    cpp_build, quantized_bundles, name, level
+):
+    """None: the bundle's own level (4, int8 activations); 1: float32 compute."""
+    from peft_export.runtime.session import load_bundle
+
+    bundle, adapters = quantized_bundles[name], QUANT_ADAPTERS[name]
+    options = {} if level is None else {"quant_accuracy": level}
+    runtime = CppRuntime(cpp_build, bundle, threads=1, **options)
+    try:
+        batch = runtime.ids(PROMPTS, adapters, max_new_tokens=10)
+        rows = zip(PROMPTS, adapters, strict=True)
+        alone = [runtime.ids([p], [a], max_new_tokens=10)[0] for p, a in rows]
+    finally:
+        runtime.close()
+    python = load_bundle(bundle, threads=1, quant_accuracy=level)
+    assert batch == python_ids(python, PROMPTS, adapters, max_new_tokens=10)
+    assert alone == batch
+
+
+def test_matmulnbits_bundle_runs_at_its_own_level_only(cpp_build, quantized_bundles):
+    """Its nodes carry level 4: served at 4 it equals Python; another level, which the Python
+    runtime gets by rewriting the nodes, is refused in one line instead."""
+    from peft_export.runtime.session import load_bundle
+
+    bundle, adapters = quantized_bundles["nbits"], QUANT_ADAPTERS["nbits"]
+    want = python_ids(load_bundle(bundle, threads=1), PROMPTS, adapters, max_new_tokens=10)
+    for options in ({}, {"quant_accuracy": -1}, {"quant_accuracy": 4}):
+        runtime = CppRuntime(cpp_build, bundle, threads=1, **options)
+        try:
+            assert runtime.ids(PROMPTS, adapters, max_new_tokens=10) == want
+        finally:
+            runtime.close()
+    with pytest.raises(RuntimeError) as refused:
+        CppRuntime(cpp_build, bundle, quant_accuracy=1)
+    message = str(refused.value)
+    assert message.startswith("quant_accuracy 1 differs from the level 4 this bundle's MatMulNBits")
+    assert "re-export with --quant-accuracy 1" in message and "\n" not in message
+
+
+def test_peft_generate_takes_quant_accuracy(cpp_build, quantized_bundles):
+    from peft_export.runtime.session import load_bundle
+
+    program, bundle = cpp_build / "peft-generate", quantized_bundles["int8"]
+    command = [program, bundle, "--ids", "1,17,42,99,5,230,64", "--max-new-tokens", "10"]
+    done = subprocess.run(
+        [*command, "--threads", "1", "--quant-accuracy", "1", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    got = [r["token_ids"] for r in json.loads(done.stdout)["rows"]]
+    python = load_bundle(bundle, threads=1, quant_accuracy=1)
+    assert got == python_ids(python, [PROMPTS[0]], [None], max_new_tokens=10)
+    bad = subprocess.run([*command, "--quant-accuracy", "7"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: quant_accuracy 7 is not a MatMulNBits accuracy level")
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_quantization_is_refused_naming_the_field(cpp_build, quantized_bundles, tmp_path):
+    import shutil
+
+    broken = tmp_path / "bundle"
+    shutil.copytree(quantized_bundles["int8"], broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    cases = {
+        "format": ("int4", "quantization.format is 'int4', expected one of qdq, matmulnbits"),
+        "accuracy_level": (9, "quantization.accuracy_level is 9, expected 0 to 4"),
+        "bits": ("4", "quantization.bits must be an integer"),
+    }
+    for key, (value, message) in cases.items():
+        quantization = {**manifest["quantization"], key: value}
+        (broken / "manifest.json").write_text(
+            json.dumps({**manifest, "quantization": quantization})
+        )
+        with pytest.raises(RuntimeError, match=message):
+            CppRuntime(cpp_build, broken)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError, match='options: quant_accuracy is "fast"; use 0 to 4'):
+        CppRuntime(cpp_build, broken, quant_accuracy="fast")

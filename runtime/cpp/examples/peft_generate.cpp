@@ -19,7 +19,8 @@ const char* kUsage =
     "usage: peft-generate BUNDLE [--adapter NAME]... (--ids 1,2,3 | --text TEXT)...\n"
     "       [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
     "       [--ignore-eos] [--threads N] [--backend ort|tensorrt] [--engine FILE]\n"
-    "       [--plugin LIB] [--multilora-library LIB] [--slots N] [--json]\n";
+    "       [--plugin LIB] [--multilora-library LIB] [--quant-accuracy L] [--slots N]\n"
+    "       [--json]\n";
 
 std::vector<std::int64_t> parse_ids(const std::string& text) {
   std::vector<std::int64_t> ids;
@@ -100,6 +101,8 @@ int run(int argc, char** argv) {
       runtime_options.backend_options.plugin_library = value();
     } else if (arg == "--multilora-library") {
       runtime_options.backend_options.multilora_library = value();
+    } else if (arg == "--quant-accuracy") {
+      runtime_options.backend_options.quant_accuracy = std::stoi(value());
     } else if (arg == "--slots") {
       runtime_options.slots = std::stoi(value());
     } else if (arg == "--json") {

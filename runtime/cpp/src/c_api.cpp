@@ -58,6 +58,19 @@ peft_export::RowRequest row_request(const Json& row) {
   return request;
 }
 
+// options.quant_accuracy: -1 (or null, absent) for the bundle's own level, else 0 to 4;
+// checked here since converting an out-of-range JSON number to int is not defined.
+int quant_accuracy(const Json& options) {
+  auto it = options.find("quant_accuracy");
+  if (it == options.end() || it->is_null()) return -1;
+  if (it->is_number_integer()) {
+    auto level = it->get<std::int64_t>();
+    if (level >= -1 && level <= 4) return static_cast<int>(level);
+  }
+  throw peft_export::InferenceError("options: quant_accuracy is " + it->dump().substr(0, 40) +
+                                    "; use 0 to 4, or -1 (null) for the bundle's own level");
+}
+
 Json store_state(peft_export::AdapterStore& store) {
   return Json{{"held", store.held()}, {"resident", store.resident()}, {"swaps", store.swaps()},
               {"slots", store.slots()}};
@@ -81,6 +94,7 @@ peft_export_runtime* peft_export_open(const char* bundle_dir, const char* option
         backend.engine = json.value("engine", backend.engine);
         backend.plugin_library = json.value("plugin_library", std::string());
         backend.multilora_library = json.value("multilora_library", std::string());
+        backend.quant_accuracy = quant_accuracy(json);
         options.slots = json.value("slots", 0);
         auto handle = std::make_unique<peft_export_runtime>();
         handle->runtime = std::make_unique<peft_export::Runtime>(bundle_dir ? bundle_dir : "", options);

@@ -204,7 +204,57 @@ std::string one_of(const Fields& fields, const std::string& key,
     if (value == option) return value;
     names += names.empty() ? option : std::string(", ") + option;
   }
-  fields.fail(key, "is '" + value + "', expected one of " + names);
+  fields.fail(key, "is '" + value + "', expected one of " + names + "; re-export the bundle");
+}
+
+// An integer field within [low, high]; the bounds are checked before narrowing to int.
+int int_in(const Fields& fields, const std::string& key, int low, int high) {
+  std::int64_t value = fields.integer(key);
+  if (value < low || value > high) {
+    fields.fail(key, "is " + std::to_string(value) + ", expected " + std::to_string(low) + " to " +
+                         std::to_string(high) + "; re-export the bundle");
+  }
+  return static_cast<int>(value);
+}
+
+std::map<std::string, std::string> string_map(const Fields& fields, const std::string& key) {
+  std::map<std::string, std::string> out;
+  const Json* value = fields.find(key);
+  if (value == nullptr) return out;
+  if (!value->is_object()) fields.fail(key, "must be an object; re-export the bundle");
+  for (const auto& [name, item] : value->items()) {
+    if (!item.is_string()) fields.fail(key + "." + name, "must be a string; re-export the bundle");
+    out[name] = item.get<std::string>();
+  }
+  return out;
+}
+
+// The widths ONNX Runtime's MatMulNBits and block-wise DequantizeLinear take.
+constexpr int kMinQuantBits = 2;
+constexpr int kMaxQuantBits = 8;
+// ONNX Runtime's MatMulNBits accuracy levels: 0 (unset) to 4 (int8 activations).
+constexpr int kMaxAccuracyLevel = 4;
+
+std::optional<Quantization> parse_quantization(const Json* value) {
+  if (value == nullptr || value->is_null()) return std::nullopt;
+  Fields fields(*value, "manifest.quantization", kFile);
+  Quantization quant;
+  quant.bits = int_in(fields, "bits", kMinQuantBits, kMaxQuantBits);
+  quant.block_size = positive(fields, "block_size");
+  quant.format = one_of(fields, "format", {"qdq", "matmulnbits"});
+  quant.accuracy_level =
+      fields.find("accuracy_level") ? int_in(fields, "accuracy_level", 0, kMaxAccuracyLevel) : 0;
+  if (const Json* modules = fields.find("modules")) {
+    if (!modules->is_object()) fields.fail("modules", "must be an object; re-export the bundle");
+    for (const auto& [path, entry] : modules->items()) {
+      Fields module(entry, fields.at("modules") + "." + path, kFile);
+      quant.modules[path] = QuantizedModule{
+          module.str("source"), int_in(module, "bits", kMinQuantBits, kMaxQuantBits),
+          module.str("weight"), module.str("scales"), module.opt_str("zero_points").value_or("")};
+    }
+  }
+  quant.kept = string_map(fields, "kept");
+  return quant;
 }
 
 void check_paths(const Manifest& manifest) {
@@ -308,6 +358,7 @@ Manifest parse_manifest(const std::string& json_text) {
       manifest.producer[key] = value.get<std::string>();
     }
   }
+  manifest.quantization = parse_quantization(fields.find("quantization"));
   check_paths(manifest);
   check_consistency(manifest);
   return manifest;

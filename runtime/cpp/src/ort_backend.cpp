@@ -70,6 +70,31 @@ std::string first_line(const std::exception& exc) {
   return text.substr(0, 300);
 }
 
+// ONNX Runtime fuses block-wise DequantizeLinear -> MatMul into MatMulNBits at this level.
+constexpr const char* kQdqAccuracyKey = "session.qdq_matmulnbits_accuracy_level";
+
+// The MatMulNBits accuracy level to serve `manifest` at, or -1 for a float bundle.
+// Written-out MatMulNBits nodes keep the level they were exported with: this runtime does not
+// edit graphs (the Python runtime rewrites them).
+int quant_accuracy_level(const Manifest& manifest, int requested) {
+  if (requested < -1 || requested > 4) {
+    throw InferenceError("quant_accuracy " + std::to_string(requested) +
+                         " is not a MatMulNBits accuracy level; use 0 to 4, or -1 for the "
+                         "bundle's own");
+  }
+  if (!manifest.quantization) return -1;
+  const Quantization& quant = *manifest.quantization;
+  if (requested == -1) return quant.accuracy_level;
+  if (quant.format == "matmulnbits" && requested != quant.accuracy_level) {
+    throw InferenceError("quant_accuracy " + std::to_string(requested) +
+                         " differs from the level " + std::to_string(quant.accuracy_level) +
+                         " this bundle's MatMulNBits nodes carry, which the C++ runtime cannot "
+                         "change; use quant_accuracy -1, or re-export with --quant-accuracy " +
+                         std::to_string(requested) + " (or --quant-format qdq)");
+  }
+  return requested;
+}
+
 class OrtState final : public KVState {
  public:
   std::int64_t past_len() const override { return past_len_; }
@@ -112,7 +137,7 @@ void register_multilora(Ort::SessionOptions& so, const Manifest& manifest,
 class OrtBackend final : public Backend {
  public:
   OrtBackend(const std::filesystem::path& graph, const Manifest& manifest, AdapterBanks* banks,
-             const BackendOptions& options)
+             const BackendOptions& options, int quant_level)
       : manifest_(manifest), banks_(banks), memory_(Ort::MemoryInfo::CreateCpu(
                                                 OrtArenaAllocator, OrtMemTypeDefault)) {
     Ort::SessionOptions so;
@@ -121,6 +146,7 @@ class OrtBackend final : public Backend {
     so.SetInterOpNumThreads(1);
     so.SetLogSeverityLevel(3);
     if (options.denormals_as_zero) so.AddConfigEntry("session.set_denormal_as_zero", "1");
+    if (quant_level >= 0) so.AddConfigEntry(kQdqAccuracyKey, std::to_string(quant_level).c_str());
     if (!options.multilora_library.empty()) register_multilora(so, manifest, banks, options);
     const auto before =
         options.huge_pages ? huge_pages::anonymous_ranges() : std::vector<huge_pages::Range>{};
@@ -336,12 +362,13 @@ std::unique_ptr<Backend> make_ort_backend(const std::filesystem::path& bundle_di
     throw InferenceError("bf16 bundles do not run on ONNX Runtime's CPU kernels; re-export with "
                          "--precision fp32 (or fp16), or use the TensorRT backend");
   }
+  int quant_level = quant_accuracy_level(manifest, options.quant_accuracy);
   std::filesystem::path graph = confined_path(bundle_dir, manifest.graph.file);
   std::error_code ec;
   if (!std::filesystem::is_regular_file(graph, ec)) {
     throw InferenceError(graph.string() + ": the bundle's graph is missing; re-export the bundle");
   }
-  return std::make_unique<OrtBackend>(graph, manifest, banks, options);
+  return std::make_unique<OrtBackend>(graph, manifest, banks, options, quant_level);
 }
 
 }  // namespace peft_export

@@ -4,6 +4,7 @@
 #include "fixtures.hpp"
 #include "peft_export/adapter.hpp"
 #include "peft_export/adapter_store.hpp"
+#include "peft_export/backend.hpp"
 #include "peft_export/errors.hpp"
 #include "peft_export/manifest.hpp"
 #include "peft_export/safetensors.hpp"
@@ -60,6 +61,103 @@ TEST(load_manifest_needs_a_bundle_folder) {
   CHECK_THROWS(peft_export::load_manifest("/nonexistent/bundle"), BundleError, "not a bundle directory");
   auto dir = check::temp_dir("empty");
   CHECK_THROWS(peft_export::load_manifest(dir), BundleError, "no manifest.json");
+}
+
+namespace {
+
+// The fixture manifest with a quantization record in `format`, served at level 4.
+Json quantized_manifest(const char* format) {
+  Json doc = fixtures::manifest();
+  doc["quantization"] = {
+      {"bits", 4},
+      {"block_size", 32},
+      {"format", format},
+      {"accuracy_level", 4},
+      {"modules",
+       {{"m", {{"source", "rtn"}, {"bits", 4}, {"weight", "m.qweight"}, {"scales", "m.scales"},
+               {"zero_points", ""}}},
+        {"lm_head", {{"source", "gguf:Q8_0"}, {"bits", 8}, {"weight", "lm_head.qweight"},
+                     {"scales", "lm_head.scales"}}}}},
+      {"kept", {{"embed", "--quant-skip"}}}};
+  return doc;
+}
+
+}  // namespace
+
+TEST(quantization_parses) {
+  CHECK(!peft_export::parse_manifest(fixtures::manifest().dump()).quantization);
+  Json null_quant = fixtures::manifest();
+  null_quant["quantization"] = nullptr;
+  CHECK(!peft_export::parse_manifest(null_quant.dump()).quantization);
+  auto manifest = peft_export::parse_manifest(quantized_manifest("qdq").dump());
+  CHECK(manifest.quantization.has_value());
+  const auto& quant = *manifest.quantization;
+  CHECK(quant.bits == 4 && quant.block_size == 32);
+  CHECK(quant.format == "qdq" && quant.accuracy_level == 4);
+  CHECK(quant.modules.at("lm_head").bits == 8);
+  CHECK(quant.modules.at("lm_head").zero_points.empty());
+  CHECK(quant.modules.at("m").weight == "m.qweight");
+  CHECK(quant.kept.at("embed") == "--quant-skip");
+  Json no_level = quantized_manifest("matmulnbits");
+  no_level["quantization"].erase("accuracy_level");
+  CHECK(peft_export::parse_manifest(no_level.dump()).quantization->accuracy_level == 0);
+}
+
+TEST(quantization_rejections_name_the_field) {
+  auto reject = [](const char* key, Json value, const char* part) {
+    Json doc = quantized_manifest("qdq");
+    doc["quantization"][key] = std::move(value);
+    CHECK_THROWS(peft_export::parse_manifest(doc.dump()), BundleError, part);
+  };
+  reject("format", "int4",
+         "manifest.quantization.format is 'int4', expected one of qdq, matmulnbits; re-export");
+  reject("format", 4, "manifest.quantization.format must be a string");
+  reject("accuracy_level", 7, "manifest.quantization.accuracy_level is 7, expected 0 to 4");
+  reject("accuracy_level", -1, "manifest.quantization.accuracy_level must not be negative");
+  reject("accuracy_level", 1ll << 40, "accuracy_level is 1099511627776, expected 0 to 4");
+  reject("accuracy_level", 18446744073709551615ull, "accuracy_level is too large");
+  reject("accuracy_level", 1.5, "manifest.quantization.accuracy_level must be an integer");
+  reject("accuracy_level", true, "manifest.quantization.accuracy_level must be an integer");
+  reject("bits", "4", "manifest.quantization.bits must be an integer");
+  reject("bits", 16, "manifest.quantization.bits is 16, expected 2 to 8");
+  reject("block_size", 0, "manifest.quantization.block_size must be positive");
+  reject("modules", Json::array(), "manifest.quantization.modules must be an object");
+  reject("modules", {{"m", {{"source", "rtn"}, {"bits", 4}}}},
+         "manifest.quantization.modules.m.weight is missing");
+  reject("modules", {{"m", {{"source", "rtn"}, {"bits", 64}, {"weight", "w"}, {"scales", "s"}}}},
+         "manifest.quantization.modules.m.bits is 64, expected 2 to 8");
+  reject("kept", {{"embed", 3}}, "manifest.quantization.kept.embed must be a string");
+  Json missing = quantized_manifest("qdq");
+  missing["quantization"].erase("format");
+  CHECK_THROWS(peft_export::parse_manifest(missing.dump()), BundleError,
+               "manifest.quantization.format is missing; re-export");
+  Json list = fixtures::manifest();
+  list["quantization"] = Json::array();
+  CHECK_THROWS(peft_export::parse_manifest(list.dump()), BundleError,
+               "manifest.quantization must be an object");
+}
+
+TEST(quant_accuracy_is_checked_before_the_graph_is_read) {
+  using peft_export::InferenceError;
+  auto dir = check::temp_dir("quant_accuracy");  // no graph: a level that passes reaches its check
+  auto backend = [&](const char* format, int level) {
+    peft_export::BackendOptions options;
+    options.quant_accuracy = level;
+    auto doc = format ? quantized_manifest(format) : fixtures::manifest();
+    peft_export::Manifest manifest = peft_export::parse_manifest(doc.dump());
+    return peft_export::make_ort_backend(dir, manifest, nullptr, options);
+  };
+  CHECK_THROWS(backend("matmulnbits", 1), InferenceError,
+               "quant_accuracy 1 differs from the level 4 this bundle's MatMulNBits nodes carry");
+  CHECK_THROWS(backend("matmulnbits", 5), InferenceError, "quant_accuracy 5 is not a MatMulNBits");
+  CHECK_THROWS(backend(nullptr, -2), InferenceError, "quant_accuracy -2 is not a MatMulNBits");
+  for (int level : {-1, 4}) {
+    CHECK_THROWS(backend("matmulnbits", level), InferenceError, "the bundle's graph is missing");
+  }
+  for (int level : {-1, 0, 1, 4}) {
+    CHECK_THROWS(backend("qdq", level), InferenceError, "the bundle's graph is missing");
+    CHECK_THROWS(backend(nullptr, level), InferenceError, "the bundle's graph is missing");
+  }
 }
 
 TEST(symlink_escaping_the_bundle_is_refused) {

@@ -59,6 +59,11 @@ struct BackendOptions {
   // ONNX Runtime: libpeft_multilora_ort.so, the MultiLoRA CPU kernel for fp32 runtime-adapter
   // bundles (empty: the op's ONNX function body runs)
   std::filesystem::path multilora_library;
+  // ONNX Runtime, quantized bundles: the MatMulNBits accuracy level their MatMuls compute at,
+  // -1 for the bundle's own (manifest quantization.accuracy_level); 4 quantizes activations
+  // to int8 per block (fast), 1 computes in float32 on the dequantized weights (exact). A
+  // "matmulnbits" bundle carries its level in its nodes and runs at that level only.
+  int quant_accuracy = -1;
 };
 
 class Backend {

@@ -15,7 +15,7 @@ typedef struct peft_export_runtime peft_export_runtime;
 
 /* options_json (may be NULL): {"backend": "ort", "threads": 0, "denormals_as_zero": true,
  * "optimization": "all", "huge_pages": true, "slots": 0, "engine": "", "plugin_library": "",
- * "multilora_library": ""} */
+ * "multilora_library": "", "quant_accuracy": -1} */
 peft_export_runtime* peft_export_open(const char* bundle_dir, const char* options_json);
 void peft_export_close(peft_export_runtime* runtime);
 

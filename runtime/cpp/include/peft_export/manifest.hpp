@@ -91,6 +91,27 @@ struct EngineRecord {
   std::string onnx_sha256;
 };
 
+// One linear layer of the base stored block-quantized (its graph tensors and origin).
+struct QuantizedModule {
+  std::string source;  // "rtn" (quantized at export) or "gguf:Q4_0" and the like (carried)
+  int bits = 0;        // this layer's width: a layer carried from a GGUF keeps its own
+  std::string weight;
+  std::string scales;
+  std::string zero_points;  // empty: the format's default zero point (symmetric)
+};
+
+// Weight-only block quantization of the base's linear layers (adapters stay float).
+struct Quantization {
+  int bits = 0;  // width of the layers quantized at export
+  std::int64_t block_size = 0;
+  // "qdq": block-wise DequantizeLinear -> MatMul, which ONNX Runtime fuses into MatMulNBits
+  // at the session's accuracy level; "matmulnbits": MatMulNBits nodes with their own level
+  std::string format;
+  int accuracy_level = 0;  // ONNX Runtime's MatMulNBits compute level to serve at (0-4)
+  std::map<std::string, QuantizedModule> modules;
+  std::map<std::string, std::string> kept;  // layers left at full precision, and why
+};
+
 struct BaseModelInfo {
   std::string source;
   std::string architecture;
@@ -113,6 +134,7 @@ struct Manifest {
   std::optional<std::int64_t> max_position_embeddings;
   std::vector<EngineRecord> engines;
   std::map<std::string, std::string> producer;
+  std::optional<Quantization> quantization;  // absent: the base weights are float
 
   bool runtime_mode() const { return mode == "runtime"; }
 };
