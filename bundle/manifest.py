@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from peft_export.bundle import names
+from peft_export.bundle.atomic import previous_path
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.paths import check_links, confined
 
@@ -165,6 +166,12 @@ def load_manifest(bundle_dir: str | Path) -> Manifest:
     """Read and validate `bundle_dir/manifest.json`."""
     root = Path(bundle_dir)
     if not root.is_dir():
+        previous = previous_path(root.absolute())
+        if previous.is_dir():
+            raise BundleError(
+                f"{root} is missing but {previous.name} is there: a write is swapping it in, "
+                f"or was killed doing so; retry, or move {previous.name} back to {root.name}"
+            )
         raise BundleError(f"{root}: not a bundle directory; pass the folder written by 'export'")
     path = confined(root, names.MANIFEST)
     if not path.is_file():
