@@ -3,12 +3,14 @@
 `export_bundle` validates every input first (base architecture, adapter folders, options),
 then builds the graph and writes the bundle into a staging folder that becomes `out` only
 when everything succeeded. Runtime mode and engine builds are contributed by other parts
-through two hooks, so this file knows no runtime-adapter method and no TensorRT:
+through three hooks, so this file knows no runtime-adapter method and no TensorRT:
 
 - a *planner* (`Planner`) looks at the context and returns a `RuntimePlan` for the adapter
   methods it serves: graph extensions plus a writer for its files under `adapters/`;
 - a *post step* (`PostStep`) runs on the staged bundle after the graph and manifest exist
-  (e.g. building TensorRT engines) and may update the manifest it is given.
+  (e.g. building TensorRT engines) and may update the manifest it is given;
+- a *check* (`Check`) sees the context and the adapter layout the plans will record before
+  the graph is exported, so a post step's options fail before the slow steps, not after.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class RuntimePlan:
 
 Planner = Callable[[ExportContext], "RuntimePlan | None"]
 PostStep = Callable[[Path, Manifest, ExportContext], None]
+Check = Callable[[ExportContext, AdapterLayout], None]
 
 
 def export_bundle(
@@ -105,6 +108,7 @@ def export_bundle(
     force: bool = False,
     planners: Sequence[Planner] = (),
     post_steps: Sequence[PostStep] = (),
+    checks: Sequence[Check] = (),
     options: dict[str, Any] | None = None,
     opset: int = OPSET,
     console: Console | None = None,
@@ -159,10 +163,16 @@ def export_bundle(
         console=console,
     )
     plans = _runtime_plans(context, planners) if mode == "runtime" else []
+    extensions = [e for plan in plans for e in plan.extensions]
+    planned = copy.deepcopy(layout)
+    for extension in extensions:
+        extension.describe(planned)
+    for check in checks:
+        check(context, planned)
     return export_model(
         model,
         out,
-        extensions=[e for plan in plans for e in plan.extensions],
+        extensions=extensions,
         writers=[plan.write_adapters for plan in plans if plan.write_adapters],
         precision=precision,
         external_data=external_data,
