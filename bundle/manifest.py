@@ -23,6 +23,9 @@ MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 Mode = Literal["merged", "runtime"]
 Precision = Literal["fp32", "fp16", "bf16"]
+MODES: tuple[str, ...] = typing.get_args(Mode)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+"""What `export --mode/--precision` accept: exactly what a manifest may record."""
 Dim = int | str
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from peft_export.bundle import names
 from peft_export.bundle.atomic import staged_dir
 from peft_export.bundle.errors import BundleError
-from peft_export.bundle.manifest import AdapterLayout, Manifest
+from peft_export.bundle.manifest import MODES, PRECISIONS, AdapterLayout, Manifest
 from peft_export.exporter import bundle_writer
 from peft_export.exporter.adapter_source import (
     LORA_FAMILY,
@@ -43,9 +43,6 @@ from peft_export.exporter.graph.onnx_export import OPSET, export_onnx
 from peft_export.exporter.graph.wrapper import DecoderWrapper
 from peft_export.exporter.merge import merge_adapter, merge_peft_model
 from peft_export.models.architectures import ArchSpec, get_arch
-
-MODES = ("merged", "runtime")
-PRECISIONS = ("fp32", "fp16")
 
 
 class BaseLike(Protocol):
@@ -120,9 +117,9 @@ def export_bundle(
     """
     console = console or Console(stderr=True, quiet=True)
     if mode not in MODES:
-        raise ExportError(f"unknown mode {mode!r}; use --mode merged or --mode runtime")
+        raise ExportError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}; use fp32 or fp16")
+        raise ExportError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if method is not None and method not in METHODS:
         raise ExportError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     check_out_dir(Path(out), force)

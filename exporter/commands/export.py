@@ -19,6 +19,8 @@ from typing import Any
 
 import click
 
+from peft_export.bundle.manifest import MODES, PRECISIONS
+
 OPTIONS: tuple[str, ...] = (
     "peft_export.exporter.runtime_adapters.cli_options:lora_bank_options",
     "peft_export.exporter.engines.build:export_engine_options",
@@ -57,8 +59,20 @@ def _with_contributed_options(command):
     help="PEFT adapter folder (repeatable); NAME defaults to the folder name.",
 )
 @click.option("--method", default=None, help="Assert the adapters' PEFT method (e.g. lora, dora).")
-@click.option("--mode", default="merged", show_default=True, help="merged or runtime.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32 or fp16.")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="merged",
+    show_default=True,
+    help="merged: the adapter folded into the weights; runtime: adapters chosen per request.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="Weight and activation dtype (the Python runtime runs fp32 and fp16).",
+)
 @click.option(
     "--external-data",
     is_flag=True,
