@@ -16,6 +16,7 @@ from typing import Any, Literal
 from peft_export.bundle import names
 from peft_export.bundle.atomic import previous_path
 from peft_export.bundle.errors import BundleError
+from peft_export.bundle.json_limits import load_json
 from peft_export.bundle.paths import check_links, confined
 
 SCHEMA_VERSION = 1
@@ -182,10 +183,7 @@ def load_manifest(bundle_dir: str | Path) -> Manifest:
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest")
     check_links(root)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc}); re-export the bundle") from None
+    data = load_json(path.read_bytes(), where=str(path), fix="re-export the bundle")
     return Manifest.from_dict(data)
 
 

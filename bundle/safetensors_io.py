@@ -7,7 +7,6 @@ of a crash or a huge allocation.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from peft_export.bundle.errors import BundleError
+from peft_export.bundle.json_limits import load_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _FIX = "the file is corrupt or not safetensors; re-create it"
@@ -64,10 +64,7 @@ def read_header(path: str | Path, *, max_total_bytes: int | None = None) -> Safe
         if header_len > min(MAX_HEADER_BYTES, size - 8):
             raise BundleError(f"{path}: safetensors header length {header_len} is invalid; {_FIX}")
         raw = fh.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BundleError(f"{path}: safetensors header is not valid JSON; re-create it") from None
+    header = load_json(raw, where=f"{path}: safetensors header", fix=_FIX)
     if not isinstance(header, dict):
         raise BundleError(f"{path}: safetensors header is not an object; {_FIX}")
     metadata = header.pop("__metadata__", None) or {}

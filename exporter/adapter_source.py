@@ -7,7 +7,6 @@ here with one line naming the problem and the fix, so the slow steps never start
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 
 from peft_export.bundle import safetensors_io
 from peft_export.bundle.errors import BundleError
+from peft_export.bundle.json_limits import load_json
 from peft_export.exporter.errors import ExportError
 from peft_export.models.architectures import get_arch
 
@@ -44,6 +44,7 @@ _PEFT_TYPES = {
 }
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _PEFT_PREFIX = "base_model.model."
+_RESAVE = "re-save it with PEFT"
 
 
 @dataclass
@@ -313,9 +314,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     if config_file.stat().st_size > MAX_CONFIG_BYTES:
         raise ExportError(f"{config_file}: too large for an adapter config; re-save it with PEFT")
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{config_file}: not valid JSON ({exc}); re-save it with PEFT") from None
+        config = load_json(config_file.read_bytes(), where=str(config_file), fix=_RESAVE)
+    except BundleError as exc:
+        raise ExportError(str(exc)) from None
     if not isinstance(config, dict):
         raise ExportError(f"{config_file}: must hold a JSON object; re-save it with PEFT")
     return config
