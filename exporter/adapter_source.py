@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from peft_export.bundle import safetensors_io
+from peft_export.bundle import names, safetensors_io
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.json_limits import load_json
 from peft_export.exporter.errors import ExportError
@@ -84,10 +84,18 @@ def parse_adapter_arg(value: str) -> tuple[str | None, str]:
 
 
 def check_name(name: str) -> str:
+    """The one check of an adapter name, for `export`, `adapters add` and `verify --source`:
+    a file name, and none of the bundle's own (its file would replace the bundle's)."""
     if not _NAME.fullmatch(name):
         raise ExportError(
             f"adapter name {name!r} is not usable as a file name; use letters, digits, "
             "'_', '-' or '.', e.g. --adapter fr=./lora-fr"
+        )
+    if names.reserved_adapter_name(name):
+        own = ", ".join(repr(n) for n in names.RESERVED_NAMES)
+        raise ExportError(
+            f"adapter name {name!r} is reserved (the bundle's own files use {own} and names "
+            f"starting with {names.RESERVED_PREFIX!r}); give it another with NAME=DIR"
         )
     return name
 
@@ -106,7 +114,6 @@ def cast_finite(
 
 def uninstall(stage: Path, manifest: Any, name: str) -> None:
     """`adapters remove` inside a staged update: drop the manifest entry and its file."""
-    from peft_export.bundle import names
     from peft_export.bundle.atomic import write_text
     from peft_export.bundle.paths import confined
 
@@ -119,11 +126,8 @@ def uninstall(stage: Path, manifest: Any, name: str) -> None:
 
 
 def check_new_adapter_name(name: str, installed: Mapping[str, object], *, replace: bool) -> None:
-    """A name `adapters add` may install: names starting with '_' belong to the bundle's side
-    files (DoRA base targets, AdaptionPrompt projections); an existing one needs --replace."""
+    """A name `adapters add` may install (`check_name`); an existing one needs --replace."""
     check_name(name)
-    if name.startswith("_"):
-        raise ExportError(f"adapter name {name!r} is reserved; pick a name not starting with '_'")
     if name in installed and not replace:
         raise ExportError(
             f"the bundle already has an adapter {name!r}; pass --replace or pick another name"
