@@ -21,7 +21,7 @@ MAX_DEPTH = 64
 MAX_TOKENS = 4_000_000
 """Bound on the bytes `[ ] { } , : " \\` in a file: a 1,000-tensor safetensors header has about
 25,000. It bounds the values `json.loads` creates, so its memory stays near the file's size
-plus ~150 MB."""
+plus ~200 MB (measured: 4 million floats, ints or empty lists)."""
 
 _TOKENS = b'[]{},:"\\'
 _DROP = bytes(sorted(set(range(256)) - set(b'"[]{}')))
