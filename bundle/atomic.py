@@ -3,6 +3,13 @@
 A killed process leaves either the previous bundle or the new one, never a mix. Staging
 folders and files are dot-prefixed siblings (`.NAME.staging-*`) that readers ignore and the
 next write removes.
+
+A new folder replaces an existing bundle with one `renameat2(RENAME_EXCHANGE)`. Where that is
+not available (NFS, other kernels) it takes two renames: the bundle moves aside to
+`.NAME.previous`, then the new one moves in. A failed second rename moves the bundle back; a
+process killed between the two leaves it at `.NAME.previous`, and the next writer (all of them
+take the lock `.NAME.lock` while one exists) moves it back before anything else, so the last
+good bundle is never deleted: a `.NAME.previous` is removed only once NAME exists again.
 """
 
 from __future__ import annotations
@@ -51,7 +58,26 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-def _remove_stale(target: Path) -> None:
+def previous_path(target: Path) -> Path:
+    """Where the two-rename swap keeps the bundle it replaces (see the module docstring)."""
+    return target.with_name(f".{target.name}.previous")
+
+
+def _lock_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.lock")
+
+
+def _recover(target: Path) -> None:
+    """Finish what a killed writer left: a moved-aside bundle goes back, stages go away.
+
+    Called with the writer lock held, so no live writer owns these paths.
+    """
+    previous = previous_path(target)
+    if previous.exists():
+        if target.exists():  # the swap that moved it aside completed
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.rename(previous, target)
     for stale in target.parent.glob(f".{target.name}.staging-*"):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
@@ -61,32 +87,60 @@ def _remove_stale(target: Path) -> None:
 
 @contextlib.contextmanager
 def staged_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it becomes `target` in one step."""
+    """Yield an empty staging folder; on success it becomes `target` in one step.
+
+    Replacing a bundle (`export --force`) takes the writer lock of `staged_update`, for the
+    whole write: a concurrent `adapters add` is neither lost in the swap nor swapped over it.
+    """
     target = Path(target).absolute()
+    _check_target(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    locked = target.exists() or _lock_path(target).exists()
+    with _writer_lock(target) if locked else contextlib.nullcontext():
+        _recover(target)
+        _check_target(target, overwrite)
+        with _stage_and_swap(target) as stage:
+            yield stage
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite:
         raise BundleError(f"{target} already exists; choose another --out or pass --force")
     if target.exists() and not target.is_dir():
         raise BundleError(f"{target} exists and is not a folder; choose another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(target)
+
+
+@contextlib.contextmanager
+def _stage_and_swap(target: Path) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the bundle from other users
     try:
         yield stage
         _fsync_dir(stage)
-        if target.exists():
-            if not _exchange(stage, target):
-                old = stage.with_name(stage.name + "-old")
-                os.rename(target, old)
-                os.rename(stage, target)
-                stage = old
-            shutil.rmtree(stage, ignore_errors=True)
-        else:
+        if not target.exists():
             os.rename(stage, target)
+        elif _exchange(stage, target):
+            shutil.rmtree(stage, ignore_errors=True)  # now the old bundle
+        else:
+            _swap_by_two_renames(stage, target)
         _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def _swap_by_two_renames(stage: Path, target: Path) -> None:
+    """Replace `target` by `stage` without RENAME_EXCHANGE; the old bundle is never deleted
+    before the new one is in place (see the module docstring)."""
+    previous = previous_path(target)
+    os.rename(target, previous)
+    try:
+        os.rename(stage, target)
+    except BaseException:
+        os.rename(previous, target)  # if this fails too, the next writer moves it back
+        raise
+    _fsync_dir(target.parent)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -100,16 +154,21 @@ def staged_update(target: str | Path) -> Iterator[Path]:
     read the manifest inside the block and never lose each other's changes.
     """
     target = Path(target).absolute()
-    if not target.is_dir():
-        raise BundleError(f"{target}: not a bundle directory; pass the folder written by 'export'")
-    with _writer_lock(target), staged_dir(target, overwrite=True) as stage:
-        _link_tree(target, stage)
-        yield stage
+    missing = f"{target}: not a bundle directory; pass the folder written by 'export'"
+    if not target.is_dir() and not previous_path(target).is_dir():
+        raise BundleError(missing)
+    with _writer_lock(target):
+        _recover(target)
+        if not target.is_dir():
+            raise BundleError(missing)
+        with _stage_and_swap(target) as stage:
+            _link_tree(target, stage)
+            yield stage
 
 
 @contextlib.contextmanager
 def _writer_lock(target: Path) -> Iterator[None]:
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
+    with open(_lock_path(target), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

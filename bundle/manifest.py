@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from peft_export.bundle import names
+from peft_export.bundle.atomic import previous_path
 from peft_export.bundle.errors import BundleError
+from peft_export.bundle.json_limits import load_json
 from peft_export.bundle.paths import check_links, confined
 
 SCHEMA_VERSION = 1
@@ -22,6 +24,9 @@ MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 Mode = Literal["merged", "runtime"]
 Precision = Literal["fp32", "fp16", "bf16"]
+MODES: tuple[str, ...] = typing.get_args(Mode)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+"""What `export --mode/--precision` accept: exactly what a manifest may record."""
 Dim = int | str
 
 
@@ -196,6 +201,12 @@ def load_manifest(bundle_dir: str | Path) -> Manifest:
     """Read and validate `bundle_dir/manifest.json`."""
     root = Path(bundle_dir)
     if not root.is_dir():
+        previous = previous_path(root.absolute())
+        if previous.is_dir():
+            raise BundleError(
+                f"{root} is missing but {previous.name} is there: a write is swapping it in, "
+                f"or was killed doing so; retry, or move {previous.name} back to {root.name}"
+            )
         raise BundleError(f"{root}: not a bundle directory; pass the folder written by 'export'")
     path = confined(root, names.MANIFEST)
     if not path.is_file():
@@ -203,10 +214,7 @@ def load_manifest(bundle_dir: str | Path) -> Manifest:
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest")
     check_links(root)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc}); re-export the bundle") from None
+    data = load_json(path.read_bytes(), where=str(path), fix="re-export the bundle")
     return Manifest.from_dict(data)
 
 

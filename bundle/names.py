@@ -97,6 +97,28 @@ REFIT_DIR = f"{ENGINES_DIR}/refit"
 REFIT_BASE = "base"
 """Refit set holding the base value of every weight any other set (or the export) changes."""
 
+BASE_TARGETS = "_base_targets"
+"""adapters/_base_targets.safetensors: base weights of the bank modules, for DoRA's norms."""
+ADAPTION_BASE = "_adaption_base"
+"""adapters/_adaption_base.safetensors: the projections AdaptionPrompt adapters need."""
+RESERVED_PREFIX = "_"
+"""Adapter names starting with this belong to the bundle's own side files."""
+RESERVED_NAMES = (REFIT_BASE, BASE_TARGETS, ADAPTION_BASE)
+"""Every file stem the bundle writes next to adapter files (adapters/, engines/refit/)."""
+
+NO_ADAPTER = "-"
+"""How a command line spells "no adapter, the base model" for one row (`run --adapter -`,
+`peft-generate --adapter -`): not a valid adapter name, so it never means an installed one."""
+
+
+def reserved_adapter_name(name: str) -> bool:
+    """True for names an adapter must not take, since its file would replace the bundle's own.
+
+    Compared case-insensitively: on a case-insensitive file system `Base` is `base`'s file.
+    """
+    folded = name.casefold()
+    return folded.startswith(RESERVED_PREFIX) or folded in {n.casefold() for n in RESERVED_NAMES}
+
 
 def refit_file(name: str) -> str:
     """Merged bundles: the refit set of adapter `name` (or REFIT_BASE)."""

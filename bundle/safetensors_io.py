@@ -8,7 +8,6 @@ of a crash or a huge allocation.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import struct
@@ -20,6 +19,7 @@ from typing import BinaryIO
 import numpy as np
 
 from peft_export.bundle.errors import BundleError
+from peft_export.bundle.json_limits import load_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _FIX = "the file is corrupt or not safetensors; re-create it"
@@ -115,10 +115,7 @@ def _parse_header(
     raw = fh.read(header_len)
     if len(raw) != header_len:
         raise BundleError(f"{path}: truncated safetensors header; {_FIX}")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BundleError(f"{path}: safetensors header is not valid JSON; re-create it") from None
+    header = load_json(raw, where=f"{path}: safetensors header", fix=_FIX)
     if not isinstance(header, dict):
         raise BundleError(f"{path}: safetensors header is not an object; {_FIX}")
     metadata = header.pop("__metadata__", None) or {}

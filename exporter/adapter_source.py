@@ -7,7 +7,6 @@ here with one line naming the problem and the fix, so the slow steps never start
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from peft_export.bundle import safetensors_io
+from peft_export.bundle import names, safetensors_io
 from peft_export.bundle.errors import BundleError
+from peft_export.bundle.json_limits import load_json
 from peft_export.exporter.errors import ExportError
 from peft_export.models.architectures import get_arch
 
@@ -44,6 +44,7 @@ _PEFT_TYPES = {
 }
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _PEFT_PREFIX = "base_model.model."
+_RESAVE = "re-save it with PEFT"
 
 
 @dataclass
@@ -83,10 +84,18 @@ def parse_adapter_arg(value: str) -> tuple[str | None, str]:
 
 
 def check_name(name: str) -> str:
+    """The one check of an adapter name, for `export`, `adapters add` and `verify --source`:
+    a file name, and none of the bundle's own (its file would replace the bundle's)."""
     if not _NAME.fullmatch(name):
         raise ExportError(
             f"adapter name {name!r} is not usable as a file name; use letters, digits, "
             "'_', '-' or '.', e.g. --adapter fr=./lora-fr"
+        )
+    if names.reserved_adapter_name(name):
+        own = ", ".join(repr(n) for n in names.RESERVED_NAMES)
+        raise ExportError(
+            f"adapter name {name!r} is reserved (the bundle's own files use {own} and names "
+            f"starting with {names.RESERVED_PREFIX!r}); give it another with NAME=DIR"
         )
     return name
 
@@ -105,7 +114,6 @@ def cast_finite(
 
 def uninstall(stage: Path, manifest: Any, name: str) -> None:
     """`adapters remove` inside a staged update: drop the manifest entry and its file."""
-    from peft_export.bundle import names
     from peft_export.bundle.atomic import write_text
     from peft_export.bundle.paths import confined
 
@@ -118,11 +126,8 @@ def uninstall(stage: Path, manifest: Any, name: str) -> None:
 
 
 def check_new_adapter_name(name: str, installed: Mapping[str, object], *, replace: bool) -> None:
-    """A name `adapters add` may install: names starting with '_' belong to the bundle's side
-    files (DoRA base targets, AdaptionPrompt projections); an existing one needs --replace."""
+    """A name `adapters add` may install (`check_name`); an existing one needs --replace."""
     check_name(name)
-    if name.startswith("_"):
-        raise ExportError(f"adapter name {name!r} is reserved; pick a name not starting with '_'")
     if name in installed and not replace:
         raise ExportError(
             f"the bundle already has an adapter {name!r}; pass --replace or pick another name"
@@ -313,9 +318,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     if config_file.stat().st_size > MAX_CONFIG_BYTES:
         raise ExportError(f"{config_file}: too large for an adapter config; re-save it with PEFT")
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{config_file}: not valid JSON ({exc}); re-save it with PEFT") from None
+        config = load_json(config_file.read_bytes(), where=str(config_file), fix=_RESAVE)
+    except BundleError as exc:
+        raise ExportError(str(exc)) from None
     if not isinstance(config, dict):
         raise ExportError(f"{config_file}: must hold a JSON object; re-save it with PEFT")
     return config

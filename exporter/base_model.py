@@ -186,9 +186,12 @@ def _gguf_cache_dir(gguf: Path, name: str) -> Path:
 
 @contextlib.contextmanager
 def _conversion_lock(target: Path) -> Iterator[None]:
-    """Serialize conversions of one GGUF across processes (parallel tests, two CLIs)."""
+    """Serialize conversions of one GGUF across processes (parallel tests, two CLIs).
+
+    Not `.NAME.lock`: `staged_dir` takes that one when it replaces `target`, and a second
+    flock of the same file from this process would wait for itself."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f".{target.name}.lock"
+    lock_path = target.parent / f".{target.name}.convert.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

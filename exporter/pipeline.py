@@ -3,12 +3,14 @@
 `export_bundle` validates every input first (base architecture, adapter folders, options),
 then builds the graph and writes the bundle into a staging folder that becomes `out` only
 when everything succeeded. Runtime mode and engine builds are contributed by other parts
-through two hooks, so this file knows no runtime-adapter method and no TensorRT:
+through three hooks, so this file knows no runtime-adapter method and no TensorRT:
 
 - a *planner* (`Planner`) looks at the context and returns a `RuntimePlan` for the adapter
   methods it serves: graph extensions plus a writer for its files under `adapters/`;
 - a *post step* (`PostStep`) runs on the staged bundle after the graph and manifest exist
-  (e.g. building TensorRT engines) and may update the manifest it is given.
+  (e.g. building TensorRT engines) and may update the manifest it is given;
+- a *check* (`Check`) sees the context and the adapter layout the plans will record before
+  the graph is exported, so a post step's options fail before the slow steps, not after.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from peft_export.bundle import names
 from peft_export.bundle.atomic import staged_dir
 from peft_export.bundle.errors import BundleError
-from peft_export.bundle.manifest import AdapterLayout, Manifest
+from peft_export.bundle.manifest import MODES, PRECISIONS, AdapterLayout, Manifest
 from peft_export.exporter import bundle_writer
 from peft_export.exporter.adapter_source import (
     LORA_FAMILY,
@@ -45,9 +47,6 @@ from peft_export.exporter.quantize.blocks import BlockQuantized
 from peft_export.exporter.quantize.graph import quantize_graph_file
 from peft_export.exporter.quantize.scheme import QDQ_OPSET, QuantScheme
 from peft_export.models.architectures import ArchSpec, get_arch
-
-MODES = ("merged", "runtime")
-PRECISIONS = ("fp32", "fp16")
 
 
 class BaseLike(Protocol):
@@ -95,6 +94,7 @@ class RuntimePlan:
 
 Planner = Callable[[ExportContext], "RuntimePlan | None"]
 PostStep = Callable[[Path, Manifest, ExportContext], None]
+Check = Callable[[ExportContext, AdapterLayout], None]
 
 
 def export_bundle(
@@ -109,6 +109,7 @@ def export_bundle(
     force: bool = False,
     planners: Sequence[Planner] = (),
     post_steps: Sequence[PostStep] = (),
+    checks: Sequence[Check] = (),
     options: dict[str, Any] | None = None,
     opset: int = OPSET,
     quantize: QuantScheme | None = None,
@@ -124,9 +125,9 @@ def export_bundle(
     """
     console = console or Console(stderr=True, quiet=True)
     if mode not in MODES:
-        raise ExportError(f"unknown mode {mode!r}; use --mode merged or --mode runtime")
+        raise ExportError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}; use fp32 or fp16")
+        raise ExportError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if method is not None and method not in METHODS:
         raise ExportError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     check_out_dir(Path(out), force)
@@ -178,10 +179,16 @@ def export_bundle(
         console=console,
     )
     plans = _runtime_plans(context, planners) if mode == "runtime" else []
+    extensions = [e for plan in plans for e in plan.extensions]
+    planned = copy.deepcopy(layout)
+    for extension in extensions:
+        extension.describe(planned)
+    for check in checks:
+        check(context, planned)
     return export_model(
         model,
         out,
-        extensions=[e for plan in plans for e in plan.extensions],
+        extensions=extensions,
         writers=[plan.write_adapters for plan in plans if plan.write_adapters],
         precision=precision,
         external_data=external_data,

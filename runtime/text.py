@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from peft_export.bundle.json_limits import load_json
 from peft_export.bundle.manifest import Manifest
 from peft_export.bundle.paths import confined
 from peft_export.runtime.errors import InferenceError
@@ -86,9 +87,10 @@ def _special_tokens(root: Path, manifest: Manifest, tokenizer: Any) -> dict[str,
     special: dict[str, str] = {}
     config_path = confined(root, "tokenizer_config.json")
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        config = load_json(
+            config_path.read_bytes(), where=str(config_path), fix="re-export the bundle"
+        )
+        if not isinstance(config, dict):
             config = {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             value = config.get(key)

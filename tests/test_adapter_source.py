@@ -146,3 +146,18 @@ def test_names(tmp_path):
     for bad in ("../x", "a/b", ".hidden", ""):
         with pytest.raises(ExportError, match="not usable as a file name"):
             check_name(bad)
+
+
+@pytest.mark.parametrize("name", ["base", "Base", "_base_targets", "_adaption_base", "_x"])
+def test_names_the_bundle_uses_are_reserved(name):
+    """An adapter file named like these would replace the refit base set or a side file."""
+    with pytest.raises(ExportError, match=f"adapter name '{name}' is reserved"):
+        check_name(name)
+
+
+def test_no_adapter_spelling_is_not_an_adapter_name():
+    from peft_export.bundle import names
+
+    with pytest.raises(ExportError, match="not usable as a file name"):
+        check_name(names.NO_ADAPTER)
+    assert check_name("based") == "based" and check_name("base_v2") == "base_v2"

@@ -298,6 +298,24 @@ def _oversized_tensor(path: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw)
 
 
+DEEP = 50_000
+"""Nesting far past Python's recursion limit; the hypothesis fuzzers never build this."""
+
+
+def _deep_json(levels: int = DEEP) -> str:
+    return "[" * levels + "]" * levels
+
+
+def _deep_header(path: Path) -> None:
+    raw = ('{"lora.x.A": ' + _deep_json() + "}").encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+def _deep_manifest(bundle: Path) -> None:
+    text = (bundle / "manifest.json").read_text().rstrip()
+    (bundle / "manifest.json").write_text(text[:-1] + ', "deep": ' + _deep_json() + "}")
+
+
 def _installed(bundle: Path, name: str = "fr") -> Path:
     return bundle / "adapters" / f"{name}.safetensors"
 
@@ -411,13 +429,13 @@ CASES: dict[str, Case] = {
         "export",
         "--mode both",
         lambda w: _export(w, str(w.fx.adapters / "fr"), extra=("--mode", "both")),
-        "unknown mode 'both'; use --mode merged or --mode runtime",
+        "Invalid value for '--mode': 'both' is not one of 'merged', 'runtime'",
     ),
     "bad-precision": Case(
         "export",
         "--precision int4",
         lambda w: _export(w, str(w.fx.adapters / "fr"), extra=("--precision", "int4")),
-        "unknown precision 'int4'; use fp32 or fp16",
+        "Invalid value for '--precision': 'int4' is not one of 'fp32', 'fp16', 'bf16'",
     ),
     "adapter-syntax": Case(
         "export",
@@ -441,6 +459,22 @@ CASES: dict[str, Case] = {
             extra=("--mode", "runtime"),
         ),
         "two adapters are named 'a'; name them apart with NAME=DIR",
+    ),
+    "export-reserved-name": Case(
+        "export",
+        "--adapter _base_targets=DIR --mode runtime (the DoRA base-targets file's name)",
+        lambda w: _export(
+            w,
+            f"_base_targets={w.fx.adapters / 'fr'}",
+            extra=("--mode", "runtime", "--methods", "lora,dora"),
+        ),
+        "adapter name '_base_targets' is reserved",
+    ),
+    "export-refit-base-name": Case(
+        "export",
+        "--adapter base=DIR (the name of the refit base set)",
+        lambda w: _export(w, f"base={w.fx.adapters / 'fr'}"),
+        "adapter name 'base' is reserved (the bundle's own files use 'base', '_base_targets'",
     ),
     "merged-two-adapters": Case(
         "export",
@@ -484,6 +518,16 @@ CASES: dict[str, Case] = {
         "adapter_config.json of 17 MB",
         _export_damaged(lambda f: (f / "adapter_config.json").write_text(" " * (17 << 20))),
         "too large for an adapter config; re-save it with PEFT",
+    ),
+    "adapter-config-deep": Case(
+        "export",
+        "adapter_config.json nested 50,000 levels deep",
+        _export_damaged(
+            lambda f: (f / "adapter_config.json").write_text(
+                '{"peft_type": "LORA", "r": ' + _deep_json() + "}"
+            )
+        ),
+        "JSON nested 50001 levels deep (at most 64); re-save it with PEFT",
     ),
     "unknown-peft-type": Case(
         "export",
@@ -592,7 +636,14 @@ CASES: dict[str, Case] = {
         "adapters add",
         "_base=DIR (names starting with '_' are the bundle's own)",
         _add("de", name="_base"),
-        "adapter name '_base' is reserved; pick a name not starting with '_'",
+        "adapter name '_base' is reserved (the bundle's own files use 'base', '_base_targets', "
+        "'_adaption_base' and names starting with '_'); give it another with NAME=DIR",
+    ),
+    "add-refit-base-name": Case(
+        "adapters add",
+        "base=DIR into a merged bundle (its refit sets keep the base weights in base)",
+        _add("de", name="base", kind="merged"),
+        "adapter name 'base' is reserved",
     ),
     "add-merged-prefix": Case(
         "adapters add",
@@ -656,6 +707,12 @@ CASES: dict[str, Case] = {
         lambda w: _run(w.bundle(), "--adapter", "nope"),
         "unknown adapter(s) nope (installed: de, es, fr); add one with 'peft-export adapters add",
     ),
+    "adapter-base-spelling": Case(
+        "run",
+        "--adapter base (the base model is spelled '-')",
+        lambda w: _run(w.bundle(), "--adapter", "base"),
+        "--adapter base: the bundle has no adapter of that name; write --adapter - for the base",
+    ),
     "adapter-on-merged": Case(
         "run",
         "--adapter fr on a merged bundle",
@@ -714,6 +771,12 @@ CASES: dict[str, Case] = {
         "manifest.json that is not JSON",
         _run_damaged(lambda b: (b / "manifest.json").write_text("{nope")),
         "manifest.json: not valid JSON",
+    ),
+    "manifest-deep": Case(
+        "run",
+        "manifest.json with a field nested 50,000 levels deep",
+        _run_damaged(_deep_manifest),
+        "JSON nested 50001 levels deep (at most 64); re-export the bundle",
     ),
     "manifest-missing-field": Case(
         "run",
@@ -846,6 +909,12 @@ CASES: dict[str, Case] = {
         "adapters/fr.safetensors declaring a 2**62-byte header",
         _run_damaged(lambda b: _huge_header(_installed(b)), "--adapter", "fr"),
         "safetensors header length 4611686018427387904 is invalid",
+    ),
+    "installed-deep-header": Case(
+        "run",
+        "adapters/fr.safetensors whose header is nested 50,000 levels deep",
+        _run_damaged(lambda b: _deep_header(_installed(b)), "--adapter", "fr"),
+        "safetensors header: JSON nested 50001 levels deep (at most 64)",
     ),
     "installed-oversized-tensor": Case(
         "run",

@@ -149,8 +149,13 @@ BAD_INPUTS = {
     "pickle-only": ("lora", [], _pickle_only, "peft-export adapters convert-bin"),
     "nan": ("lora", [], _nan, "NaN or Inf"),
     "prompt-side-merged": ("prefix_tuning", [], None, "--mode runtime"),
-    "bad-mode": ("lora", ["--mode", "both"], None, "unknown mode 'both'"),
-    "bad-precision": ("lora", ["--precision", "int4"], None, "unknown precision"),
+    "bad-mode": ("lora", ["--mode", "both"], None, "'both' is not one of 'merged', 'runtime'"),
+    "bad-precision": (
+        "lora",
+        ["--precision", "int4"],
+        None,
+        "'int4' is not one of 'fp32', 'fp16', 'bf16'",
+    ),
 }
 
 
@@ -172,6 +177,21 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
     assert "Traceback" not in err
     assert not out.exists()
     assert not list(out.parent.glob(".*")) if out.parent.exists() else True
+
+
+def test_every_precision_the_error_names_is_accepted(base_dir, tmp_path, capsys):
+    """The --precision error lists what a manifest may record, and bf16 (listed) exports."""
+    from typing import get_args
+
+    from peft_export.bundle.manifest import Precision
+
+    argv = ["export", "--base", str(base_dir), "--out", str(tmp_path / "bundle")]
+    assert _run([*argv, "--precision", "int4"]) == 2
+    listed = capsys.readouterr().err.split("is not one of ")[1].split(";")[0]
+    assert listed == ", ".join(f"'{p}'" for p in get_args(Precision))
+    assert _run([*argv, "--precision", "bf16"]) == 0, capsys.readouterr().err
+    manifest = load_manifest(tmp_path / "bundle")
+    assert manifest.precision == "bf16" and manifest.kv.dtype == "bfloat16"
 
 
 def test_failure_after_staging_leaves_nothing(tmp_path):

@@ -160,7 +160,7 @@ def test_run_command_mixes_prefix_and_base_rows(exported, capsys) -> None:
     base, tmp, bundle = exported
     texts = ["ahoy there", "hello"]
     argv = ["run", str(bundle), "--json", "--max-new-tokens", "8", "--adapter", "pre"]
-    argv += ["--adapter", "base", "--prompt", texts[0], "--prompt", texts[1]]
+    argv += ["--adapter", "-", "--prompt", texts[0], "--prompt", texts[1]]
     code = 0
     try:
         main(argv)

@@ -132,7 +132,7 @@ def test_runtime_bundle_inspect_and_adapters(tmp_path, capsys):
 
     args = ["run", str(out), "--max-new-tokens", "4", "--json", "--threads", "1"]
     prompts = ["--prompt", "Hi", "--prompt", "Hi", "--prompt", "Hi"]
-    adapters = ["--adapter", "fr", "--adapter", "pre", "--adapter", "base"]
+    adapters = ["--adapter", "fr", "--adapter", "pre", "--adapter", "-"]
     code, text, err = run_cli([*args, *prompts, *adapters], capsys)
     assert code == 0, err
     rows = [json.loads(line) for line in text.splitlines()]

@@ -30,7 +30,9 @@ from peft_export.exporter.errors import ExportError
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 
 
-def manifest(*, prompt: int = 0, prefix: int = 0, slots: int = 0, adaption: int = 0) -> Manifest:
+def manifest(
+    *, prompt: int = 0, prefix: int = 0, slots: int = 0, adaption: int = 0, positions: int = 2048
+) -> Manifest:
     total = "prompt_len + seq" if prompt else "seq"
     inputs = [TensorSpec(names.INPUT_IDS, "int64", ["batch", "seq"])]
     if prompt:
@@ -61,7 +63,7 @@ def manifest(*, prompt: int = 0, prefix: int = 0, slots: int = 0, adaption: int 
         vocab_size=32,
         hidden_size=16,
         adapters=layout,
-        generation={"max_position_embeddings": 2048},
+        generation={"max_position_embeddings": positions},
     )
 
 
@@ -157,3 +159,28 @@ def test_shape_in_profile_explains_misfits() -> None:
     assert "dimension 1" in shape_in_profile(m.graph, decode, {names.INPUT_IDS: (3, 2)})
     assert "dimension 0" in shape_in_profile(m.graph, decode, {names.INPUT_IDS: (5, 1)})
     assert "not an input" in shape_in_profile(m.graph, decode, {"nope": (1,)})
+
+
+def test_default_ranges_are_the_documented_ones_where_they_fit() -> None:
+    prefill, decode = derive_profiles(manifest(), ProfileRequest())
+    assert prefill == {"batch": [1, 1, 8], "seq": [1, 128, 512], "past": [0, 0, 1024]}
+    assert decode == {"batch": [1, 1, 8], "seq": [1, 1, 1], "past": [0, 256, 1024]}
+
+
+@pytest.mark.parametrize(
+    ("positions", "prompt", "given", "seq", "past"),
+    [
+        (256, 0, {}, [1, 85, 85], [0, 171, 171]),  # a third for prefill, the rest for the past
+        (256, 16, {}, [1, 80, 80], [0, 160, 160]),  # prompt-tuning tokens count first
+        (1024, 0, {}, [1, 128, 341], [0, 256, 683]),
+        (256, 0, {"seq": "1:16:64"}, [1, 16, 64], [0, 192, 192]),  # the past gets the rest
+        (256, 0, {"past": "0:8:16"}, [1, 128, 240], [0, 8, 16]),  # ...or the prefill does
+    ],
+)
+def test_default_ranges_are_cut_to_the_model_positions(positions, prompt, given, seq, past):
+    """`export --engine trt` of a model with a short context needs no --seq/--past."""
+    ranges = {k: DimRange.parse(v, f"--{k}") for k, v in given.items()}
+    m = manifest(prompt=prompt, positions=positions)
+    prefill, decode = derive_profiles(m, ProfileRequest(**ranges))
+    assert prefill["seq"] == seq and decode["past"] == past
+    assert seq[2] + past[2] + prompt == positions

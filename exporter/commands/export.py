@@ -1,13 +1,14 @@
 """`peft-export export`: base model + PEFT adapters -> bundle (ONNX graph, manifest, tokenizer).
 
-Runtime-mode families and engine builds plug in through the three tuples below, each entry
+Runtime-mode families and engine builds plug in through the four tuples below, each entry
 a "module:attribute" string resolved only when the command runs (so `--help` stays fast
 and a part that is not installed cannot break the command's import):
 
 - OPTIONS: click decorators adding options; their values reach planners and post steps as
   `ExportContext.options` (keyed by the click parameter name);
 - PLANNERS: `pipeline.Planner` functions serving runtime-mode methods;
-- POST_STEPS: `pipeline.PostStep` functions run on the staged bundle (e.g. engine builds).
+- POST_STEPS: `pipeline.PostStep` functions run on the staged bundle (e.g. engine builds);
+- CHECKS: `pipeline.Check` functions run before the graph is exported (a post step's options).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import click
 
+from peft_export.bundle.manifest import MODES, PRECISIONS
 from peft_export.exporter.quantize.scheme import (
     ACCURACY_FAST,
     BLOCK_SIZES,
@@ -40,6 +42,7 @@ POST_STEPS: tuple[str, ...] = (
     "peft_export.exporter.graph.ort_fusions:ort_fusion_step",
     "peft_export.exporter.engines.build:export_engine_step",
 )
+CHECKS: tuple[str, ...] = ("peft_export.exporter.engines.build:export_engine_check",)
 
 
 def _resolve(ref: str) -> Any:
@@ -63,8 +66,20 @@ def _with_contributed_options(command):
     help="PEFT adapter folder (repeatable); NAME defaults to the folder name.",
 )
 @click.option("--method", default=None, help="Assert the adapters' PEFT method (e.g. lora, dora).")
-@click.option("--mode", default="merged", show_default=True, help="merged or runtime.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32 or fp16.")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="merged",
+    show_default=True,
+    help="merged: the adapter folded into the weights; runtime: adapters chosen per request.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="Weight and activation dtype (the Python runtime runs fp32 and fp16).",
+)
 @click.option(
     "--external-data",
     is_flag=True,
@@ -177,6 +192,7 @@ def command(
         force=force,
         planners=[_resolve(ref) for ref in PLANNERS],
         post_steps=[_resolve(ref) for ref in POST_STEPS],
+        checks=[_resolve(ref) for ref in CHECKS],
         options=options,
         opset=graph_opset(options),
         quantize=scheme,

@@ -7,6 +7,9 @@ import sys
 
 import click
 
+_OLD_NO_ADAPTER = "base"
+"""How `--adapter` spelled the base model before `names.NO_ADAPTER`, which no adapter can take."""
+
 
 @click.command("run")
 @click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
@@ -15,7 +18,7 @@ import click
     "--adapter",
     "adapters",
     multiple=True,
-    help="Runtime adapter per prompt (repeatable; once applies to all; 'base' for none).",
+    help="Runtime adapter per prompt (repeatable; once applies to all; '-' for none).",
 )
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(0))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0))
@@ -47,6 +50,7 @@ def command(
     threads: int | None,
 ) -> None:
     """Generate text for each --prompt from BUNDLE."""
+    from peft_export.bundle import names as bundle_names
     from peft_export.exporter.errors import ExportError
     from peft_export.runtime import TokenEvent, load_bundle
 
@@ -55,9 +59,14 @@ def command(
             f"{len(prompts)} prompts but {len(adapters)} --adapter options; "
             "give one --adapter per --prompt, or one for all"
         )
-    names = [None if a == "base" else a for a in adapters] or None
+    names = [None if a == bundle_names.NO_ADAPTER else a for a in adapters] or None
     options = {"threads": threads} if threads and backend == "ort" else {}
     loaded = load_bundle(bundle, backend=backend, **options)
+    if _OLD_NO_ADAPTER in adapters and _OLD_NO_ADAPTER not in loaded.manifest.adapters.installed:
+        raise ExportError(
+            f"--adapter {_OLD_NO_ADAPTER}: the bundle has no adapter of that name; "
+            f"write --adapter {bundle_names.NO_ADAPTER} for the base model (no adapter)"
+        )
     single = len(prompts) == 1
     pieces: dict[int, list[str]] = {}
 

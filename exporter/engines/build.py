@@ -3,11 +3,16 @@
 Export and build-engine share `add_engine_options` (the click options) and `build_engines`
 (build every engine the options ask for into a bundle folder and record it). The folder may
 be an export's staging folder or an existing bundle; files are written atomically.
+
+`export --engine trt` checks every engine option before any work: what needs no model when
+the command starts (`check_engine_options`), the profiles against the model's positions and
+the planned adapter layout before the graph is exported (`export_engine_check`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,13 +21,18 @@ import click
 
 from peft_export.bundle import names
 from peft_export.bundle.atomic import staged_file, write_text
-from peft_export.bundle.manifest import EngineRecord, Manifest
+from peft_export.bundle.manifest import AdapterLayout, EngineRecord, Manifest
 from peft_export.bundle.paths import confined
 from peft_export.exporter.engines import refit
 from peft_export.exporter.engines.builder import BuildPlan, build_engine_bytes
 from peft_export.exporter.engines.cache import EngineCache, cache_key, onnx_sha256
 from peft_export.exporter.engines.gpu import gpu_compute_capability
-from peft_export.exporter.engines.profiles import DimRange, ProfileRequest, derive_profiles
+from peft_export.exporter.engines.profiles import (
+    DimRange,
+    ProfileRequest,
+    derive_profiles,
+    plan_profiles,
+)
 from peft_export.exporter.engines.trt_backend import BACKEND_CHOICES, TrtBackend, select_backend
 from peft_export.exporter.errors import ExportError
 
@@ -33,8 +43,8 @@ LORA_IMPLS = ("onnx", "plugin")
 class EngineOptions:
     trt_backend: str | None = None
     batch: str = "1:1:8"
-    seq: str = "1:128:512"
-    past: str = "0:256:1024"
+    seq: str | None = None
+    past: str | None = None
     slots: int | None = None
     compute_capability: tuple[str, ...] = ()
     refit: bool = False
@@ -60,10 +70,16 @@ def add_engine_options(command: Any, *, slots: bool = True) -> Any:
         ),
         click.option("--batch", default="1:1:8", show_default=True, help="Batch min:opt:max."),
         click.option(
-            "--seq", default="1:128:512", show_default=True, help="Prefill tokens min:opt:max."
+            "--seq",
+            default=None,
+            help="Prefill tokens min:opt:max (default 1:128:512, or a third of the model's "
+            "positions when it has fewer than 1536).",
         ),
         click.option(
-            "--past", default="0:256:1024", show_default=True, help="Cached tokens min:opt:max."
+            "--past",
+            default=None,
+            help="Cached tokens min:opt:max (default 0:256:1024, or the positions --seq "
+            "leaves when the model has fewer).",
         ),
         click.option(
             "--compute-capability",
@@ -96,15 +112,47 @@ def add_engine_options(command: Any, *, slots: bool = True) -> Any:
 
 
 def export_engine_options(command: Any) -> Any:
-    """`export`'s --engine switch plus the build options (export.py OPTIONS entry)."""
-    command = add_engine_options(command, slots=False)
+    """`export`'s --engine switch plus the build options (export.py OPTIONS entry); with
+    --engine trt they are checked when the command starts, before the base model loads."""
+
+    @functools.wraps(command)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("engine") == "trt":
+            check_engine_options(engine_options(dict(kwargs)), mode=kwargs.get("mode"))
+        return command(*args, **kwargs)
+
     return click.option(
         "--engine",
         type=click.Choice(["onnx", "trt"]),
         default="onnx",
         show_default=True,
         help="Also build a TensorRT engine into the bundle (trt).",
-    )(command)
+    )(add_engine_options(checked, slots=False))
+
+
+def export_engine_check(context: Any, layout: AdapterLayout) -> None:
+    """Pipeline check (export.py CHECKS entry): with --engine trt, every engine option against
+    the model and the planned adapter layout, before the graph is exported (so that a range
+    beyond the model's positions does not fail after minutes of tracing)."""
+    params = dict(context.options)
+    if params.get("engine", "onnx") != "trt":
+        return
+    options = engine_options(params)
+    check_engine_options(options, mode=context.mode)
+    positions = context.arch.max_positions(context.model.config)
+    plan_profiles(layout, _request(options), positions=positions, banks=bool(layout.modules))
+    _lora_plugin(context.mode, layout, options)
+
+
+def check_engine_options(options: EngineOptions, *, mode: str | None) -> None:
+    """What can be checked without the model or its graph: range syntax, the TensorRT flavour
+    and its targets, and the options that need the other bundle mode."""
+    plan_profiles(AdapterLayout(), _request(options), positions=None, banks=False)
+    _build_target(options)
+    if options.refit and mode == "runtime":
+        raise ExportError(_REFIT_MERGED_ONLY)
+    if options.lora_impl == "plugin" and mode == "merged":
+        raise ExportError(_PLUGIN_BANKS_ONLY)
 
 
 def export_engine_step(stage: Path, manifest: Manifest, context: Any) -> None:
@@ -132,21 +180,14 @@ def build_engines(bundle_dir: Path, manifest: Manifest, options: EngineOptions) 
             f"{manifest.graph.ort_fusions}), which TensorRT cannot build; re-export it without "
             "--ort-fusions"
         )
-    backend = select_backend(options.trt_backend)
-    targets = backend.compute_capabilities(list(options.compute_capability))
-    built_for = ",".join(targets) if backend.is_rtx else gpu_compute_capability()
-    if not backend.is_rtx and built_for is None:
-        raise ExportError(
-            "full TensorRT builds for the GPU it runs on and none is visible; build on the "
-            "target machine or use --trt-backend tensorrt-rtx (ahead of time, no GPU needed)"
-        )
+    backend, targets, built_for = _build_target(options)
     onnx_path = confined(bundle_dir, manifest.graph.file)
     plan = BuildPlan(
         graph=manifest.graph,
         profiles=derive_profiles(manifest, _request(options)),
         compute_capabilities=targets,
         refit_weights=_refit_weights(manifest, onnx_path, options),
-        lora_plugin=_lora_plugin(manifest, options),
+        lora_plugin=_lora_plugin(manifest.mode, manifest.adapters, options),
     )
     graph_hash = onnx_sha256(onnx_path)
     key = cache_key(
@@ -192,23 +233,43 @@ def engine_stem(backend: TrtBackend, built_for: str | None, precision: str, plan
     return f"model_{flavour}{targets}_{precision}{suffix}"
 
 
+def _build_target(options: EngineOptions) -> tuple[TrtBackend, list[str], str | None]:
+    """The TensorRT flavour, its compute-capability targets and what the engine is built for."""
+    backend = select_backend(options.trt_backend)
+    targets = backend.compute_capabilities(list(options.compute_capability))
+    built_for = ",".join(targets) if backend.is_rtx else gpu_compute_capability()
+    if not backend.is_rtx and built_for is None:
+        raise ExportError(
+            "full TensorRT builds for the GPU it runs on and none is visible; build on the "
+            "target machine or use --trt-backend tensorrt-rtx (ahead of time, no GPU needed)"
+        )
+    return backend, targets, built_for
+
+
 def _request(options: EngineOptions) -> ProfileRequest:
     return ProfileRequest(
         batch=DimRange.parse(options.batch, "--batch"),
-        seq=DimRange.parse(options.seq, "--seq"),
-        past=DimRange.parse(options.past, "--past"),
+        seq=None if options.seq is None else DimRange.parse(options.seq, "--seq"),
+        past=None if options.past is None else DimRange.parse(options.past, "--past"),
         slots=options.slots,
     )
+
+
+_REFIT_MERGED_ONLY = (
+    "--refit applies to merged bundles; a runtime-mode engine swaps adapters through "
+    "its bank inputs without refitting: drop --refit"
+)
+_PLUGIN_BANKS_ONLY = (
+    "--lora-impl plugin applies to runtime-mode bundles with LoRA banks; this bundle "
+    "has none: drop the option"
+)
 
 
 def _refit_weights(manifest: Manifest, onnx_path: Path, options: EngineOptions) -> list[str]:
     if not options.refit:
         return []
     if manifest.mode != "merged":
-        raise ExportError(
-            "--refit applies to merged bundles; a runtime-mode engine swaps adapters through "
-            "its bank inputs without refitting: drop --refit"
-        )
+        raise ExportError(_REFIT_MERGED_ONLY)
     weights = refit.refittable_initializers(refit.refit_targets(onnx_path))
     if not weights:
         raise ExportError(
@@ -218,14 +279,11 @@ def _refit_weights(manifest: Manifest, onnx_path: Path, options: EngineOptions) 
     return weights
 
 
-def _lora_plugin(manifest: Manifest, options: EngineOptions) -> bool:
+def _lora_plugin(mode: str, layout: AdapterLayout, options: EngineOptions) -> bool:
     if options.lora_impl != "plugin":
         return False
-    if manifest.mode != "runtime" or not manifest.adapters.modules:
-        raise ExportError(
-            "--lora-impl plugin applies to runtime-mode bundles with LoRA banks; this bundle "
-            "has none: drop the option"
-        )
+    if mode != "runtime" or not layout.modules:
+        raise ExportError(_PLUGIN_BANKS_ONLY)
     return True
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft_export.bundle.manifest import GraphSpec, Manifest
+from peft_export.bundle.manifest import AdapterLayout, GraphSpec, Manifest
 from peft_export.exporter.errors import ExportError
 
 PREFILL = 0
@@ -51,31 +51,78 @@ class DimRange:
         return [self.min, self.opt, self.max]
 
 
+DEFAULT_BATCH = DimRange(1, 1, 8)
+DEFAULT_SEQ = DimRange(1, 128, 512)
+DEFAULT_PAST = DimRange(0, 256, 1024)
+
+
 @dataclass(frozen=True)
 class ProfileRequest:
-    batch: DimRange
-    seq: DimRange
-    past: DimRange
+    """The CLI's ranges; `seq` and `past` None: derived from the model's positions."""
+
+    batch: DimRange = DEFAULT_BATCH
+    seq: DimRange | None = None
+    past: DimRange | None = None
     slots: int | None = None
+
+
+def default_ranges(
+    request: ProfileRequest, positions: int | None, prompt_max_len: int = 0
+) -> tuple[DimRange, DimRange]:
+    """--seq and --past, the defaults filled in: 1:128:512 and 0:256:1024 where they fit,
+    else cut to the positions that are left (a third for prefill tokens, the rest for the
+    past, or whatever the range that was given leaves), so that a model with a short
+    context builds without options."""
+    seq, past = request.seq, request.past
+    if positions is None:
+        return seq or DEFAULT_SEQ, past or DEFAULT_PAST
+    room = positions - prompt_max_len
+    if seq is None:
+        seq = _cut(DEFAULT_SEQ, room - past.max if past else room // 3)
+    if past is None:
+        past = _cut(DEFAULT_PAST, room - seq.max)
+    return seq, past
+
+
+def _cut(default: DimRange, most: int) -> DimRange:
+    most = max(most, default.min)
+    if most >= default.max:
+        return default
+    return DimRange(default.min, min(default.opt, most), most)
 
 
 def derive_profiles(manifest: Manifest, request: ProfileRequest) -> list[Profile]:
     """Prefill and decode profiles for this bundle's graph (see module docstring)."""
-    layout = manifest.adapters
+    limit = manifest.generation.get("max_position_embeddings")
+    return plan_profiles(
+        manifest.adapters,
+        request,
+        positions=limit if isinstance(limit, int) else None,
+        banks=_uses(manifest.graph, "slots"),
+    )
+
+
+def plan_profiles(
+    layout: AdapterLayout, request: ProfileRequest, *, positions: int | None, banks: bool
+) -> list[Profile]:
+    """`derive_profiles` from the parts of a manifest it reads, so that `export` can check
+    the ranges against the planned layout before it exports a graph. `banks`: the graph
+    has inputs sized by "slots"."""
     if request.batch.min < 1:
         raise ExportError("--batch must start at 1 or more; a batch of 0 rows cannot run")
-    if request.seq.min < 1:
+    seq, past = default_ranges(request, positions, layout.prompt_max_len)
+    if seq.min < 1:
         raise ExportError("--seq must start at 1 or more; every step feeds at least one token")
-    past_max = max(request.past.max, layout.prefix_max_len)
+    past_max = max(past.max, layout.prefix_max_len)
     prefill: Profile = {
         "batch": request.batch.as_list(),
-        "seq": request.seq.as_list(),
+        "seq": seq.as_list(),
         "past": [0, min(layout.prefix_max_len, past_max), past_max],
     }
     decode: Profile = {
         "batch": request.batch.as_list(),
         "seq": [1, 1, 1],
-        "past": [request.past.min, request.past.opt, past_max],
+        "past": [past.min, past.opt, past_max],
     }
     if layout.prompt_max_len > 0:
         prefill["prompt_len"] = [0, layout.prompt_max_len, layout.prompt_max_len]
@@ -84,17 +131,16 @@ def derive_profiles(manifest: Manifest, request: ProfileRequest) -> list[Profile
         adaption = [1, layout.adaption_max_len, layout.adaption_max_len]
         prefill["adaption_len"] = decode["adaption_len"] = adaption
     slots = request.slots if request.slots is not None else layout.slots
-    if _uses(manifest.graph, "slots"):
+    if banks:
         if slots < 1:
             raise ExportError(
                 "the graph has adapter banks but the bundle declares no slots; pass --slots N"
             )
         prefill["slots"] = decode["slots"] = [slots, slots, slots]
-    limit = manifest.generation.get("max_position_embeddings")
-    total = request.seq.max + past_max + layout.prompt_max_len
-    if isinstance(limit, int) and total > limit:
+    total = seq.max + past_max + layout.prompt_max_len
+    if positions is not None and total > positions:
         raise ExportError(
-            f"--seq max + --past max ({total}) exceeds the model's {limit} positions; "
+            f"--seq max + --past max ({total}) exceeds the model's {positions} positions; "
             "lower --seq or --past"
         )
     return [prefill, decode]

@@ -32,7 +32,7 @@ from peft_export.exporter.prompt_adapters.convert import (
 )
 from peft_export.exporter.prompt_adapters.target import PromptTarget
 
-ADAPTION_BASE_FILE = names.adapter_file("_adaption_base")
+ADAPTION_BASE_FILE = names.adapter_file(names.ADAPTION_BASE)
 _KV_PROJECTIONS = (".self_attn.k_proj.", ".self_attn.v_proj.", ".attn.c_attn.")
 """Parameters holding each layer's key/value projections (Llama family; GPT-2's fused QKV)."""
 

@@ -40,8 +40,7 @@ from peft_export.exporter.runtime_adapters.convert import (
 )
 from peft_export.models.architectures import get_arch
 
-BASE_TARGETS = "_base_targets"
-BASE_TARGETS_FILE = names.adapter_file(BASE_TARGETS)
+BASE_TARGETS_FILE = names.adapter_file(names.BASE_TARGETS)
 ORT_ADAPTER_SUFFIX = ".onnx_adapter"
 _DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}
 
