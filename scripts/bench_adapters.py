@@ -1,12 +1,13 @@
 """Benchmark runtime-mode LoRA on SmolLM2 (CPU, fp32) and print one JSON object.
 
 All-linear LoRA, rank 16, random non-zero B. Measures, in one run with both sides (medians;
-the sides of (b) and (c) alternate within each repeat, in reverse order every other repeat,
-and their ratios are medians of the per-repeat ratios, so that drift of the machine's speed
-between repeats cancels). Each side of (b) and (c) is loaded as `--sessions` separate
-sessions, loaded in turns, and a repeat takes their mean: one session's decode speed depends
-on where its weights landed in memory (the same merged bundle loaded three times here: up to
-5% apart; reported as `*_sessions`), which would otherwise decide a ratio of two sessions.
+every session of (b) and (c) runs once untimed first, then the sides alternate within each
+repeat, in reverse order every other repeat, and their ratios are medians of the
+per-repeat ratios, so that drift of the machine's speed between repeats cancels). Each
+side of (b) and (c) is loaded as `--sessions` separate sessions, loaded in turns, and a
+repeat takes their mean: one session's decode speed depends on where its weights landed in
+memory (the same merged bundle loaded three times here: up to 5% apart; reported as
+`*_sessions`), which would otherwise decide a ratio of two sessions.
 (a) swap latency of an adapter already in host memory (slot write; and a resident switch),
 (b) decode step time runtime-LoRA / merged, (c) 8 rows with 8 adapters vs 8 rows of one
 merged adapter and vs the 8 adapters one after another, (d) `adapters add` vs a full export.
