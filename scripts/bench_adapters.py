@@ -1,12 +1,13 @@
 """Benchmark runtime-mode LoRA on SmolLM2 (CPU, fp32) and print one JSON object.
 
 All-linear LoRA, rank 16, random non-zero B. Measures, in one run with both sides (medians;
-the sides of (b) and (c) alternate within each repeat, in reverse order every other repeat,
-and their ratios are medians of the per-repeat ratios, so that drift of the machine's speed
-between repeats cancels). Each side of (b) and (c) is loaded as `--sessions` separate
-sessions, loaded in turns, and a repeat takes their mean: one session's decode speed depends
-on where its weights landed in memory (the same merged bundle loaded three times here: up to
-5% apart; reported as `*_sessions`), which would otherwise decide a ratio of two sessions.
+every session of (b) and (c) runs once untimed first, then the sides alternate within each
+repeat, in reverse order every other repeat, and their ratios are medians of the
+per-repeat ratios, so that drift of the machine's speed between repeats cancels). Each
+side of (b) and (c) is loaded as `--sessions` separate sessions, loaded in turns, and a
+repeat takes their mean: one session's decode speed depends on where its weights landed in
+memory (the same merged bundle loaded three times here: up to 5% apart; reported as
+`*_sessions`), which would otherwise decide a ratio of two sessions.
 (a) swap latency of an adapter already in host memory (slot write; and a resident switch),
 (b) decode step time runtime-LoRA / merged, (c) 8 rows with 8 adapters vs 8 rows of one
 merged adapter and vs the 8 adapters one after another, (d) `adapters add` vs a full export.
@@ -15,6 +16,11 @@ MultiLoRA runs the CPU kernel when libpeft_multilora_ort.so is built (plugins/mu
 (b) and (c) then also measure the op's ONNX function body, in the same rounds.
 `--ort-fusions cpu` exports both bundles as `export --ort-fusions cpu` does (ONNX Runtime's
 fused ops; the MultiLoRA nodes stay), to measure what a CPU deployment would run.
+Every repeat of (b) and (c) also compares the sides' greedy ids (all fp32, so they must be
+equal; scripts/bench_checks.py): runtime LoRA (kernel and function body) vs the merged
+bundle, the batch of 8 vs the 8 one after another, every session vs its side's first; and
+adapter a0 must change the runtime bundle's ids at all. The JSON's "output_check" says what
+was compared; the exit status is 1 when anything differed.
 
     python scripts/bench_adapters.py [--workdir DIR [--reuse]] [--tokens 32] [--threads N]
                                      [--sessions 3] [--ort-fusions cpu]
@@ -23,13 +29,13 @@ fused ops; the MultiLoRA nodes stay), to measure what a CPU deployment would run
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_checks import Compare, OutputCheck, Sample, finish, rounds
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
@@ -57,17 +63,6 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def interleaved(sides: dict[str, list], repeats: int) -> dict[str, list[list[float]]]:
-    """Each side once per repeat (each of its sessions in turn), in reverse order every other
-    repeat: results[side][repeat][session]."""
-    results: dict[str, list[list[float]]] = {name: [] for name in sides}
-    for repeat in range(repeats):
-        order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
-        for name in order:
-            results[name].append([run() for run in sides[name]])
-    return results
 
 
 def ratio(results: dict[str, list[list[float]]], top: str, bottom: str) -> float:
@@ -156,6 +151,93 @@ def load_sessions(kinds: dict[str, tuple[Path, dict]], count: int) -> dict[str, 
     return loaded
 
 
+def generated(bundle, adapters, prompts, tokens: int):
+    return bundle.generate(prompts, adapters=adapters, max_new_tokens=tokens, ignore_eos=True)
+
+
+def step_sample(bundle, adapters, prompts, tokens: int) -> Sample:
+    """Seconds per decode step, and the ids."""
+    result = generated(bundle, adapters, prompts, tokens)
+    return Sample(result.decode_seconds / max(result.steps - 1, 1), result.token_ids)
+
+
+def rate_sample(bundle, adapters, prompts, tokens: int) -> Sample:
+    """Generated tokens per second (prefill included), and the ids."""
+    result = generated(bundle, adapters, prompts, tokens)
+    return Sample(
+        result.new_tokens / (result.prefill_seconds + result.decode_seconds), result.token_ids
+    )
+
+
+def serial_sample(bundle, names: list[str], tokens: int) -> Sample:
+    """Tokens per second of the adapters one request after another; the ids, a row each."""
+    start = time.perf_counter()
+    results = [generated(bundle, n, PROMPT, tokens) for n in names]
+    seconds = time.perf_counter() - start
+    return Sample(sum(r.new_tokens for r in results) / seconds, [r.token_ids[0] for r in results])
+
+
+def decode_sides(runtimes, merges, bodies, tokens: int) -> tuple[dict, list[Compare]]:
+    """(b): one row with adapter a0 through the runtime bundle (kernel, and function body
+    where the kernel is built) and through the bundle with a0 merged: the same ids."""
+
+    def each(bundles, adapters) -> list:
+        return [lambda b=b: step_sample(b, adapters, PROMPT, tokens) for b in bundles]
+
+    sides = {"runtime_lora": each(runtimes, "a0"), "merged": each(merges, None)}
+    compares = [Compare("runtime_lora", "merged")]
+    if bodies:
+        sides["runtime_lora_function_body"] = each(bodies, "a0")
+        compares.append(Compare("runtime_lora_function_body", "merged"))
+    return sides, compares
+
+
+def batch_sides(runtimes, merges, bodies, names: list[str], tokens: int) -> tuple[dict, list]:
+    """(c): one row per adapter in one batch vs the same rows one request after another
+    (the same ids), and vs a batch of the merged bundle (which serves names[0] only: its
+    first row equals the batch's)."""
+    prompts = [PROMPT] * len(names)
+
+    def each(bundles, measure) -> list:
+        return [lambda b=b: measure(b) for b in bundles]
+
+    sides = {
+        "8_adapters_one_batch": each(runtimes, lambda b: rate_sample(b, names, prompts, tokens)),
+        "1_merged_adapter_batch": each(merges, lambda b: rate_sample(b, None, prompts, tokens)),
+    }
+    compares = [
+        Compare("8_adapters_one_batch", "8_adapters_one_after_another"),
+        Compare("1_merged_adapter_batch", "8_adapters_one_batch", rows=1),
+    ]
+    if bodies:
+        sides["8_adapters_one_batch_function_body"] = each(
+            bodies, lambda b: rate_sample(b, names, prompts, tokens)
+        )
+        compares.append(
+            Compare("8_adapters_one_batch_function_body", "8_adapters_one_after_another")
+        )
+    sides["8_adapters_one_after_another"] = each(
+        runtimes, lambda b: serial_sample(b, names, tokens)
+    )
+    return sides, compares
+
+
+def new_check(runtime, tokens: int) -> OutputCheck:
+    """The run's output check, first making sure adapter a0 changes the runtime bundle's
+    ids (else a side that skipped it would still agree)."""
+    check = OutputCheck(
+        "greedy ids equal on every repeat (all sides fp32): runtime LoRA (kernel and function "
+        "body) vs the merged bundle, one batch vs one request per adapter, and every session "
+        "of a side vs its first"
+    )
+    check.differs(
+        "adapter a0 changes the runtime bundle's ids",
+        generated(runtime, "a0", PROMPT, tokens).token_ids,
+        generated(runtime, None, PROMPT, tokens).token_ids,
+    )
+    return check
+
+
 def main() -> None:
     from peft_export.runtime.adapters_provider import LoraBankProvider
 
@@ -201,54 +283,11 @@ def main() -> None:
         store.release(store.acquire([n]))
     switch_ms = [1e3 * timed(lambda n=n: store.release(store.acquire([n]))) for n in names * 5]
 
-    def decode_step_s(bundle, adapters, prompts) -> tuple[float, float]:
-        result = bundle.generate(
-            prompts, adapters=adapters, max_new_tokens=args.tokens, ignore_eos=True
-        )
-        return result.decode_seconds / max(result.steps - 1, 1), result.new_tokens / (
-            result.prefill_seconds + result.decode_seconds
-        )
-
-    def each(bundles, measure) -> list:
-        return [lambda b=b: measure(b) for b in bundles]
-
-    sides = {
-        "runtime_lora": each(runtimes, lambda b: decode_step_s(b, "a0", PROMPT)[0]),
-        "merged": each(merges, lambda b: decode_step_s(b, None, PROMPT)[0]),
-    }
-    if bodies:
-        sides["runtime_lora_function_body"] = each(
-            bodies, lambda b: decode_step_s(b, "a0", PROMPT)[0]
-        )
-    for runs in sides.values():
-        for run in runs:
-            run()
-    steps = interleaved(sides, repeats=7)
-
-    def serial(bundle) -> float:
-        start = time.perf_counter()
-        tokens = sum(
-            bundle.generate(
-                PROMPT, adapters=n, max_new_tokens=args.tokens, ignore_eos=True
-            ).new_tokens
-            for n in names
-        )
-        return tokens / (time.perf_counter() - start)
-
-    batch = {
-        "8_adapters_one_batch": each(
-            runtimes, lambda b: decode_step_s(b, names, [PROMPT] * ADAPTERS)[1]
-        ),
-        "1_merged_adapter_batch": each(
-            merges, lambda b: decode_step_s(b, None, [PROMPT] * ADAPTERS)[1]
-        ),
-    }
-    if bodies:
-        batch["8_adapters_one_batch_function_body"] = each(
-            bodies, lambda b: decode_step_s(b, names, [PROMPT] * ADAPTERS)[1]
-        )
-    batch["8_adapters_one_after_another"] = each(runtimes, serial)
-    rounds = interleaved(batch, repeats=5)
+    check = new_check(runtime, args.tokens)
+    sides, compares = decode_sides(runtimes, merges, bodies, args.tokens)
+    steps = rounds(sides, 7, check, compares, case="b")
+    sides, compares = batch_sides(runtimes, merges, bodies, names, args.tokens)
+    batch = rounds(sides, 5, check, compares, case="c")
     report = {
         "model": "smollm2-135m",
         "precision": "fp32",
@@ -276,15 +315,13 @@ def main() -> None:
             "goal": 1.10,
         },
         "c_batch8_tokens_per_s": {
-            **summary(rounds),
-            "ratio_vs_merged": ratio(rounds, "8_adapters_one_batch", "1_merged_adapter_batch"),
-            "ratio_vs_serial": ratio(
-                rounds, "8_adapters_one_batch", "8_adapters_one_after_another"
-            ),
+            **summary(batch),
+            "ratio_vs_merged": ratio(batch, "8_adapters_one_batch", "1_merged_adapter_batch"),
+            "ratio_vs_serial": ratio(batch, "8_adapters_one_batch", "8_adapters_one_after_another"),
             **(
                 {
                     "ratio_vs_merged_function_body": ratio(
-                        rounds, "8_adapters_one_batch_function_body", "1_merged_adapter_batch"
+                        batch, "8_adapters_one_batch_function_body", "1_merged_adapter_batch"
                     )
                 }
                 if bodies
@@ -294,7 +331,7 @@ def main() -> None:
         },
         "d_add_vs_export_s": exports,
     }
-    print(json.dumps(report, indent=2, default=str))
+    raise SystemExit(finish(report, check))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ SmolLM2-135M + a LoRA (models/examples/pirate when it exists, else a seeded rand
 q_proj/v_proj, rank 8), 64 new tokens, batch 1 and 8, every side measured in this one run
 (median of repeats), denormals flushed on every side. Ours twice: the portable graph (the
 default export, what TensorRT builds) and `--ort-fusions cpu` (ONNX Runtime contrib ops).
-Prints one JSON object.
+Every side decodes all new tokens (EOS is picked like any token and decoding goes on), and
+on every repeat each side's greedy ids must equal PyTorch/PEFT unmerged's, all of them (all
+sides are fp32; scripts/bench_checks.py), and the adapter must change PyTorch's ids at all.
+Prints one JSON object, with the check under "output_check"; exit status 1 if it failed.
 
     python scripts/bench_generate.py            # full: also transformers' exporter (~5 min)
     python scripts/bench_generate.py --quick    # 1 repeat, no transformers exporter
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import statistics
 import sys
@@ -23,6 +25,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from bench_checks import Compare, OutputCheck, Sample, finish, rounds
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_ADAPTER = REPO / "models" / "examples" / "pirate"
@@ -55,11 +59,13 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="peft-export-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(sys.stderr):  # exporters print progress; keep stdout JSON
-        report = run(args, repeats, batches, workdir)
-    print(json.dumps(report, indent=2))
+        report, check = run(args, repeats, batches, workdir)
+    sys.exit(finish(report, check))
 
 
-def run(args: argparse.Namespace, repeats: int, batches: list[int], workdir: Path) -> dict:
+def run(
+    args: argparse.Namespace, repeats: int, batches: list[int], workdir: Path
+) -> tuple[dict, OutputCheck]:
     import torch
     from peft import PeftModel
 
@@ -126,8 +132,8 @@ def run(args: argparse.Namespace, repeats: int, batches: list[int], workdir: Pat
                 out = model.generate(
                     **enc,
                     max_new_tokens=new,
-                    min_new_tokens=new,
                     do_sample=False,
+                    eos_token_id=[],  # no stop: EOS is decoded on, as ignore_eos does
                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                 )
             return out[:, enc["input_ids"].shape[1] :].tolist()
@@ -160,29 +166,50 @@ def run(args: argparse.Namespace, repeats: int, batches: list[int], workdir: Pat
             "fixed batch 1: batch 8 runs the 8 prompts one after another"
         )
 
+    check = OutputCheck(
+        "greedy ids of every side equal torch_peft_unmerged's, all new tokens of every row, "
+        "on every repeat and batch (all sides fp32); the adapter changes PyTorch's ids"
+    )
+    with peft_model.disable_adapter():
+        without = torch_side(peft_model)(1)
+    check.differs(
+        "the adapter changes torch_peft_unmerged's ids", sides["torch_peft_unmerged"](1), without
+    )
     for generate in sides.values():
         generate(1)  # warm-up (session arenas, torch kernels)
-    times, outputs = _round_robin(sides, batches, repeats)
+    compares = [
+        Compare(name, "torch_peft_unmerged") for name in sides if name != "torch_peft_unmerged"
+    ]
+    times: dict[str, dict[int, list[float]]] = {name: {} for name in sides}
+    for batch in batches:
+        timed = {name: [_timed(generate, batch)] for name, generate in sides.items()}
+        seconds = rounds(timed, repeats, check, compares, case=f"batch {batch}", warmup=False)
+        for name, runs in seconds.items():
+            times[name][batch] = [r[0] for r in runs]
     for name in sides:
         report["tokens_per_second"][name] = {
             str(b): round(b * new / statistics.median(times[name][b]), 2) for b in batches
         }
         print(f"{name}: {report['tokens_per_second'][name]}", file=sys.stderr)
     report["timing"] = (
-        "repeats interleaved round-robin over the sides, so a slow spell of the machine "
-        "hits every side alike; median per side"
+        "per batch, repeats interleaved over the sides (in reverse order every other "
+        "repeat), so a slow spell of the machine hits every side alike; median per side"
     )
-
-    eos = set(bundle.manifest.tokenizer.eos_token_ids)
-    reference = outputs["torch_merged"]
-    report["greedy_ids_equal_torch_merged_up_to_eos"] = {
-        name: {str(b): _agree_before_eos(outputs[name][b], reference[b], eos) for b in batches}
-        for name in outputs
-    }
     report["ratios"] = _ratios(report["tokens_per_second"], batches)
     report["bundle_dir"] = str(bundle_dir)
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    return report
+    return report, check
+
+
+def _timed(generate: Callable[[int], list[list[int]]], batch: int) -> Callable[[], Sample]:
+    """One run of a side at `batch`: its seconds and greedy ids."""
+
+    def run() -> Sample:
+        start = time.perf_counter()
+        ids = generate(batch)
+        return Sample(time.perf_counter() - start, ids)
+
+    return run
 
 
 def _adapter(model, workdir: Path) -> tuple[Path, str]:
@@ -299,35 +326,6 @@ def _transformers_onnx(merged, prompt_ids, threads: int, new: int, workdir: Path
         return [plain(ids) for ids in prompt_ids[:batch]]
 
     return generate, generate_plain, seconds
-
-
-def _agree_before_eos(rows: list[list[int]], reference: list[list[int]], eos: set[int]) -> bool:
-    """Rows equal up to the first EOS of either: PyTorch's min_new_tokens forbids EOS, while
-    ours (ignore_eos) may pick it and go on, so later tokens legitimately differ."""
-
-    def first_eos(row: list[int]) -> int:
-        return next((i for i, t in enumerate(row) if t in eos), len(row))
-
-    for row, ref in zip(rows, reference, strict=True):
-        n = min(first_eos(row), first_eos(ref))
-        if row[:n] != ref[:n]:
-            return False
-    return True
-
-
-def _round_robin(
-    sides: dict[str, Callable[[int], list[list[int]]]], batches: list[int], repeats: int
-) -> tuple[dict[str, dict[int, list[float]]], dict[str, dict[int, list[list[int]]]]]:
-    """Seconds of every repeat and the last outputs, per side and batch."""
-    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in sides}
-    outputs: dict[str, dict[int, list[list[int]]]] = {n: {} for n in sides}
-    for _ in range(repeats):
-        for batch in batches:
-            for name, generate in sides.items():
-                start = time.perf_counter()
-                outputs[name][batch] = generate(batch)
-                times[name][batch].append(time.perf_counter() - start)
-    return times, outputs
 
 
 def _ratios(tps: dict[str, dict[str, float]], batches: list[int]) -> dict:
