@@ -126,7 +126,7 @@ def test_refused_adapters_leave_the_bundle_unchanged(small, case, match):
         source = make_adapter(base, "ia3", tmp, name="ia3", **qv, feedforward_modules=[])
     before = _snapshot(bundle)
     with pytest.raises(ExportError, match=match):
-        add_adapter(bundle, case, source)
+        add_adapter(bundle, f"new-{case}", source)
     assert _snapshot(bundle) == before
 
 
