@@ -96,18 +96,22 @@ def export_onnx(
             extension.finalize_onnx(model)
         onnx.save(model, str(path))
     with _status(console, "checking the graph (onnx.checker, shape inference)"):
-        try:
-            onnx.checker.check_model(str(path), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(
-                f"the exported graph fails onnx.checker ({str(exc).splitlines()[0]:.300}); "
-                "report this with the model and adapter used"
-            ) from exc
+        check_graph(path, "the exported graph", "report this with the model and adapter used")
     return GraphSpec(
         file=path.name,
         inputs=_specs(model.graph.input),
         outputs=_specs(model.graph.output),
     )
+
+
+def check_graph(path: Path, what: str, fix: str) -> None:
+    """onnx.checker's full check (shape inference included), as one ExportError line."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(
+            f"{what} fails onnx.checker ({str(exc).splitlines()[0]:.300}); {fix}"
+        ) from exc
 
 
 def _name_dims(values, ios: list[GraphIO]) -> None:
