@@ -88,6 +88,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/peft-export-peers"))
     parser.add_argument("--setup-only", action="store_true", help="install/build/convert only")
+    parser.add_argument(
+        "--reuse-exports",
+        action="store_true",
+        help="keep our bundles made by the same export command with older exporter code",
+    )
     args = parser.parse_args()
     sides = select_sides(args.sides)
     args.workdir = args.workdir.resolve()
@@ -142,9 +147,9 @@ def run(args: argparse.Namespace, names: list[str]) -> dict:
     specs = set_up(names, args, checkpoint, report)
     report["setup_s"] = round(time.perf_counter() - started, 1)
     if args.setup_only:
-        report["sides"] = {
-            name: {"status": "set up", **describe(spec)} for name, spec in specs.items()
-        }
+        for name, spec in specs.items():
+            report["sides"][name] = {"status": "set up", **describe(spec)}
+        report["wall_s"] = report["setup_s"]
         return report
     workers = start_workers(specs, args, prompt_ids, ftz_lib, report)
     runs = round_robin(workers, args.repeats, report)
@@ -155,6 +160,14 @@ def run(args: argparse.Namespace, names: list[str]) -> dict:
     summarize(report, runs, args.tokens)
     check(report, runs)
     add_ratios(report, runs)
+    unflushed = [
+        n for n, e in report["sides"].items() if e.get("denormals", {}).get("flushed") is False
+    ]
+    report["denormals"] = (
+        f"not flushed on {', '.join(unflushed)} (see their 'denormals')"
+        if unflushed
+        else "flushed on every side; each side's 'denormals' says how"
+    )
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = round(time.perf_counter() - started, 1)
     return report
@@ -196,7 +209,9 @@ def set_up(names: list[str], args, checkpoint: Path, report: dict) -> dict[str, 
         begin = time.perf_counter()
         try:
             if setup_ours.is_ours(name):
-                spec = setup_ours.setup(name, args.workdir, EXAMPLE_ADAPTER, args.threads)
+                spec = setup_ours.setup(
+                    name, args.workdir, EXAMPLE_ADAPTER, args.threads, args.reuse_exports
+                )
             elif name == "torch_peft_fp32":
                 spec = setup_ours.setup_torch(
                     args.workdir, checkpoint, EXAMPLE_ADAPTER, args.threads
@@ -324,8 +339,11 @@ def start_workers(specs, args, prompt_ids, ftz_lib, report) -> dict[str, Worker]
             "load_to_first_token_s": round(ready["load_to_first_token_s"], 3),
         }
         entry["denormals"] = {
-            "runtime": ready["info"].pop("denormals", "not stated"),
-            "worker_main_thread": ready["denormals_main_thread"],
+            "flushed": not (spec.ftz and ftz_lib is None),
+            "how": ready["info"].pop("denormals", "not stated"),
+            "worker_main_thread": ready["denormals_main_thread"]
+            if not (spec.ftz and ftz_lib is None)
+            else "could not: no C compiler to build scripts/peers/ftz.c",
         }
         entry["info"] = ready["info"]
     return workers
@@ -341,6 +359,8 @@ def round_robin(workers: dict[str, Worker], repeats: int, report: dict) -> dict[
                 continue
             try:
                 runs[name].append(workers[name].ask("generate"))
+                speed = runs[name][-1]["decode_tokens_per_s"] or 0.0
+                print(f"[bench_peers] {repeat + 1} {name}: {speed:.1f} tok/s", file=sys.stderr)
             except WorkerFailed as exc:
                 fail(report, name, f"repeat {repeat + 1}: {exc}")
                 del runs[name]

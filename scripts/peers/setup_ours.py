@@ -2,33 +2,37 @@
 PyTorch + PEFT reference (nothing to build). Both run in the project's own interpreter.
 
 Side names: ours_{merged|runtime}_{fp32|int8|int4}[_fused] -> `export --mode merged|runtime
-[--quantize int8|int4] [--ort-fusions cpu]`. A bundle is re-exported when the command or the
-project's code (git HEAD plus uncommitted changes of the checkout `peft_export` is imported
-from, which PYTHONPATH may point at) differs from the one it was made with. Quantized sides
-are skipped, not failed, while the CLI has no --quantize.
+[--quantize int8|int4] [--ort-fusions cpu]`. A bundle is re-exported when the command differs
+from the one it was made with, or the exporter's code does (the git trees of the export-time
+folders plus their uncommitted changes, in the checkout `peft_export` is imported from, which
+PYTHONPATH may point at); `reuse=True` (--reuse-exports) keeps a bundle made by the same
+command with other code and says so. Quantized sides are skipped, not failed, while the CLI
+has no --quantize.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-from setup_common import SetupError, SideSkipped, SideSpec, run_logged, stamp_matches, write_stamp
+from setup_common import SetupError, SideSkipped, SideSpec, run_logged, write_stamp
 
 NAME = re.compile(r"^ours_(merged|runtime)_(fp32|int8|int4)(_fused)?$")
 CLI = [sys.executable, "-c", "from peft_export.exporter.cli import main; main()"]
-SOURCE_DIRS = ["exporter", "bundle", "models", "runtime", "plugins", "peft_export"]
+EXPORT_DIRS = ["exporter", "bundle", "models", "plugins", "peft_export"]
+"""What a bundle's contents depend on (runtime/ is not baked into bundles)."""
 
 
 def is_ours(name: str) -> bool:
     return NAME.match(name) is not None
 
 
-def setup(name: str, workdir: Path, adapter: Path, threads: int) -> SideSpec:
+def setup(name: str, workdir: Path, adapter: Path, threads: int, reuse: bool = False) -> SideSpec:
     match = NAME.match(name)
     if match is None:
         raise SetupError(f"unknown side {name!r}")
@@ -41,12 +45,17 @@ def setup(name: str, workdir: Path, adapter: Path, threads: int) -> SideSpec:
             raise SideSkipped("--quantize not available")
         args += ["--quantize", precision]
     out = workdir / "ours" / name
-    key = " ".join(args) + " " + code_version()
-    if not stamp_matches(out, key):
+    code = code_version()
+    made = _made_with(out)
+    if made.get("args") != args or (made.get("code") != code and not reuse):
         run_logged(
             [*CLI, "export", *args, "--out", out, "--force"], workdir / "ours" / "export.log"
         )
-        write_stamp(out, key)
+        made = {"args": args, "code": code}
+        write_stamp(out, json.dumps(made))
+    exported_with = f"{package_repo()} exporter code {made['code']}"
+    if made["code"] != code:
+        exported_with += f" (reused; the checkout's is now {code})"
     return SideSpec(
         name=name,
         peer="peft-export",
@@ -61,7 +70,7 @@ def setup(name: str, workdir: Path, adapter: Path, threads: int) -> SideSpec:
         files=[out],
         settings={
             "build": "peft-export export " + " ".join(args).replace(str(adapter), "…"),
-            "code": f"{package_repo()} @ {code_version()}",
+            "exported_with": exported_with,
         },
         env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
     )
@@ -94,16 +103,24 @@ def package_repo() -> Path:
     return Path(peft_export.__file__).resolve().parents[1]
 
 
+def _made_with(out: Path) -> dict:
+    stamp = out / ".peers-stamp"
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def code_version() -> str:
-    """HEAD plus a digest of uncommitted changes to the package's sources."""
+    """The git trees of the export-time folders plus a digest of their uncommitted changes:
+    commits elsewhere (docs, tests, the runtime) do not force a re-export."""
 
     def git(*args: str) -> str:
         repo = str(package_repo())
         done = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True)
         return done.stdout if done.returncode == 0 else ""
 
-    head = git("rev-parse", "HEAD").strip() or "no-git"
-    dirty = git("diff", "HEAD", "--", *SOURCE_DIRS)
-    untracked = git("ls-files", "--others", "--exclude-standard", "--", *SOURCE_DIRS)
-    digest = hashlib.sha256((dirty + untracked).encode()).hexdigest()[:12]
-    return f"{head}+{digest}"
+    trees = git("rev-parse", *(f"HEAD:{folder}" for folder in EXPORT_DIRS)) or "no-git"
+    dirty = git("diff", "HEAD", "--", *EXPORT_DIRS)
+    untracked = git("ls-files", "--others", "--exclude-standard", "--", *EXPORT_DIRS)
+    return hashlib.sha256((trees + dirty + untracked).encode()).hexdigest()[:16]

@@ -105,7 +105,7 @@ def memory_stats() -> dict:
 def flush_denormals(library: str | None) -> str:
     """Set FTZ/DAZ in this (main) thread; threads the runtime creates later inherit it."""
     if not library:
-        return "not set by the worker (the side sets it itself, or no helper was built)"
+        return "not touched by the worker (the runtime's own setting applies)"
     lib = ctypes.CDLL(library)
     lib.peers_flush_denormals.restype = ctypes.c_uint
     mxcsr = lib.peers_flush_denormals()
