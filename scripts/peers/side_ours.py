@@ -36,11 +36,18 @@ class Runner:
 
     def info(self) -> dict:
         manifest = self.bundle.manifest
+        quantization = getattr(manifest, "quantization", None)
         return {
             "peft_export": __version__,
             "onnxruntime": onnxruntime.__version__,
             "mode": manifest.mode,
             "precision": manifest.precision,
+            "quantization": None
+            if quantization is None
+            else {
+                key: getattr(quantization, key, None)
+                for key in ("bits", "block_size", "format", "accuracy_level")
+            },
             "denormals": "ONNX Runtime session.set_denormal_as_zero=1 (OrtOptions default)",
             "huge_pages": "weights collapsed onto 2 MiB pages after load (OrtOptions default)",
         }
