@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Build llama.cpp from the llama-cpp-python sdist (it vendors llama.cpp, its converters and
+# gguf-py) and install the binding against that build, all under WORKDIR/llama.cpp.
+#
+# Why the sdist: it is the one llama.cpp source PyPI serves. Why a separate native build: the
+# binding's own build compiles everything in one pip call (no progress, no reuse); building the
+# library once with cmake and pointing the binding at it (LLAMA_CPP_LIB_PATH) lets reruns and
+# the converters reuse it. Idempotent: each finished step leaves a marker and is skipped next
+# time. Takes ~10 minutes on 2 cores the first time; run it in the background and poll the log.
+#
+#     scripts/peers/setup_llama_cpp.sh WORKDIR          # prints the folder with libllama.so
+set -euo pipefail
+
+WORKDIR=${1:?usage: setup_llama_cpp.sh WORKDIR}
+VERSION=0.3.36
+PYTHON=${PYTHON:-python3}
+ROOT="$WORKDIR/llama.cpp"
+SRC="$ROOT/llama_cpp_python-$VERSION"
+BUILD="$ROOT/build"
+VENV="$ROOT/venv"
+mkdir -p "$ROOT"
+
+if [ ! -f "$ROOT/.fetched" ]; then
+    "$PYTHON" -m pip download --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d "$ROOT" >&2
+    tar xzf "$ROOT/llama_cpp_python-$VERSION.tar.gz" -C "$ROOT"
+    touch "$ROOT/.fetched"
+fi
+
+if [ ! -f "$ROOT/.built" ]; then
+    # Only the library and llama-quantize (Q4_0 has no Python converter); native CPU flags.
+    cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+        -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON >&2
+    cmake --build "$BUILD" --target llama llama-quantize -j "$(nproc)" >&2
+    touch "$ROOT/.built"
+fi
+
+if [ ! -f "$ROOT/.bound" ]; then
+    # Own virtualenv: the binding's pins must not touch the project's environment. System
+    # site-packages stay visible (numpy; torch and transformers for the converters).
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" \
+        "$VENV/bin/python" -m pip install --no-build-isolation "$SRC" >&2 ||
+        CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" \
+            "$VENV/bin/python" -m pip install "$SRC" >&2
+    # The converters' own needs (convert_hf_to_gguf.py imports sentencepiece unconditionally).
+    "$VENV/bin/python" -m pip install sentencepiece protobuf >&2
+    LLAMA_CPP_LIB_PATH="$BUILD/bin" "$VENV/bin/python" -c "import llama_cpp" >&2
+    touch "$ROOT/.bound"
+fi
+
+echo "$BUILD/bin"
