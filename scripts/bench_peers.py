@@ -57,6 +57,7 @@ OURS_DEFAULT = [
     "ours_merged_fp32_fused",
     "ours_runtime_int8_fused",
     "ours_runtime_int4_fused",
+    "ours_merged_int4_fused",
 ]
 PEERS = [
     "torch_peft_fp32",
@@ -161,6 +162,7 @@ def run(args: argparse.Namespace, names: list[str]) -> dict:
     summarize(report, runs, args.tokens)
     check(report, runs)
     add_ratios(report, runs)
+    add_goals(report, runs)
     unflushed = [
         n for n, e in report["sides"].items() if e.get("denormals", {}).get("flushed") is False
     ]
@@ -464,6 +466,74 @@ def add_ratios(report: dict, runs: dict[str, list[dict]]) -> None:
                 row[peer] = round(statistics.median(values), 2)
         ratios[ours] = row
     report["decode_speed_ratio_ours_vs_peer"] = ratios
+
+
+def add_goals(report: dict, runs: dict[str, list[dict]]) -> None:
+    """The issue's goals, each with the numbers it rests on (None: a side it needs is absent).
+
+    Per weight precision: our fastest side against the fastest peer (median decode tok/s),
+    our lowest peak RSS and load-to-first-token against the best peer's; our runtime-LoRA int4
+    decode step against our merged int4 step (median of per-round ratios); the int4 bundle's
+    bytes against the fp32 bundle's."""
+    sides = {n: e for n, e in report["sides"].items() if e.get("decode_tokens_per_s")}
+    goals: dict = {}
+    for precision in ("fp32", "int8", "int4"):
+        ours = {
+            n: e for n, e in sides.items() if n.startswith("ours_") and e["precision"] == precision
+        }
+        peers = {
+            n: e
+            for n, e in sides.items()
+            if not n.startswith("ours_") and n != "torch_peft_fp32" and e["precision"] == precision
+        }
+        if not ours or not peers:
+            goals[precision] = None
+            continue
+        fastest_ours = max(ours, key=lambda n: ours[n]["decode_tokens_per_s"])
+        fastest_peer = max(peers, key=lambda n: peers[n]["decode_tokens_per_s"])
+        speed = (
+            ours[fastest_ours]["decode_tokens_per_s"] / peers[fastest_peer]["decode_tokens_per_s"]
+        )
+        rss = min(e.get("peak_rss_mb", float("inf")) for e in ours.values())
+        peer_rss = min(e.get("peak_rss_mb", float("inf")) for e in peers.values())
+        load = min(e["load"]["load_to_first_token_s"] for e in ours.values())
+        peer_load = min(e["load"]["load_to_first_token_s"] for e in peers.values())
+        goals[precision] = {
+            "speed_vs_fastest_peer": {
+                "ours": fastest_ours,
+                "peer": fastest_peer,
+                "ratio": round(speed, 3),
+                "met": speed >= 1.0,
+            },
+            "peak_rss_mb": {"ours": rss, "best_peer": peer_rss, "met": rss <= peer_rss},
+            "load_to_first_token_s": {
+                "ours": load,
+                "best_peer": peer_load,
+                "met": load <= peer_load,
+            },
+        }
+    pair = ("ours_runtime_int4_fused", "ours_merged_int4_fused")
+    if all(n in runs for n in pair):
+        steps = [
+            b["decode_tokens_per_s"] / a["decode_tokens_per_s"]
+            for a, b in zip(runs[pair[0]][1:], runs[pair[1]][1:], strict=False)
+            if a["decode_tokens_per_s"] and b["decode_tokens_per_s"]
+        ]
+        ratio = statistics.median(steps) if steps else None
+        goals["runtime_int4_step_over_merged_int4_step"] = {
+            "ratio": round(ratio, 3) if ratio else None,
+            "goal": 1.15,
+            "met": bool(ratio and ratio <= 1.15),
+        }
+    int4 = report["sides"].get("ours_runtime_int4_fused", {}).get("model_bytes")
+    fp32 = report["sides"].get("ours_runtime_fp32_fused", {}).get("model_bytes")
+    if int4 and fp32:
+        goals["int4_bytes_over_fp32_bytes"] = {
+            "ratio": round(int4 / fp32, 3),
+            "goal": 0.3,
+            "met": int4 / fp32 <= 0.3,
+        }
+    report["goals"] = goals
 
 
 if __name__ == "__main__":
