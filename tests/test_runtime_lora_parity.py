@@ -150,3 +150,25 @@ def test_slot_zero_is_the_base_model(runtime_bundle):
     with torch.no_grad():
         want = base(torch.tensor(PROMPT)).logits.numpy()
     assert np.abs(graph.step(np.array(PROMPT)) - want).max() <= TOL
+
+
+def test_default_in_scale_covers_feed_forward_modules_and_the_adapters_given(tmp_path):
+    """By default IA3's input scale exists on the architecture's feed-forward modules (as in
+    PEFT's default IA3 config) and where an exported IA3 adapter scales inputs, not on every
+    module; an IA3 adapter added later that scales another module's input is refused."""
+    from peft_export.exporter.errors import ExportError
+    from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
+
+    base = tiny_model("llama")
+    given = make_adapter(base, "ia3", tmp_path, name="up", seed=40, feedforward_modules=["up_proj"])
+    lora = make_adapter(base, "lora", tmp_path, seed=41)
+    bundle = lora_bundle(base, tmp_path / "b", "up", {"up": given, "lora": lora}, slots=3)
+    manifest = load_manifest(bundle)
+    scaled = {t.name.split(".")[-2] for t in manifest.graph.inputs if t.name.endswith("in_scale")}
+    assert scaled == {"up_proj", "down_proj"}
+    store = AdapterStore(bundle, manifest)
+    _assert_matches_merged_peft(bundle, store, base, "up", given)
+    _assert_matches_merged_peft(bundle, store, base, "lora", lora)
+    later = make_adapter(base, "ia3", tmp_path, name="o", seed=42, feedforward_modules=["o_proj"])
+    with pytest.raises(ExportError, match=r"o_proj\.in_scale, .*--methods including ia3"):
+        add_adapter(bundle, "o", later)
