@@ -75,6 +75,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             bundle.generate([PROMPT], adapters=["pirate"], max_new_tokens=4)  # warm-up
             sessions[name].append(bundle)
     times: dict[str, list[float]] = {name: [] for name in SIDES}
+    by_session: dict[int, list[float]] = {i: [] for i in range(args.sessions)}
     order = list(SIDES)
     load_start = os.getloadavg()
     start = time.perf_counter()
@@ -85,6 +86,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         )
         for name in order:
             times[name].extend(ms[name])
+        pairs = zip(ms["default"], ms["methods_lora"], strict=True)
+        by_session[repeat % args.sessions].extend(s / b for s, b in pairs)
     ratios = [s / b for s, b in zip(times["default"], times["methods_lora"], strict=True)]
     return {
         "model": "smollm2-135m + models/examples/pirate (LoRA r8 on q_proj, v_proj)",
@@ -101,6 +104,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                 statistics.median(times["default"]) / statistics.median(times["methods_lora"]), 4
             ),
             "quartiles_of_per_step_ratios": [round(q, 4) for q in statistics.quantiles(ratios)],
+            "median_per_session_pair": [
+                round(statistics.median(r), 4) for r in by_session.values() if r
+            ],
         },
         "same_greedy_ids": ids["default"] == ids["methods_lora"],
         "seconds": round(time.perf_counter() - start, 1),

@@ -291,12 +291,13 @@ void run_phase(const Parallel& parallel, size_t tasks, int64_t macs, void (*fn)(
   for (size_t i = 0; i < tasks; ++i) fn(&plan, i);
 }
 
-// True when scale[0, n) is all ones: the row keeps its values.
+// True when scale[0, n) is all ones: the row keeps its values. Branch-free, so that it
+// vectorizes: with an early exit it took longer than the multiplication it saves.
 bool all_ones(const float* scale, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    if (scale[i] != 1.0f) return false;
-  }
-  return true;
+  int differ = 0;
+#pragma omp simd reduction(| : differ)
+  for (int64_t i = 0; i < n; ++i) differ |= static_cast<int>(scale[i] != 1.0f);
+  return differ == 0;
 }
 
 }  // namespace
