@@ -29,6 +29,11 @@ MULTILORA_ADD_MAX_MODULES = 8
 """The CPU kernel library registers MultiLoRAAdd1..8 (plugins/multilora/multiLoRAOrtOp.cpp)."""
 
 
+SLOT_SCALE_OP = "SlotScale"
+"""y = x * scale[adapter_ids]: the DoRA/IA3 per-row scales of runtime bundles (same domain and
+version as MultiLoRA; docs/bundle-format.md)."""
+
+
 def multilora_add_op(modules: int) -> str:
     return f"{MULTILORA_ADD_OP}{modules}"
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from peft_export.bundle import names, safetensors_io
 from peft_export.bundle.errors import BundleError
+from peft_export.bundle.lora_methods import LORA_METHODS, SCALE_PARTS
 from peft_export.bundle.manifest import Manifest, load_manifest
 from peft_export.bundle.paths import confined
 from peft_export.plugins.host_copy import region_copier
@@ -41,7 +42,6 @@ from peft_export.runtime import host_memory
 from peft_export.runtime.backends.base import HostBuffer, TensorView
 from peft_export.runtime.errors import InferenceError
 
-LORA_METHODS = ("lora", "rslora", "dora", "adalora", "loha", "lokr", "ia3")
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 _FILE_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
 DEFAULT_WAIT_S = 60.0
@@ -149,19 +149,24 @@ def _check_header(path, header, manifest, name, dtype, specs) -> None:
     if not meta.get("rank", "0").isdigit():
         raise BundleError(f"{path}: metadata rank {meta['rank']!r:.20} is not a count; re-add it")
     method = meta.get("method")
-    if method not in manifest.adapters.methods:
+    if method not in LORA_METHODS:
         raise BundleError(
-            f"{path}: adapter method {method!r} is not accepted by this bundle's slots "
-            f"({', '.join(manifest.adapters.methods)}); re-export with --methods including it"
+            f"{path}: adapter method {method!r} is not a LoRA-family method; re-add the adapter "
+            "with 'peft-export adapters add'"
         )
+    # The gate is on the graph's inputs, not on the methods named in the manifest: an rsLoRA
+    # file fills the same banks as a LoRA one (bundle/lora_methods.py).
     want = _FILE_DTYPES[np.dtype(dtype)]
     for key, info in header.tensors.items():
         spec = specs.get(key)
         if spec is None:
-            raise BundleError(
-                f"{path}: tensor {key!r} has no bank in this bundle; re-add the adapter, or "
-                "re-export with --target-modules covering its modules"
+            split = names.split_lora_input(key)
+            fix = (
+                f"re-export with --methods including {method}"
+                if split is not None and split[1] in SCALE_PARTS
+                else "re-add the adapter, or re-export with --target-modules covering its modules"
             )
+            raise BundleError(f"{path}: tensor {key!r} has no bank in this bundle; {fix}")
         if info.shape != spec.slot_shape or info.dtype != want:
             raise BundleError(
                 f"{path}: tensor {key!r} is {info.dtype}{list(info.shape)}, the bank slot is "

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from peft_export.bundle import names
-from peft_export.runtime.adapter_store import LORA_METHODS, AdapterStore, bank_specs
+from peft_export.bundle.lora_methods import LORA_METHODS
+from peft_export.runtime.adapter_store import AdapterStore, bank_specs
 from peft_export.runtime.backends.base import TensorView
 from peft_export.runtime.providers import InputProvider, RequestContext, StepState
 

@@ -28,7 +28,7 @@ from tests.tiny import make_adapter, tiny_model
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """llama bundle with banks on q_proj/v_proj only, r_max 4, lora+dora, 3 slots."""
+    """llama bundle with banks on q_proj/v_proj only, r_max 4, --methods lora,dora, 3 slots."""
     base = tiny_model("llama")
     tmp = tmp_path_factory.mktemp("store")
     qv = {"target_modules": ["q_proj", "v_proj"]}
@@ -41,7 +41,7 @@ def small(tmp_path_factory):
         out=out,
         mode="runtime",
         planners=[plan_lora_banks],
-        options={"max_rank": 4, "slots": 3},
+        options={"max_rank": 4, "slots": 3, "methods": "lora,dora"},
     )
     for name in ("a1", "a2", "a3"):
         add_adapter(out, name, dirs[name])
@@ -122,12 +122,34 @@ def test_refused_adapters_leave_the_bundle_unchanged(small, case, match):
         tensors[first] = tensors[first].copy()
         tensors[first].flat[0] = np.nan
         save_file(tensors, str(weights))
-    else:
-        source = make_adapter(base, "ia3", tmp, name="ia3", **qv, feedforward_modules=[])
+    else:  # IA3 scaling v_proj's input needs in_scale, which a lora,dora graph lacks
+        source = make_adapter(base, "ia3", tmp, name="ia3", **qv, feedforward_modules=["v_proj"])
     before = _snapshot(bundle)
     with pytest.raises(ExportError, match=match):
         add_adapter(bundle, f"new-{case}", source)
     assert _snapshot(bundle) == before
+
+
+def test_adapters_are_gated_on_the_inputs_they_fill_not_on_method_names(small, tmp_path):
+    """Issue 21 item 4: an IA3 adapter that scales only module outputs fills `out_scale`,
+    which a lora,dora graph has; and a runtime reading a manifest that names only `lora`
+    (as bundles exported before the fix do) serves an rsLoRA file, which fills A and B."""
+    base = small[0]
+    bundle = _copied(small, tmp_path)
+    qv = {"target_modules": ["q_proj", "v_proj"]}
+    ia3 = make_adapter(base, "ia3", tmp_path, name="out-ia3", **qv, feedforward_modules=[])
+    assert add_adapter(bundle, "out-ia3", ia3).method == "ia3"
+    rs = make_adapter(base, "rslora", tmp_path, name="rs", seed=5, **qv)
+    assert add_adapter(bundle, "rs", rs).method == "rslora"
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["adapters"]["methods"] = ["lora", "dora"]
+    manifest_path.write_text(json.dumps(manifest))
+    store = AdapterStore(bundle, load_manifest(bundle))
+    lease = store.acquire(["rs", "out-ia3"])
+    for name, slot in zip(("rs", "out-ia3"), lease.ids, strict=True):
+        want = _file_values(store, bundle / "adapters" / f"{name}.safetensors")
+        _assert_same(_slot_values(store, int(slot)), want)
 
 
 def test_cli_error_is_one_line_exit_2(small, capsys):

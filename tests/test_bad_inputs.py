@@ -604,9 +604,10 @@ CASES: dict[str, Case] = {
     ),
     "add-method-not-accepted": Case(
         "adapters add",
-        "a DoRA adapter into a bundle whose slots accept lora",
+        "a DoRA adapter into a bundle exported with --methods lora (no out_scale inputs)",
         _add("dora"),
-        "is dora but this bundle's slots accept lora; re-export with --methods lora,dora",
+        "is dora and needs input lora.model.layers.0.self_attn.q_proj.out_scale, which this "
+        "bundle's graph lacks; re-export with --methods including dora",
     ),
     "add-other-base": Case(
         "adapters add",

@@ -261,6 +261,34 @@ def test_adapter_replaced_while_serving_is_read_again(cpp_build, tiny_bundle, tm
         runtime.close()
 
 
+def test_lora_family_files_are_gated_on_inputs_not_method_names(cpp_build, tiny_bundle, tmp_path):
+    """Issue 21 item 4: a manifest that names only the methods its bundle was exported for
+    (as bundles from before the fix do) still serves an rsLoRA file, which fills the same A/B
+    bank inputs as a LoRA one; Python and C++ agree on it."""
+    import shutil
+
+    from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
+    from peft_export.runtime.session import load_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    source = make_adapter(tiny_model("llama"), "rslora", tmp_path, name="rs", seed=43)
+    add_adapter(bundle, "rs", source)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    methods = manifest["adapters"]["methods"]
+    added_later = ("rslora", "adalora", "loha", "lokr")  # what an older exporter left out
+    manifest["adapters"]["methods"] = [m for m in methods if m not in added_later]
+    assert "rslora" not in manifest["adapters"]["methods"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    runtime = CppRuntime(cpp_build, bundle, threads=1)
+    try:
+        got = runtime.ids([PROMPTS[0]], ["rs"], max_new_tokens=8)
+    finally:
+        runtime.close()
+    assert got == python_ids(load_bundle(bundle, threads=1), [PROMPTS[0]], ["rs"], 8)
+    assert got != python_ids(load_bundle(bundle, threads=1), [PROMPTS[0]], [None], 8)
+
+
 def test_concurrent_requests_equal_sequential(cpp_build, tiny_bundle):
     runtime = CppRuntime(cpp_build, tiny_bundle, threads=1, slots=3)
     jobs = [([PROMPTS[i % 3]], [a]) for i, a in enumerate(["lora", "dora", "ia3", None] * 2)]

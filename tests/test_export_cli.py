@@ -244,3 +244,51 @@ def test_unknown_architecture_lists_supported(tmp_path):
     with pytest.raises(ExportError, match=r"'opt' is not supported \(supported: gpt2, llama"):
         export_bundle(InMemoryBase(OPTForCausalLM(config)), out=tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def _bank_inputs(bundle) -> set[str]:
+    """Parts (A, B, out_scale, ...) of the graph's LoRA bank inputs."""
+    return {
+        t.name.rsplit(".", 1)[1]
+        for t in load_manifest(bundle).graph.inputs
+        if t.name[:5] == "lora."
+    }
+
+
+def test_runtime_export_accepts_the_whole_lora_family_unless_methods_narrows(
+    base_dir, adapters, tmp_path, capsys
+):
+    """Issue 21 items 13 and 4: without --methods a runtime bundle exported with one plain
+    LoRA takes rsLoRA, DoRA and IA3 by `adapters add`; `--methods lora` drops the scale
+    inputs (and DoRA's base weights) but still takes every method that fills only A/B."""
+    llama = tiny_model("llama")
+    extra = {m: make_adapter(llama, m, tmp_path, seed=9) for m in ("rslora", "dora", "ia3", "loha")}
+    default, narrow = tmp_path / "default", tmp_path / "narrow"
+    runtime = ["--base", str(base_dir), "--mode", "runtime", "--max-rank", "16"]
+    lora = f"lora={adapters['lora']}"
+    assert _run(["export", *runtime, "--adapter", lora, "--out", str(default)]) == 0
+    assert (
+        _run(["export", *runtime, "--methods", "lora", "--adapter", lora, "--out", str(narrow)])
+        == 0
+    )
+    assert _bank_inputs(default) == {"A", "B", "out_scale", "in_scale"}
+    assert (default / "adapters" / "_base_targets.safetensors").is_file()
+    assert _bank_inputs(narrow) == {"A", "B"}
+    assert not (narrow / "adapters" / "_base_targets.safetensors").exists()
+    capsys.readouterr()
+    for method, folder in extra.items():
+        assert _run(["adapters", "add", str(default), f"{method}={folder}"]) == 0, method
+    assert {e.method for e in load_manifest(default).adapters.installed.values()} == {
+        "lora",
+        *extra,
+    }
+    assert load_manifest(narrow).adapters.methods == ["lora", "rslora", "adalora", "loha", "lokr"]
+    for method in ("rslora", "loha"):
+        assert _run(["adapters", "add", str(narrow), f"{method}={extra[method]}"]) == 0, method
+    capsys.readouterr()
+    for method, part in (("dora", "out_scale"), ("ia3", "in_scale")):
+        assert _run(["adapters", "add", str(narrow), f"{method}={extra[method]}"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert f".{part}, which this bundle's graph lacks" in line, line
+        assert f"--methods including {method}" in line, line
+    assert set(load_manifest(narrow).adapters.installed) == {"lora", "rslora", "loha"}

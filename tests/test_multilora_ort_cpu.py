@@ -20,7 +20,7 @@ from peft import PeftModel
 from peft_export import plugins
 from peft_export.bundle import names
 from peft_export.bundle.manifest import load_manifest
-from peft_export.exporter.runtime_adapters import multilora_op
+from peft_export.exporter.runtime_adapters import multilora_op, slot_scale_op
 from peft_export.plugins import host_copy
 from peft_export.runtime.adapter_store import AdapterStore
 from peft_export.runtime.backends.ort import OrtBackend, OrtOptions
@@ -200,6 +200,59 @@ def test_add_kernel_refuses_a_base_of_the_wrong_width(cpu_kernel_library):
     feeds["base"] = np.zeros((2, 1, 16), np.float32)
     session = _session(_add_model(4, 16, [8, 4]), cpu_kernel_library)
     with pytest.raises(Exception, match=r"MultiLoRAAdd2: base \[2, 1, 16\] is not"):
+        session.run(None, feeds)
+
+
+def _scale_model(n: int) -> bytes:
+    node = helper.make_node(names.SLOT_SCALE_OP, ["x", "scale", "ids"], ["y"], domain="peft_export")
+    graph = helper.make_graph(
+        [node],
+        "slot-scale",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", n]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["slots", n]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["b"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("peft_export", 1)],
+    )
+    return slot_scale_op.add_function(model).SerializeToString()
+
+
+def test_slot_scale_kernel_matches_reference_and_function_body(cpu_kernel_library):
+    """Slots: 0 base (ones), 1 scaled, 2 all ones (a plain LoRA's slot), 3 scaled; rows name
+    each, a negative id, and (kernel only: the body's Gather would fail) ids outside."""
+    rng = np.random.default_rng(3)
+    batch, seq, n = 6, 3, 37
+    x = rng.standard_normal((batch, seq, n), dtype=np.float32)
+    scale = rng.uniform(0.5, 1.5, (4, n)).astype(np.float32)
+    scale[0], scale[2] = 1.0, 1.0
+    ids = np.array([1, 0, 2, 3, -1, 1], dtype=np.int64)
+    model = _scale_model(n)
+    want = x * scale[ids][:, None, :]
+    kernel = _session(model, cpu_kernel_library)
+    got = kernel.run(None, {"x": x, "scale": scale, "ids": ids})[0]
+    np.testing.assert_array_equal(got, want)
+    body = _session(model, None).run(None, {"x": x, "scale": scale, "ids": ids})[0]
+    np.testing.assert_array_equal(got, body)
+    outside = np.array([4, -5, 9, 1, 0, 2], dtype=np.int64)
+    got = kernel.run(None, {"x": x, "scale": scale, "ids": outside})[0]
+    want = x.copy()
+    want[3] *= scale[1]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_slot_scale_kernel_refuses_inconsistent_shapes(cpu_kernel_library):
+    session = _session(_scale_model(8), cpu_kernel_library)
+    feeds = {
+        "x": np.zeros((2, 1, 8), np.float32),
+        "scale": np.ones((3, 8), np.float32),
+        "ids": np.zeros(3, np.int64),
+    }
+    with pytest.raises(Exception, match=r"SlotScale: expects x \[batch, seq, n\]"):
         session.run(None, feeds)
 
 

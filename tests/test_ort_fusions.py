@@ -26,8 +26,9 @@ def _ops(bundle) -> set[str]:
 
 
 def _lora_nodes(bundle) -> Counter:
-    """The peft_export ops of the main graph, counted. Checks that every module's A and B
-    bank feeds exactly one of them and that each op has its function body."""
+    """The peft_export ops of the main graph but SlotScale (the DoRA/IA3 scales), counted.
+    Checks that every module's A and B bank feeds exactly one of them and that each op has
+    its function body."""
     model = onnx.load(str(bundle / names.GRAPH), load_external_data=False)
     ours = [n for n in model.graph.node if n.domain == names.MULTILORA_DOMAIN]
 
@@ -37,7 +38,7 @@ def _lora_nodes(bundle) -> Counter:
     declared = (t.name for t in load_manifest(bundle).graph.inputs)
     assert banks(t for n in ours for t in n.input) == banks(declared)
     assert {n.op_type for n in ours} <= {f.name for f in model.functions}
-    return Counter(n.op_type for n in ours)
+    return Counter(n.op_type for n in ours if n.op_type != names.SLOT_SCALE_OP)
 
 
 @pytest.mark.parametrize(
@@ -109,14 +110,17 @@ def test_fused_runtime_bundle_of_other_architectures_matches_peft(tmp_path, arch
 
 
 @pytest.mark.parametrize(
-    ("second", "ops"),
+    ("second", "methods", "ops"),
     [
-        ("ia3", {1}),  # IA3 scales each module's input: nothing shares one, no packing
-        ("dora", {1, 2, 3}),
+        # By default IA3 scales only the feed-forward modules' inputs (down_proj, alone
+        # anyway): q/k/v and gate/up still share theirs and stay packed.
+        ("ia3", (), {1, 2, 3}),
+        ("ia3", ("--methods", "lora,ia3"), {1}),  # in_scale on every module: no packing
+        ("dora", (), {1, 2, 3}),
     ],
 )
 def test_fused_runtime_bundle_runs_the_cpu_kernel(
-    tmp_path, monkeypatch, cpu_kernel_library, second, ops
+    tmp_path, monkeypatch, cpu_kernel_library, second, methods, ops
 ):
     monkeypatch.setenv(plugins.PLUGIN_DIR_ENV, str(cpu_kernel_library.parent))
     base = save_tiny_base("llama", tmp_path / "base")
@@ -125,7 +129,7 @@ def test_fused_runtime_bundle_runs_the_cpu_kernel(
     other = make_adapter(model, second, tmp_path, seed=5, **({"r": 2} if second == "dora" else {}))
     bundle = tmp_path / "bundle"
     argv = ["export", "--base", str(base), "--mode", "runtime", "--ort-fusions", "cpu"]
-    argv += ["--adapter", f"l={lora}", "--adapter", f"o={other}", "--out", str(bundle)]
+    argv += ["--adapter", f"l={lora}", "--adapter", f"o={other}", "--out", str(bundle), *methods]
     assert run_cli(*argv) == 0
     assert set(_lora_nodes(bundle)) == {names.multilora_add_op(n) for n in ops}
     kernel = load_bundle(bundle, multilora_kernel="on")

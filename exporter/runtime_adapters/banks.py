@@ -2,17 +2,17 @@
 
 Each target module becomes, per row b with s = adapter_ids[b]:
 
-    x' = x * in_scale[s]                                   (only when ia3 is accepted)
+    x' = x * in_scale[s]                                   (modules with an in_scale input)
     y  = out_scale[s] * (W x' + MultiLoRA(x', A, B, ids)) + bias_scale[s] * bias
 
-Scale inputs exist only for the methods that need them, so a LoRA-only graph pays one
-MultiLoRA node and one Add per module at decode time.
+A LoRA-only graph pays one MultiLoRA node and one Add per module at decode time; each scale
+is one SlotScale node more (exporter/runtime_adapters/slot_scale_op.py).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,26 +23,13 @@ from peft_export.bundle import names
 from peft_export.bundle.manifest import AdapterLayout, ModuleSlot
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.graph.extension import ExtraInput, GraphExtension
-from peft_export.exporter.runtime_adapters import multilora_op
+from peft_export.exporter.runtime_adapters import multilora_op, slot_scale_op
 
 if TYPE_CHECKING:
     import onnx
 
-LORA_METHODS = ("lora", "rslora", "dora", "adalora", "loha", "lokr", "ia3")
 TRACE_SLOTS = 5
 """Slot count of the trace examples: distinct from the wrapper's batch/seq/past sizes."""
-
-
-def bank_parts(methods: Sequence[str], has_bias: bool) -> tuple[str, ...]:
-    """Which bank inputs one module has, given the methods the slots accept."""
-    parts = ["A", "B"]
-    if "dora" in methods or "ia3" in methods:
-        parts.append("out_scale")
-    if "ia3" in methods:
-        parts.append("in_scale")
-        if has_bias:
-            parts.append("bias_scale")
-    return tuple(parts)
 
 
 def bank_shape(slot: ModuleSlot, part: str, r_max: int) -> tuple[int, ...]:
@@ -62,7 +49,8 @@ def slot_zero_value(part: str) -> float:
 
 
 class LoraBanks(GraphExtension):
-    """Bank inputs for a fixed set of target modules, r_max and accepted methods."""
+    """Bank inputs for a fixed set of target modules, r_max and accepted methods; `parts`
+    maps each module's path to its bank inputs (bundle_adapters.plan_layout)."""
 
     def __init__(
         self,
@@ -71,14 +59,9 @@ class LoraBanks(GraphExtension):
         r_max: int,
         slots: int,
         methods: Sequence[str],
+        parts: Mapping[str, tuple[str, ...]],
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        unknown = sorted(set(methods) - set(LORA_METHODS))
-        if unknown:
-            raise ExportError(
-                f"--methods {','.join(unknown)} are not LoRA-family methods; "
-                f"choose from {', '.join(LORA_METHODS)}"
-            )
         if not modules:
             raise ExportError("runtime mode needs target modules; pass --target-modules")
         if r_max < 1 and any(m != "ia3" for m in methods):
@@ -89,6 +72,7 @@ class LoraBanks(GraphExtension):
         self.r_max = max(r_max, 1)
         self.slots = slots
         self.methods = list(methods)
+        self.parts = dict(parts)
         self.dtype = dtype
         self._feeds: dict[str, torch.Tensor] = {}
 
@@ -96,7 +80,7 @@ class LoraBanks(GraphExtension):
         gen = torch.Generator().manual_seed(0)
         extra = []
         for slot in self.modules:
-            for part in bank_parts(self.methods, slot.has_bias):
+            for part in self.parts[slot.path]:
                 shape = (TRACE_SLOTS, *bank_shape(slot, part, self.r_max))
                 example = slot_zero_value(part) + 0.1 * torch.randn(shape, generator=gen)
                 extra.append(
@@ -119,17 +103,18 @@ class LoraBanks(GraphExtension):
                     f"target module {slot.path} does not exist in the base model; "
                     "check --target-modules"
                 ) from None
-            parts = bank_parts(self.methods, slot.has_bias)
+            parts = self.parts[slot.path]
             module.forward = functools.partial(self._forward, module, slot.path, parts)
 
     def bind(self, feeds: dict[str, torch.Tensor]) -> None:
         self._feeds = feeds
 
     def onnx_translations(self) -> dict[Any, Any]:
-        return dict(multilora_op.TRANSLATION_TABLE)
+        return {**multilora_op.TRANSLATION_TABLE, **slot_scale_op.TRANSLATION_TABLE}
 
     def finalize_onnx(self, model: onnx.ModelProto) -> None:
         multilora_op.add_function(model)
+        slot_scale_op.add_function(model)
 
     def describe(self, layout: AdapterLayout) -> None:
         layout.methods = list(self.methods)
@@ -143,11 +128,11 @@ class LoraBanks(GraphExtension):
         feeds = self._feeds
         ids = feeds[names.ADAPTER_IDS]
 
-        def per_row(part: str) -> torch.Tensor:
-            return feeds[names.lora_input(path, part)].index_select(0, ids).unsqueeze(1)
+        def bank(part: str) -> torch.Tensor:
+            return feeds[names.lora_input(path, part)]
 
         if "in_scale" in parts:
-            x = x * per_row("in_scale")
+            x = slot_scale_op.slot_scale(x, bank("in_scale"), ids)
         weight, bias = module.weight, module.bias
         delta = multilora_op.multi_lora(
             x, feeds[names.lora_input(path, "A")], feeds[names.lora_input(path, "B")], ids
@@ -162,11 +147,11 @@ class LoraBanks(GraphExtension):
         y = y + delta
         if not scaled:
             return y
-        y = y * per_row("out_scale")
+        y = slot_scale_op.slot_scale(y, bank("out_scale"), ids)
         if bias is None:
             return y
         if "bias_scale" in parts:
-            return y + per_row("bias_scale") * bias
+            return y + bank("bias_scale").index_select(0, ids).unsqueeze(1) * bias
         return y + bias
 
 

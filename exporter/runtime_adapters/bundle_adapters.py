@@ -6,7 +6,8 @@ write is staged then renamed, so a refused adapter leaves the bundle untouched.
 
 DoRA needs ||W + s·B·A|| per output row, which depends on the adapter, so the bundle keeps
 the base weights of its target modules in `adapters/_base_targets.safetensors` ([out, in],
-fp32) whenever `dora` is among the accepted methods; other methods need no base weights.
+fp32) whenever `dora` is among the accepted methods (the default); other methods need no
+base weights.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.numpy import save_file
 from peft_export.bundle import names, safetensors_io
 from peft_export.bundle.atomic import staged_file, staged_update, write_text
 from peft_export.bundle.errors import BundleError
+from peft_export.bundle.lora_methods import LORA_METHODS, accepted_methods, bank_parts
 from peft_export.bundle.manifest import AdapterLayout, InstalledAdapter, Manifest, ModuleSlot
 from peft_export.bundle.paths import confined
 from peft_export.exporter.adapter_source import (
@@ -31,10 +33,10 @@ from peft_export.exporter.adapter_source import (
 )
 from peft_export.exporter.bundle_files import file_sha256, read_manifest
 from peft_export.exporter.errors import ExportError
-from peft_export.exporter.runtime_adapters.banks import LORA_METHODS
 from peft_export.exporter.runtime_adapters.convert import (
     SlotTensors,
     adapter_modules,
+    check_fits_layout,
     convert_adapter,
     pad_slot,
 )
@@ -45,6 +47,10 @@ ORT_ADAPTER_SUFFIX = ".onnx_adapter"
 _DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}
 
 
+BankParts = dict[str, tuple[str, ...]]
+"""Module path -> its bank inputs' parts (A, B, out_scale, ...), in `names.LORA_PARTS` order."""
+
+
 def linear_modules(model: object, patterns: Iterable[str] | None = None) -> list[ModuleSlot]:
     """Linear layers of an HF model whose path equals or ends with one of `patterns`."""
     from peft_export.exporter.adapter_source import module_features
@@ -53,20 +59,24 @@ def linear_modules(model: object, patterns: Iterable[str] | None = None) -> list
     wanted = list(patterns) if patterns is not None else list(spec.target_modules)
     found = []
     for path, module in model.named_modules():
-        if not any(path == p or path.endswith("." + p) for p in wanted):
+        if not _matches(path, wanted):
             continue
         try:
             in_f, out_f = module_features(module)
         except ExportError:
             continue
         found.append(ModuleSlot(path, in_f, out_f, getattr(module, "bias", None) is not None))
-    missing = [p for p in wanted if not any(m.path == p or m.path.endswith("." + p) for m in found)]
+    missing = [p for p in wanted if not any(_matches(m.path, [p]) for m in found)]
     if missing:
         raise ExportError(
             f"--target-modules {', '.join(missing)} match no linear layer of the base model; "
             f"use names like {', '.join(spec.target_modules)}"
         )
     return found
+
+
+def _matches(path: str, patterns: Iterable[str]) -> bool:
+    return any(path == p or path.endswith("." + p) for p in patterns)
 
 
 def plan_layout(
@@ -77,16 +87,25 @@ def plan_layout(
     max_rank: int | None = None,
     slots: int = 8,
     methods: Sequence[str] | None = None,
-) -> tuple[AdapterLayout, list[SlotTensors]]:
-    """The bank layout for these adapters and options, and the adapters converted into it.
+) -> tuple[AdapterLayout, BankParts, list[SlotTensors]]:
+    """The bank layout for these adapters and options, each module's bank inputs, and the
+    adapters converted into it.
 
-    Defaults: the union of the adapters' modules, the largest adapter rank, their methods.
+    Defaults: the union of the adapters' modules, the largest adapter rank, and the whole
+    LoRA family, so that `adapters add` takes any of its methods without a re-export (the
+    manifest records every method the graph serves: bundle/lora_methods.py). `--methods`
+    names exactly the inputs the graph gets, and the adapters given must fit them.
     """
     lora_sources = [s for s in sources if s.method in LORA_METHODS]
-    if methods is None:
-        methods = sorted({s.method for s in lora_sources})
-    if not methods:
-        raise ExportError("runtime LoRA banks need --methods (e.g. lora,dora,ia3) or an adapter")
+    if methods is not None:
+        unknown = sorted(set(methods) - set(LORA_METHODS))
+        if unknown:
+            raise ExportError(
+                f"--methods {','.join(unknown)} are not LoRA-family methods; "
+                f"choose from {', '.join(LORA_METHODS)}"
+            )
+        if not methods:
+            raise ExportError("runtime LoRA banks need --methods (e.g. lora,dora,ia3)")
     if target_modules is None:
         touched = sorted({p for s in lora_sources for p in adapter_modules(s)})
         if not touched:
@@ -94,17 +113,49 @@ def plan_layout(
         modules = linear_modules(model, touched)
     else:
         modules = linear_modules(model, target_modules)
-    layout = AdapterLayout(methods=list(methods), slots=slots, r_max=max_rank or 0)
+    accepted = accepted_methods(LORA_METHODS if methods is None else methods)
+    layout = AdapterLayout(methods=accepted, slots=slots, r_max=max_rank or 0)
     layout.modules = modules
-    conv1d = get_arch(model.config.model_type).conv1d_weights
-    weights = base_target_weights(model, modules) if "dora" in methods else None
-    converted = [
-        convert_adapter(s, layout, conv1d=conv1d, base_weights=weights, pad=False)
-        for s in lora_sources
-    ]
+    spec = get_arch(model.config.model_type)
+    weights = base_target_weights(model, modules) if "dora" in accepted else None
+
+    def convert(inputs: set[str] | None) -> list[SlotTensors]:
+        options = {"conv1d": spec.conv1d_weights, "base_weights": weights, "pad": False}
+        return [convert_adapter(s, layout, inputs=inputs, **options) for s in lora_sources]
+
+    if methods is None:
+        converted = convert(None)
+        parts = _default_parts(modules, spec.feedforward_modules, converted)
+    else:
+        parts = {m.path: bank_parts(methods, m.has_bias) for m in modules}
+        converted = convert(bank_input_names(parts))
     if max_rank is None:
         layout.r_max = max([c.rank for c in converted] + [1])
-    return layout, [pad_slot(c, layout.r_max) for c in converted]
+    return layout, parts, [pad_slot(c, layout.r_max) for c in converted]
+
+
+def _default_parts(
+    modules: Sequence[ModuleSlot], feedforward: Sequence[str], converted: Sequence[SlotTensors]
+) -> BankParts:
+    """The whole family's inputs, with IA3's `in_scale` only where IA3 scales inputs by
+    default (the architecture's feed-forward modules, as PEFT's IA3 config does) or where a
+    given adapter does: on every module it would cost a decode-time op per module and keep
+    ONNX Runtime's fusions from packing q/k/v and gate/up (no two modules would share an
+    input). An IA3 adapter scaling other inputs needs `--methods` naming ia3."""
+    filled = {key for adapter in converted for key in adapter.tensors}
+    return {
+        m.path: bank_parts(
+            LORA_METHODS,
+            m.has_bias,
+            in_scale=_matches(m.path, feedforward)
+            or names.lora_input(m.path, "in_scale") in filled,
+        )
+        for m in modules
+    }
+
+
+def bank_input_names(parts: BankParts) -> set[str]:
+    return {names.lora_input(path, part) for path, module in parts.items() for part in module}
 
 
 def base_target_weights(model: object, modules: Sequence[ModuleSlot]) -> dict[str, np.ndarray]:
@@ -212,10 +263,13 @@ def add_adapter(
                 f"adapters ({', '.join(LORA_METHODS)}); prompt-side adapters need their own export"
             )
         layout = manifest.adapters
-        needs_base = source.method == "dora" and "dora" in layout.methods
-        weights = read_base_targets(root, layout) if needs_base else None
+        inputs = {t.name for t in manifest.graph.inputs}
+        check_fits_layout(source, layout, inputs)  # before DoRA reads the base weights
+        weights = read_base_targets(root, layout) if source.method == "dora" else None
         conv1d = get_arch(manifest.base_model.architecture).conv1d_weights
-        converted = convert_adapter(source, layout, conv1d=conv1d, base_weights=weights)
+        converted = convert_adapter(
+            source, layout, conv1d=conv1d, base_weights=weights, inputs=inputs
+        )
         install_converted(
             stage,
             layout,
@@ -249,18 +303,22 @@ def load_runtime_manifest(root: Path, *, banks: bool = True) -> Manifest:
     return manifest
 
 
-def full_slot(layout: AdapterLayout, tensors: Mapping[str, np.ndarray], dtype: np.dtype):
-    """Every bank input of one slot: the adapter's tensors, slot-0 values elsewhere."""
-    from peft_export.exporter.runtime_adapters.banks import bank_parts, bank_shape, slot_zero_value
+def full_slot(manifest: Manifest, tensors: Mapping[str, np.ndarray], dtype: np.dtype):
+    """Every bank input of the graph for one slot: the adapter's tensors, slot-0 values
+    elsewhere."""
+    from peft_export.exporter.runtime_adapters.banks import bank_shape, slot_zero_value
 
+    layout = manifest.adapters
     out = {}
-    for slot in layout.modules:
-        for part in bank_parts(layout.methods, slot.has_bias):
-            key = names.lora_input(slot.path, part)
-            value = tensors.get(key)
-            if value is None:
-                value = np.full(bank_shape(slot, part, layout.r_max), slot_zero_value(part))
-            out[key] = np.asarray(value, dtype=dtype)
+    for tensor in manifest.graph.inputs:
+        split = names.split_lora_input(tensor.name)
+        if split is None:
+            continue
+        value = tensors.get(tensor.name)
+        if value is None:
+            shape = bank_shape(layout.module(split[0]), split[1], layout.r_max)
+            value = np.full(shape, slot_zero_value(split[1]))
+        out[tensor.name] = np.asarray(value, dtype=dtype)
     return out
 
 
@@ -275,8 +333,8 @@ def write_ort_adapter(root: Path, manifest: Manifest, name: str) -> Path:
     entry = manifest.adapters.installed[name]
     tensors = safetensors_io.read_tensors(confined(root, entry.file))
     dtype = np.dtype(_DTYPES[manifest.precision])
-    base = full_slot(manifest.adapters, {}, dtype)
-    adapter = full_slot(manifest.adapters, tensors, dtype)
+    base = full_slot(manifest, {}, dtype)
+    adapter = full_slot(manifest, tensors, dtype)
     params = {
         key: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.stack([base[key], value])))
         for key, value in adapter.items()

@@ -32,7 +32,8 @@ def lora_bank_options(command: Callable) -> Callable:
             "--methods",
             default=None,
             help="Runtime mode: LoRA-family methods the slots accept, comma-separated "
-            "(default: the adapters' methods; dora/ia3 add scale inputs).",
+            "(default: all; lora, rslora, adalora, loha and lokr are always accepted, "
+            "dora and ia3 add scale inputs).",
         ),
     ]
     for option in reversed(options):

@@ -10,7 +10,7 @@ float64 and cast to the bundle's dtype once.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,14 +64,16 @@ def adapter_modules(source: AdapterSource) -> list[str]:
     return sorted(paths)
 
 
-def check_fits_layout(source: AdapterSource, layout: AdapterLayout) -> list[ModuleSlot]:
-    """The bundle modules the adapter needs; refuse a method or module the bundle lacks."""
-    if source.method not in layout.methods:
-        raise ExportError(
-            f"adapter {source.name} is {source.method} but this bundle's slots accept "
-            f"{', '.join(layout.methods) or 'no LoRA-family method'}; re-export with "
-            f"--methods {','.join([*layout.methods, source.method])}"
-        )
+def check_fits_layout(
+    source: AdapterSource, layout: AdapterLayout, inputs: Collection[str] | None = None
+) -> list[ModuleSlot]:
+    """The bundle modules the adapter needs; refuse a module the bundle lacks, or a DoRA
+    adapter where `inputs` (the graph's input names) have no `out_scale` for it.
+
+    The gate is on graph inputs, not on the method names the bundle was exported with
+    (bundle/lora_methods.py); `check_inputs` checks the converted tensors exactly (which
+    scales IA3 fills depends on its feed-forward modules). `inputs` None checks modules only.
+    """
     slots = []
     for path in adapter_modules(source):
         slot = layout.module(path)
@@ -80,8 +82,25 @@ def check_fits_layout(source: AdapterSource, layout: AdapterLayout) -> list[Modu
                 f"adapter {source.name} targets {path}, which this bundle has no bank for; "
                 "re-export with --target-modules covering it"
             )
+        if source.method == "dora" and inputs is not None:
+            _check_input(source, names.lora_input(path, "out_scale"), inputs)
         slots.append(slot)
     return slots
+
+
+def check_inputs(adapter: SlotTensors, source: AdapterSource, inputs: Collection[str]) -> None:
+    """Refuse a converted adapter that fills a bank input the bundle's graph lacks."""
+    for key in adapter.tensors:
+        _check_input(source, key, inputs)
+
+
+def _check_input(source: AdapterSource, key: str, inputs: Collection[str]) -> None:
+    if key not in inputs:
+        raise ExportError(
+            f"adapter {source.name} is {source.method} and needs input {key}, which this "
+            f"bundle's graph lacks; re-export with --methods including {source.method} (or "
+            "without --methods)"
+        )
 
 
 def build_skeleton(
@@ -129,15 +148,18 @@ def convert_adapter(
     conv1d: bool,
     base_weights: Mapping[str, np.ndarray] | None = None,
     pad: bool = True,
+    inputs: Collection[str] | None = None,
 ) -> SlotTensors:
     """Convert a validated PEFT adapter to one bank slot of `layout` (rank <= r_max).
 
-    `pad=False` leaves the rank unpadded and unchecked (to choose r_max from the adapters).
+    `pad=False` leaves the rank unpadded and unchecked (to choose r_max from the adapters);
+    `inputs`: the graph's input names, which must cover every tensor the adapter fills (None:
+    not checked, for an export that chooses its inputs from the adapters).
     """
     import peft
     from peft.utils import set_peft_model_state_dict
 
-    slots = check_fits_layout(source, layout)
+    slots = check_fits_layout(source, layout, inputs)
     if source.method == "dora" and base_weights is None:
         raise ExportError(
             f"adapter {source.name} is DoRA but the bundle keeps no base weights of its target "
@@ -176,6 +198,8 @@ def convert_adapter(
             layer = skeleton.get_submodule(slot.path)
             rank = _convert_layer(layer, slot, source.method, layout, conv1d, out.tensors)
             out.rank = max(out.rank, rank)
+    if inputs is not None:
+        check_inputs(out, source, inputs)
     for key, value in out.tensors.items():
         if not np.isfinite(value).all():
             raise ExportError(

@@ -3,16 +3,18 @@
 Options it reads from `ExportContext.options` (the export command's flags):
 `target_modules` (list of module names or paths; default: the adapters' modules),
 `max_rank` (default: the largest adapter rank), `slots` (default 8, slot 0 = base model),
-`methods` (which methods the slots accept; default: the adapters' methods).
+`methods` (which methods' inputs the graph gets; default: the whole LoRA family, so any
+of them can be added later without a re-export).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from peft_export.bundle.lora_methods import LORA_METHODS
 from peft_export.bundle.manifest import AdapterLayout
 from peft_export.exporter.pipeline import ExportContext, RuntimePlan
-from peft_export.exporter.runtime_adapters.banks import LORA_METHODS, LoraBanks
+from peft_export.exporter.runtime_adapters.banks import LoraBanks
 from peft_export.exporter.runtime_adapters.bundle_adapters import (
     base_target_weights,
     install_converted,
@@ -31,7 +33,7 @@ def plan_lora_banks(context: ExportContext) -> RuntimePlan | None:
     methods = _listed(options.get("methods"))
     if not sources and not methods:
         return None
-    layout, converted = plan_layout(
+    layout, parts, converted = plan_layout(
         context.model,
         sources,
         target_modules=_listed(options.get("target_modules")),
@@ -44,6 +46,7 @@ def plan_lora_banks(context: ExportContext) -> RuntimePlan | None:
         r_max=layout.r_max,
         slots=layout.slots,
         methods=layout.methods,
+        parts=parts,
         dtype=context.dtype,
     )
     weights = (

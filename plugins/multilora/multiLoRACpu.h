@@ -40,6 +40,22 @@ class Parallel {
 /* Computes p.delta. Sizes must be non-negative and consistent (the caller checks shapes). */
 void forward(const Problem& p, const Parallel& parallel);
 
+/* Per-row scales of DoRA and IA3 (peft_export::SlotScale):
+ *
+ *   y[b, t, :] = x[b, t, :] * scale[ids[b], :]
+ *
+ * Slot 0 (the base model) holds ones, and so does every slot whose adapter has no scales
+ * (plain LoRA): rows of such slots, and ids outside [0, slots), are copied, not multiplied. */
+struct ScaleProblem {
+  const float* x;      // [batch, seq, n]
+  const float* scale;  // [slots, n]
+  const int64_t* ids;  // [batch]; negative counts from the end
+  float* y;            // [batch, seq, n]
+  int64_t batch, seq, n, slots;
+};
+
+void scale_rows(const ScaleProblem& p);
+
 }  // namespace peft_multilora_cpu
 
 #endif  // PEFT_MULTILORA_CPU_H

@@ -1,7 +1,8 @@
 /*
  * ONNX Runtime custom-op library (libpeft_multilora_ort.so): CPU kernels for
- * peft_export::MultiLoRA v1 and, for ONNX Runtime-fused graphs, peft_export::MultiLoRAAdd1..8
- * (base output + the deltas of modules that share an input, in one node), on fp32 tensors.
+ * peft_export::MultiLoRA v1, peft_export::SlotScale v1 (the DoRA/IA3 per-row scales) and, for
+ * ONNX Runtime-fused graphs, peft_export::MultiLoRAAdd1..8 (base output + the deltas of
+ * modules that share an input, in one node), on fp32 tensors.
  * ONNX Runtime prefers a registered kernel over the model's local function of the same
  * name, so a session that loads this library (SessionOptions.register_custom_ops_library)
  * runs multiLoRACpu.cpp instead of the Gather + MatMul body. Built against ONNX Runtime's
@@ -213,6 +214,52 @@ struct MultiLoRAAddOp : Ort::CustomOpBase<MultiLoRAAddOp, MultiLoRAAddKernel, tr
   std::string name_;
 };
 
+// y = x * scale[adapter_ids], inputs (x, scale, adapter_ids): the DoRA/IA3 scales of runtime
+// bundles (peft_export::SlotScale), one node instead of Gather + Unsqueeze + Mul.
+struct SlotScaleKernel {
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
+    return guarded([raw_context]() -> OrtStatusPtr {
+      Ort::KernelContext context(raw_context);
+      const Ort::ConstValue x = context.GetInput(0);
+      const Ort::ConstValue scale = context.GetInput(1);
+      const Ort::ConstValue ids = context.GetInput(2);
+      const auto xs = shape_of(x);
+      const auto ss = shape_of(scale);
+      const auto is = shape_of(ids);
+      if (xs.size() != 3 || ss.size() != 2 || is.size() != 1 || ss[1] != xs[2] ||
+          is[0] != xs[0]) {
+        const std::string problem =
+            "peft_export::SlotScale: expects x [batch, seq, n], scale [slots, n], adapter_ids "
+            "[batch]; got x " + dims(xs) + ", scale " + dims(ss) + ", adapter_ids " + dims(is);
+        return Ort::Status(problem.c_str(), ORT_INVALID_ARGUMENT).release();
+      }
+      Ort::UnownedValue y = context.GetOutput(0, xs);
+      peft_multilora_cpu::scale_rows({x.GetTensorData<float>(), scale.GetTensorData<float>(),
+                                      ids.GetTensorData<int64_t>(),
+                                      y.GetTensorMutableData<float>(), xs[0], xs[1], xs[2],
+                                      ss[0]});
+      return nullptr;
+    });
+  }
+};
+
+struct SlotScaleOp : Ort::CustomOpBase<SlotScaleOp, SlotScaleKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
+    *kernel = new SlotScaleKernel();
+    return nullptr;
+  }
+  const char* GetName() const { return "SlotScale"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+};
+
 }  // namespace
 
 /* Entry point that SessionOptions.register_custom_ops_library calls. The ops and their domain
@@ -229,6 +276,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(
       for (size_t modules = 1; modules <= kMaxAddModules; ++modules) {
         owned.Add(new MultiLoRAAddOp(modules));
       }
+      owned.Add(new SlotScaleOp());
       domain = owned.release();
     });
     Ort::UnownedSessionOptions(options).Add(domain);

@@ -1,6 +1,7 @@
 #include "peft_export/adapter.hpp"
 
 #include <algorithm>
+#include <iterator>
 
 #include "peft_export/errors.hpp"
 #include "peft_export/safetensors.hpp"
@@ -11,6 +12,7 @@ namespace {
 constexpr const char* kFormat = "peft-export-adapter";
 constexpr const char* kVersion = "1";
 constexpr const char* kLoraParts[] = {"A", "B", "out_scale", "in_scale", "bias_scale"};
+constexpr const char* kLoraMethods[] = {"lora", "rslora", "dora", "adalora", "loha", "lokr", "ia3"};
 
 struct Expected {
   DType dtype;
@@ -19,6 +21,11 @@ struct Expected {
   const char* length_name = "";
   bool exact_dtype = false;  // LoRA banks: the file must already be in the bank dtype
 };
+
+bool is_lora_family(const std::string& method) {
+  return std::any_of(std::begin(kLoraMethods), std::end(kLoraMethods),
+                     [&](const char* known) { return method == known; });
+}
 
 [[noreturn]] void refuse(const std::filesystem::path& file, const std::string& problem) {
   throw BundleError(file.string() + ": " + problem);
@@ -195,10 +202,13 @@ HostAdapter read_adapter(const Manifest& manifest, const std::string& name,
                  "re-create it with 'peft-export adapters add' for this bundle");
   }
   HostAdapter adapter{name, value("method"), file, {}, {}};
+  // LoRA-family adapters are gated on the inputs they fill (the tensor loop below), not on the
+  // method names the manifest lists: an rsLoRA file fills the same banks as a LoRA one.
   const auto& methods = manifest.adapters.methods;
-  if (std::find(methods.begin(), methods.end(), adapter.method) == methods.end()) {
+  if (!is_lora_family(adapter.method) &&
+      std::find(methods.begin(), methods.end(), adapter.method) == methods.end()) {
     refuse(file, "method '" + adapter.method + "' is not one this bundle's graph accepts; "
-                 "re-export the bundle with --method " + adapter.method);
+                 "re-export the bundle with --methods including " + adapter.method);
   }
   std::int64_t prefix_len = -1;
   std::int64_t adaption_len = -1;
@@ -207,7 +217,8 @@ HostAdapter read_adapter(const Manifest& manifest, const std::string& name,
     if (!expected_lora(manifest, tensor_name, expected) &&
         !expected_prompt_side(manifest, tensor_name, expected)) {
       refuse(file, "tensor '" + tensor_name + "' has no input in this bundle's graph (a module "
-                   "or method it was not exported for); re-export with that target included");
+                   "or scale it was not exported for); re-export with --target-modules or "
+                   "--methods covering it");
     }
     if (!is_float(info.dtype)) refuse(file, "tensor '" + tensor_name + "' is not floating point");
     if (expected.exact_dtype && info.dtype != expected.dtype) {

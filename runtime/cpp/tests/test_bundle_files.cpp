@@ -240,9 +240,15 @@ TEST(adapter_files_must_fit_the_bundle) {
   auto other_base = meta;
   other_base["base_weights_sha256"] = "zzz";
   reject({{"lora.m.A", a}}, other_base, "other base weights");
-  auto method = meta;
-  method["method"] = "loha";
-  reject({{"lora.m.A", a}}, method, "re-export the bundle with --method loha");
+  // LoRA-family files are gated on the inputs they fill, not on the manifest's method names
+  // (which list lora, dora): a LoHa file fills A like a LoRA one (issue 21 item 4).
+  auto loha = meta;
+  loha["method"] = "loha";
+  check::write_file(dir / "loha.safetensors", fixtures::safetensors({{"lora.m.A", a}}, loha));
+  CHECK(peft_export::read_adapter(manifest, "loha", dir / "loha.safetensors").method == "loha");
+  auto unknown = meta;
+  unknown["method"] = "vera";
+  reject({{"lora.m.A", a}}, unknown, "re-export the bundle with --methods including vera");
   auto format = meta;
   format.erase("format");
   reject({{"lora.m.A", a}}, format, "not a peft-export adapter file");
