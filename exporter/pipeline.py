@@ -79,6 +79,8 @@ class ExportContext:
     base_weights_sha256: str
     options: dict[str, Any] = field(default_factory=dict)
     """Options other parts add to the export command (e.g. r_max, slots, engine profiles)."""
+    quantized: QuantizedModel | None = None
+    """The base's quantized layers (`--quantize`); their weights in `model` are dequantized."""
     console: Console = field(default_factory=lambda: Console(stderr=True, quiet=True))
 
 
@@ -176,6 +178,7 @@ def export_bundle(
         dtype=dtype,
         base_weights_sha256=base_sha,
         options=dict(options or {}),
+        quantized=quantized,
         console=console,
     )
     plans = _runtime_plans(context, planners) if mode == "runtime" else []

@@ -194,3 +194,23 @@ def test_served_accuracy_level_quantizes_activations_and_verify_level_does_not(q
     np.testing.assert_array_equal(runs[None][0].logits, runs[ACCURACY_FAST][0].logits)
     gap = np.abs(runs[ACCURACY_FAST][0].logits - runs[ACCURACY_EXACT][0].logits).max()
     assert 0 < gap < 0.25  # int8 activations: small, never zero
+
+
+def test_dora_added_later_takes_its_base_weights_from_the_quantized_graph(quantized, tmp_path):
+    """No fp32 copy of quantized target weights is kept; `adapters add` reads the graph's."""
+    import shutil
+
+    from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
+
+    _, _, base, dirs, tmp, _ = quantized
+    bundle = shutil.copytree(tmp / "runtime", tmp_path / "bundle")
+    assert not (bundle / "adapters" / "_base_targets.safetensors").exists()
+    second = make_adapter(base, "dora", tmp_path, name="later", seed=11)
+    add_adapter(bundle, "later", second)
+    reference = PeftModel.from_pretrained(
+        with_weights(copy.deepcopy(base), ort_weights(bundle)), str(second)
+    )
+    runs = run_rows(
+        load_bundle(bundle, quant_accuracy=ACCURACY_EXACT), PROMPTS[:1], ["later"], NEW_TOKENS
+    )
+    check_row(runs[0], reference.eval(), PROMPTS[0])

@@ -173,17 +173,31 @@ def write_base_targets(bundle_dir: Path, weights: Mapping[str, np.ndarray]) -> N
         save_file(dict(weights), str(tmp), metadata={"format": "peft-export-base-targets"})
 
 
-def read_base_targets(bundle_dir: Path, layout: AdapterLayout) -> dict[str, np.ndarray]:
+def read_base_targets(bundle_dir: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The target modules' base weights [out, in] fp32, as the graph computes with them.
+
+    Quantized layers are read from the graph itself (their dequantized blocks); the side file
+    holds the rest, and is absent when every target layer is quantized.
+    """
+    from peft_export.exporter.quantize.reference import graph_blocks
+
+    layout = manifest.adapters
+    tensors = {
+        f"{path}.weight": block.dequantize()
+        for path, block in graph_blocks(bundle_dir, manifest).items()
+        if layout.module(path) is not None
+    }
     path = confined(bundle_dir, BASE_TARGETS_FILE)
-    if not path.is_file():
+    if len(tensors) < len(layout.modules) and not path.is_file():
         raise ExportError(
             f"{path} is missing, so DoRA adapters cannot be converted for this bundle; "
             "re-export it with --methods including dora"
         )
-    try:
-        tensors = safetensors_io.read_tensors(path)
-    except BundleError as exc:
-        raise ExportError(f"{exc}; re-export the bundle") from None
+    if path.is_file():
+        try:
+            tensors.update(safetensors_io.read_tensors(path))
+        except BundleError as exc:
+            raise ExportError(f"{exc}; re-export the bundle") from None
     for slot in layout.modules:
         got = tensors.get(f"{slot.path}.weight")
         if got is None or got.shape != (slot.out_features, slot.in_features):
@@ -265,7 +279,7 @@ def add_adapter(
         layout = manifest.adapters
         inputs = {t.name for t in manifest.graph.inputs}
         check_fits_layout(source, layout, inputs)  # before DoRA reads the base weights
-        weights = read_base_targets(root, layout) if source.method == "dora" else None
+        weights = read_base_targets(root, manifest) if source.method == "dora" else None
         conv1d = get_arch(manifest.base_model.architecture).conv1d_weights
         converted = convert_adapter(
             source, layout, conv1d=conv1d, base_weights=weights, inputs=inputs

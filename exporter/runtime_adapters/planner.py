@@ -49,8 +49,13 @@ def plan_lora_banks(context: ExportContext) -> RuntimePlan | None:
         parts=parts,
         dtype=context.dtype,
     )
+    # Quantized layers' base weights are read back from the graph when a DoRA adapter is added.
+    quantized = context.quantized.blocks if context.quantized is not None else {}
+    unquantized = [m for m in layout.modules if m.path not in quantized]
     weights = (
-        base_target_weights(context.model, layout.modules) if "dora" in layout.methods else None
+        base_target_weights(context.model, unquantized)
+        if "dora" in layout.methods and unquantized
+        else None
     )
 
     def write_adapters(stage: Path, manifest_layout: AdapterLayout) -> None:
