@@ -247,3 +247,40 @@ def test_prompt_side_bundles_build(tmp_path, method) -> None:
         assert layout.prefix_max_len > 0
         assert record.profiles[1]["past"][2] >= layout.prefix_max_len
     assert (out / record.file).stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("level", ["int4", "int8"])
+def test_quantized_portable_bundle_builds_as_weight_only(tmp_path, level) -> None:
+    """A --quantize bundle's DequantizeLinear -> MatMul parses into dequantize layers over
+    INT4 / INT8 weights (TensorRT's weight-only form), and the engine builds."""
+    from tiny import make_adapter, tiny_model
+
+    from peft_export.exporter.pipeline import InMemoryBase, export_bundle
+    from peft_export.exporter.quantize.scheme import QuantScheme
+    from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
+
+    base = tiny_model("llama")
+    bundle = tmp_path / level
+    export_bundle(
+        InMemoryBase(base),
+        [("a", make_adapter(base, "lora", tmp_path))],
+        out=bundle,
+        mode="runtime",
+        planners=[plan_lora_banks],
+        quantize=QuantScheme.parse(level, engine="trt"),
+    )
+    manifest = load_manifest(bundle)
+    backend = select_backend()
+    plan = BuildPlan(manifest.graph, derive_profiles(manifest, _request(SMALL)))
+    _, network, _, _ = create_network_and_config(backend, bundle / names.GRAPH, plan)
+    trt = backend.module
+    want = trt.DataType.INT4 if level == "int4" else trt.DataType.INT8
+    dequantized = [
+        network.get_layer(i)
+        for i in range(network.num_layers)
+        if network.get_layer(i).type == trt.LayerType.DEQUANTIZE
+    ]
+    assert len(dequantized) == len(manifest.quantization.modules)
+    assert {layer.get_input(0).dtype for layer in dequantized} == {want}
+    record = build_engines(bundle, manifest, SMALL)
+    assert (bundle / record.file).stat().st_size > 10_000
