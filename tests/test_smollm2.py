@@ -233,6 +233,35 @@ def test_merged_fused_generate_matches_peft(merged_fused, prompt_ids, reference)
     _assert_matches_reference(got, reference("pirate"), FP32_LOGITS_ATOL)
 
 
+@pytest.fixture(scope="module")
+def merged_int4(tmp_path_factory) -> Path:
+    """The README demo's bundle: merged, int4 (the GGUF's Q8_0 table and lm_head), fused."""
+    return _export_pirate(tmp_path_factory, "int4", "--quantize", "int4", "--ort-fusions", "cpu")
+
+
+def test_merged_int4_matches_peft_on_the_graphs_weights(smollm2, merged_int4, prompt_ids):
+    """Real model, 4 bits: the bundle at float32 compute equals PyTorch/PEFT merged with the
+    graph's weights read back by ONNX Runtime itself (test_quantized_parity.ort_weights)."""
+    from test_quantized_parity import ort_weights, with_weights
+
+    from peft_export.exporter.quantize.scheme import ACCURACY_EXACT
+    from peft_export.runtime import load_bundle
+
+    record = json.loads((merged_int4 / "manifest.json").read_text())["quantization"]
+    sources = {m["source"] for m in record["modules"].values()}
+    assert sources == {"rtn", "gguf:Q8_0"}  # Q4_1 layers requantized; the tied head carried
+    assert set(record["embedding"]) == {"model.embed_tokens"}
+    merged = peft_model(smollm2.model, example("pirate")).merge_and_unload()
+    reference = with_weights(merged.eval(), ort_weights(merged_int4))
+    with denormals_flushed():
+        expected = [cached_greedy(reference, ids, NEW_TOKENS) for ids in prompt_ids[:2]]
+    bundle = load_bundle(merged_int4, threads=1, quant_accuracy=ACCURACY_EXACT)
+    got = runtime_greedy(bundle, prompt_ids[:2], [None, None], NEW_TOKENS)
+    for g, e in zip(got, expected, strict=True):
+        assert g.tokens == e.tokens
+        assert agreeing_logits_error(g, e) <= FP32_LOGITS_ATOL
+
+
 def test_merged_fp32_run_command_matches_peft(merged_fp32, reference, capsys):
     """`peft-export run` (text prompts, chat template, one left-padded batch, stops at EOS)."""
     prompts = [arg for text in PROMPTS for arg in ("--prompt", text)]
