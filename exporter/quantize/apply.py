@@ -139,7 +139,7 @@ def _carried_block(
         return None
     if scheme.graph_format == "qdq" and not _symmetric(block):
         return None  # DequantizeLinear's form for TensorRT has no zero points
-    if scheme.graph_format == "qdq" and scheme.bits == 8 and np.any(block.scales < 0):
+    if scheme.graph_format == "qdq" and block.bits == 8 and np.any(block.scales < 0):
         return None
     # Equal up to float32 rounding (a few GGUF Q4_1 blocks are an ulp off, GgufBlocks), not
     # changed by a merged adapter.

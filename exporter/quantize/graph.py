@@ -23,7 +23,7 @@ from peft_export.bundle.manifest import Quantization, QuantizedModule
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.quantize.apply import QuantizedModel
 from peft_export.exporter.quantize.blocks import BlockQuantized
-from peft_export.exporter.quantize.rtn import pack_codes
+from peft_export.exporter.quantize.rtn import pack_codes, unpack_codes
 
 MS_DOMAIN = "com.microsoft"
 EMBEDDING_KEY = "embedding"
@@ -315,8 +315,6 @@ def _read_gather_block(
 
 
 def _read_block(initializers, names, bits, block_size, graph_format) -> BlockQuantized:
-    from peft_export.exporter.quantize.rtn import unpack_codes
-
     weight = initializers[names["weight"]]
     scales = numpy_helper.to_array(initializers[names["scales"]]).astype(np.float32)
     zero_name = names.get("zero_points", "")
@@ -349,8 +347,6 @@ def _read_block(initializers, names, bits, block_size, graph_format) -> BlockQua
 
 
 def _signed_values(tensor: onnx.TensorProto, bits: int) -> np.ndarray:
-    from peft_export.exporter.quantize.rtn import unpack_codes
-
     count = int(np.prod(tensor.dims))
     raw = np.frombuffer(tensor.raw_data, dtype=np.uint8)
     raw = raw[:count] if bits == 8 else unpack_codes(raw.reshape(1, -1), 4, count)[0]
