@@ -325,8 +325,6 @@ class _Stepper:
             attention_mask=step_mask,
             position_ids=np.ascontiguousarray(positions),
         )
-        for name in self.workspace.kv_names:
-            state.feeds[name.past] = self.workspace.past(name, past_len)
         for provider in self.bundle.input_providers:
             provider.step(self.ctx, state)
         if self.workspace.fixed_bound != self.bundle.fixed_version:
@@ -345,6 +343,7 @@ def _run_step(
     feeds[names.ATTENTION_MASK] = state.attention_mask
     feeds[names.POSITION_IDS] = state.position_ids
     missing = bundle.input_names - feeds.keys() - bundle.fixed_feeds().keys()
+    missing -= workspace.past_names
     if missing:
         raise InferenceError(
             f"graph input(s) {', '.join(sorted(missing))} are fed by no input provider; "
@@ -352,11 +351,10 @@ def _run_step(
         )
     vocab = bundle.manifest.vocab_size
     logits_view = workspace.logits(step_len, vocab)
-    outputs = {names.LOGITS: logits_view}
-    for name in workspace.kv_names:
-        outputs[name.present] = workspace.present(name, total)
+    kv = workspace.kv_step(state.past_len, total, feeds)
     inputs = bundle.input_names
-    bundle.backend.run(workspace.binding, {k: v for k, v in feeds.items() if k in inputs}, outputs)
+    feeds = {k: v for k, v in feeds.items() if k in inputs}
+    bundle.backend.run(workspace.binding, feeds, {names.LOGITS: logits_view}, kv)
     workspace.fixed_bound = bundle.fixed_version if bundle.backend.retains_inputs else None
     workspace.swap()
     return logits_view.numpy()

@@ -10,14 +10,14 @@ only when a request needs more room than any before it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import numpy as np
 
 from peft_export.bundle import names
 from peft_export.bundle.manifest import KVLayout
-from peft_export.runtime.backends.base import Backend, Buffer, StepBinding, TensorView
+from peft_export.runtime.backends.base import Backend, Buffer, KVStep, StepBinding, TensorView
 from peft_export.runtime.errors import InferenceError
 
 
@@ -50,8 +50,12 @@ class Workspace:
         """Which version of the bundle's fixed feeds `binding` holds (backends that retain
         inputs); None: pass them with the next run."""
         self.kv_names = [KVName(i, k) for i in range(kv.num_layers) for k in ("key", "value")]
+        self.past_names = frozenset(n.past for n in self.kv_names)
         self._kv: dict[KVName, tuple[Buffer, Buffer]] = {}
         self._kv_capacity = 0
+        self._kv_lists: tuple[tuple[tuple[str, Buffer], ...], ...] = ()
+        """Per front (0, 1): the (past name, buffer) pairs, then the (present name, buffer)
+        pairs; built when the buffers are, so a step assembles nothing per layer."""
         self._logits: Buffer | None = None
         self._front = 0
         self.batch = 0
@@ -71,6 +75,14 @@ class Workspace:
                     for name in self.kv_names
                 }
                 self._kv_capacity = kv_needed
+                self._kv_lists = tuple(
+                    lists
+                    for front in (0, 1)
+                    for lists in (
+                        tuple((n.past, self._kv[n][front]) for n in self.kv_names),
+                        tuple((n.present, self._kv[n][1 - front]) for n in self.kv_names),
+                    )
+                )
             if self._logits is None or logits_needed > self._logits.capacity:
                 self._logits = self.backend.allocate(self.logits_dtype, logits_needed, on_host=True)
         except MemoryError:
@@ -86,11 +98,18 @@ class Workspace:
     def _shape(self, length: int) -> tuple[int, int, int, int]:
         return (self.batch, self.kv.num_kv_heads, length, self.kv.head_dim)
 
-    def past(self, name: KVName, past_len: int) -> TensorView:
-        return self._kv[name][self._front].view(self._shape(past_len))
-
-    def present(self, name: KVName, total_len: int) -> TensorView:
-        return self._kv[name][1 - self._front].view(self._shape(total_len))
+    def kv_step(self, past_len: int, total_len: int, provided: Container[str] = ()) -> KVStep:
+        """The step's KV cache; pasts named in `provided` are fed by someone else (a prefix
+        on step 0) and left out."""
+        if self.batch * self.kv.num_kv_heads * total_len * self.kv.head_dim > self._kv_capacity:
+            raise InferenceError(
+                f"a step of {total_len} positions exceeds the KV cache reserved for this "
+                "request; this is a runtime bug, please report it"
+            )
+        past, present = self._kv_lists[2 * self._front : 2 * self._front + 2]
+        if provided:
+            past = tuple(pair for pair in past if pair[0] not in provided)
+        return KVStep(past, present, self._shape(past_len), self._shape(total_len))
 
     def logits(self, step_tokens: int, vocab: int) -> TensorView:
         assert self._logits is not None

@@ -57,8 +57,8 @@ def run_rows(
     backend = bundle.backend
     original = backend.run
 
-    def capture(binding, feeds, outputs):
-        original(binding, feeds, outputs)
+    def capture(binding, feeds, outputs, kv=None):
+        original(binding, feeds, outputs, kv)
         text_len = feeds[names.INPUT_IDS].shape[1]
         steps.append(outputs[names.LOGITS].numpy()[:, -text_len:].copy())
 

@@ -202,8 +202,10 @@ def test_kv_and_logits_buffers_are_bound_in_place(bundle):
     written: list[bool] = []
     real_run = backend.run
 
-    def spy(binding, feeds, outputs):
-        real_run(binding, feeds, outputs)
+    def spy(binding, feeds, outputs, kv=None):
+        real_run(binding, feeds, outputs, kv)
+        kv_feeds, kv_outputs = kv.views() if kv is not None else ({}, {})
+        feeds, outputs = {**feeds, **kv_feeds}, {**outputs, **kv_outputs}
         for name, view in [*feeds.items(), *outputs.items()]:
             if name.startswith(("past_key_values", "present", names.LOGITS)):
                 seen.setdefault(name.split(".")[0], set()).add(view.buffer.ptr)

@@ -195,9 +195,9 @@ def test_banks_are_bound_once_per_binding_where_the_backend_keeps_them(mixed, re
     calls: list[set[str]] = []
     run = bundle.backend.run
 
-    def recording_run(binding, feeds, outputs):
+    def recording_run(binding, feeds, outputs, kv=None):
         calls.append(set(feeds))
-        run(binding, feeds, outputs)
+        run(binding, feeds, outputs, kv)
 
     bundle.backend.run = recording_run
     first = bundle.generate([[5, 6, 7]], adapters="r4", max_new_tokens=4, ignore_eos=True)

@@ -100,6 +100,26 @@ class HostBuffer(Buffer):
 Feed = np.ndarray | TensorView
 
 
+@dataclass(frozen=True)
+class KVStep:
+    """The KV cache of one step: each layer's past and present buffer, and their shapes.
+
+    A decode step binds ~2 x layers KV tensors (120 for SmolLM2) whose shapes grow by one
+    each step. Carrying them apart from the other feeds lets a backend bind them in one tight
+    loop (ONNX Runtime: ~0.2 ms less Python per step) instead of one view object each."""
+
+    past: tuple[tuple[str, Buffer], ...]
+    present: tuple[tuple[str, Buffer], ...]
+    past_shape: tuple[int, ...]
+    present_shape: tuple[int, ...]
+
+    def views(self) -> tuple[dict[str, TensorView], dict[str, TensorView]]:
+        """The past as feeds and the present as outputs, for backends that bind views."""
+        feeds = {name: TensorView(buf, self.past_shape) for name, buf in self.past}
+        outputs = {name: TensorView(buf, self.present_shape) for name, buf in self.present}
+        return feeds, outputs
+
+
 class Backend(abc.ABC):
     """One loaded graph, ready to run steps. Instances are safe to share between threads as
     long as each thread runs with its own `StepBinding` (from `new_binding`)."""
@@ -139,9 +159,11 @@ class Backend(abc.ABC):
         binding: StepBinding,
         feeds: Mapping[str, Feed],
         outputs: Mapping[str, TensorView],
+        kv: KVStep | None = None,
     ) -> None:
-        """Run one step: every graph input in `feeds` (or, when `retains_inputs`, bound by an
-        earlier run on `binding` with the same buffer), every graph output into `outputs`."""
+        """Run one step: every graph input in `feeds` or `kv` (or, when `retains_inputs`,
+        bound by an earlier run on `binding` with the same buffer), every graph output into
+        `outputs` or `kv`."""
 
     def check_steps(self, steps: Sequence[Mapping[str, int]]) -> None:  # noqa: B027
         """Refuse, before any work, a request whose steps this backend cannot run.

@@ -24,6 +24,7 @@ from peft_export.runtime.backends.base import (
     Buffer,
     Feed,
     IOSpec,
+    KVStep,
     StepBinding,
     TensorView,
 )
@@ -114,15 +115,41 @@ class OrtBinding(StepBinding):
             bind = self.io.bind_output if output else self.io.bind_input
             bind(name, device, device_id, view.dtype.type, view.shape, view.ptr)
         else:
-            native_device = self._devices.get((device, device_id))
-            if native_device is None:
-                import onnxruntime as ort
-
-                native_device = ort.OrtDevice.make(device, device_id)._get_c_device()
-                self._devices[(device, device_id)] = native_device
+            native_device = self._native_device(device, device_id)
             bind = self._native.bind_output if output else self._native.bind_input
             bind(name, native_device, view.dtype.type, view.shape, view.ptr)
         self._bound[key] = bound
+
+    def bind_kv(self, kv: KVStep, device_id: int) -> None:
+        """Bind a step's KV cache in one loop: no view objects, no per-tensor cache check
+        (the shapes change every step anyway)."""
+        if self._native is None or not kv.past and not kv.present:
+            feeds, outputs = kv.views()
+            for name, view in feeds.items():
+                self.bind(name, view, device_id, output=False)
+            for name, view in outputs.items():
+                self.bind(name, view, device_id, output=True)
+            return
+        first = (kv.past or kv.present)[0][1]
+        device = self._native_device("cpu" if first.on_host else "cuda", device_id)
+        dtype, bound = first.dtype.type, self._bound
+        bind_input, bind_output = self._native.bind_input, self._native.bind_output
+        past_shape, present_shape = kv.past_shape, kv.present_shape
+        for name, buffer in kv.past:
+            bind_input(name, device, dtype, past_shape, buffer.ptr)
+            bound.pop((name, False), None)
+        for name, buffer in kv.present:
+            bind_output(name, device, dtype, present_shape, buffer.ptr)
+            bound.pop((name, True), None)
+
+    def _native_device(self, device: str, device_id: int) -> Any:
+        native_device = self._devices.get((device, device_id))
+        if native_device is None:
+            import onnxruntime as ort
+
+            native_device = ort.OrtDevice.make(device, device_id)._get_c_device()
+            self._devices[(device, device_id)] = native_device
+        return native_device
 
 
 class OrtDeviceBuffer(Buffer):
@@ -301,6 +328,7 @@ class OrtBackend(Backend):
         binding: StepBinding,
         feeds: Mapping[str, Feed],
         outputs: Mapping[str, TensorView],
+        kv: KVStep | None = None,
     ) -> None:
         assert isinstance(binding, OrtBinding)
         io = binding.io
@@ -312,6 +340,9 @@ class OrtBackend(Backend):
         for name, view in outputs.items():
             binding.bind(name, view, self.device_id, output=True)
         binding.output_names = list(outputs)
+        if kv is not None:
+            binding.bind_kv(kv, self.device_id)
+            binding.output_names += [name for name, _ in kv.present]
         try:
             self.session.run_with_iobinding(io)
         except Exception as exc:

@@ -27,6 +27,7 @@ from peft_export.runtime.backends.base import (
     Buffer,
     Feed,
     IOSpec,
+    KVStep,
     StepBinding,
     TensorView,
 )
@@ -136,9 +137,16 @@ class TrtBackend(Backend):
         return TrtBinding(self.engine.create_execution_context())
 
     def run(
-        self, binding: StepBinding, feeds: Mapping[str, Feed], outputs: Mapping[str, TensorView]
+        self,
+        binding: StepBinding,
+        feeds: Mapping[str, Feed],
+        outputs: Mapping[str, TensorView],
+        kv: KVStep | None = None,
     ) -> None:
         assert isinstance(binding, TrtBinding)
+        if kv is not None:
+            kv_feeds, kv_outputs = kv.views()
+            feeds, outputs = {**feeds, **kv_feeds}, {**outputs, **kv_outputs}
         context, stream = binding.context, binding.stream
         shapes = {
             name: tuple(np.shape(f) if isinstance(f, np.ndarray) else f.shape)
