@@ -13,12 +13,17 @@ had mapped before (holes freed earlier in the heap, say of a previous session) s
 later ones part of it. Collapsing copies the memory once (~1-2 s per GB) and keeps its
 contents. It is best effort: on other systems, on kernels before 6.1 or without free huge
 pages it does nothing or part of the range, and nothing fails.
+
+`Collapse` does it on a background thread, so a freshly loaded bundle answers its first
+request without waiting for the copy (ctypes releases the GIL during madvise); the kernel
+keeps the memory readable while it moves.
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -91,3 +96,21 @@ def collapse(ranges: Iterable[Range]) -> int:
             if madvise(chunk, size, MADV_COLLAPSE) == 0:
                 accepted += size
     return accepted
+
+
+class Collapse:
+    """`collapse(ranges)` on a daemon thread; `bytes` waits for it and gives its result."""
+
+    def __init__(self, ranges: Iterable[Range]) -> None:
+        self._ranges = list(ranges)
+        self._accepted = 0
+        self._thread = threading.Thread(target=self._run, name="huge-pages", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._accepted = collapse(self._ranges)
+
+    @property
+    def bytes(self) -> int:
+        self._thread.join()
+        return self._accepted

@@ -66,8 +66,8 @@ class OrtOptions:
     """Raw session config entries (`SessionOptions.add_session_config_entry`)."""
     huge_pages: bool = True
     """CPU only: after loading, move the memory the session allocated (its weights) onto
-    2 MiB pages (runtime/huge_pages.py). Takes ~1-2 s per GB once; decode steps then miss
-    the TLB far less."""
+    2 MiB pages (runtime/huge_pages.py), on a background thread: ~1-2 s per GB once, while
+    the first requests already run; decode steps then miss the TLB far less."""
     quant_accuracy: int | None = None
     """Quantized bundles: ONNX Runtime's compute for their MatMuls, None for the bundle's
     own (manifest): 4 quantizes activations to int8 (fast), 1 computes in float32 on the
@@ -210,12 +210,17 @@ class OrtBackend(Backend):
                 f"{where}: ONNX Runtime could not load the graph ({_first_line(exc)}); "
                 "re-export the bundle with this onnxruntime version installed"
             ) from None
-        self.huge_page_bytes = 0
+        self._collapse: huge_pages.Collapse | None = None
         if collapse:
             grown = huge_pages.new_ranges(before, huge_pages.anonymous_ranges())
-            self.huge_page_bytes = huge_pages.collapse(grown)
+            self._collapse = huge_pages.Collapse(grown)
         self._inputs = [_spec(arg) for arg in self.session.get_inputs()]
         self._outputs = [_spec(arg) for arg in self.session.get_outputs()]
+
+    @property
+    def huge_page_bytes(self) -> int:
+        """Session memory moved onto huge pages (waits for the background move to end)."""
+        return self._collapse.bytes if self._collapse is not None else 0
 
     @classmethod
     def from_bundle(cls, root: Path, manifest: Manifest, **options: Any) -> OrtBackend:
