@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <thread>
 
 #include "huge_pages.hpp"
 #include "peft_export/backend.hpp"
@@ -157,12 +158,24 @@ class OrtBackend final : public Backend {
                            first_line(exc) +
                            "); re-export the bundle with this onnxruntime version installed");
     }
-    if (options.huge_pages) {
-      huge_pages::collapse(huge_pages::new_ranges(before, huge_pages::anonymous_ranges()));
-    }
     describe_inputs();
     describe_outputs();
+    if (options.huge_pages) {
+      // On a background thread, so the first request does not wait ~1-2 s per GB for it; the
+      // kernel keeps the memory readable while it moves. Started last (nothing can throw
+      // after it) and joined before the session goes.
+      collapse_ = std::thread(
+          [ranges = huge_pages::new_ranges(before, huge_pages::anonymous_ranges())] {
+            huge_pages::collapse(ranges);
+          });
+    }
   }
+
+  ~OrtBackend() override {
+    if (collapse_.joinable()) collapse_.join();
+  }
+  OrtBackend(const OrtBackend&) = delete;
+  OrtBackend& operator=(const OrtBackend&) = delete;
 
   std::string name() const override { return "ort"; }
 
@@ -344,6 +357,7 @@ class OrtBackend final : public Backend {
   AdapterBanks* banks_;
   Ort::MemoryInfo memory_;
   std::unique_ptr<Ort::Session> session_;
+  std::thread collapse_;
   std::vector<InputSlot> inputs_;
   std::vector<const char*> input_names_;
   std::vector<std::string> output_storage_;
