@@ -56,8 +56,13 @@ OURS_DEFAULT = [
     "ours_runtime_fp32_fused",
     "ours_merged_fp32_fused",
     "ours_runtime_int8_fused",
+    "ours_merged_int8_fused",
     "ours_runtime_int4_fused",
     "ours_merged_int4_fused",
+    "ours_merged_fp32_fused_cpp",
+    "ours_merged_int8_fused_cpp",
+    "ours_runtime_int4_fused_cpp",
+    "ours_merged_int4_fused_cpp",
 ]
 PEERS = [
     "torch_peft_fp32",
@@ -71,11 +76,14 @@ PEERS = [
     "llama_cpp_q4_0",
 ]
 OURS_ALL = [
-    f"ours_{mode}_{precision}{fused}"
+    f"ours_{mode}_{precision}{fused}{runtime}"
     for mode in ("merged", "runtime")
     for precision in ("fp32", "int8", "int4")
     for fused in ("", "_fused")
+    for runtime in ("", "_cpp")
 ]
+RUNTIMES = {"python": "", "cpp": "_cpp"}
+"""Our runtimes, by side-name suffix: goals are judged for each one on its own."""
 WORKER = SCRIPTS / "peers" / "worker.py"
 READY_TIMEOUT_S = 600
 STEP_TIMEOUT_S = 300
@@ -471,47 +479,63 @@ def add_ratios(report: dict, runs: dict[str, list[dict]]) -> None:
 def add_goals(report: dict, runs: dict[str, list[dict]]) -> None:
     """The issue's goals, each with the numbers it rests on (None: a side it needs is absent).
 
-    Per weight precision: our fastest side against the fastest peer (median decode tok/s),
-    our lowest peak RSS and load-to-first-token against the best peer's; our runtime-LoRA int4
-    decode step against our merged int4 step (median of per-round ratios); the int4 bundle's
-    bytes against the fp32 bundle's."""
+    Per weight precision and per runtime of ours (Python, C++): our fastest side against the
+    fastest peer (median decode tok/s), our lowest peak RSS and load-to-first-token against
+    the best peer's; our runtime-LoRA int4 decode step against our merged int4 step (median
+    of per-round ratios); the int4 bundle's bytes against the fp32 bundle's."""
     sides = {n: e for n, e in report["sides"].items() if e.get("decode_tokens_per_s")}
     goals: dict = {}
     for precision in ("fp32", "int8", "int4"):
-        ours = {
-            n: e for n, e in sides.items() if n.startswith("ours_") and e["precision"] == precision
-        }
         peers = {
             n: e
             for n, e in sides.items()
             if not n.startswith("ours_") and n != "torch_peft_fp32" and e["precision"] == precision
         }
-        if not ours or not peers:
-            goals[precision] = None
-            continue
-        fastest_ours = max(ours, key=lambda n: ours[n]["decode_tokens_per_s"])
-        fastest_peer = max(peers, key=lambda n: peers[n]["decode_tokens_per_s"])
-        speed = (
-            ours[fastest_ours]["decode_tokens_per_s"] / peers[fastest_peer]["decode_tokens_per_s"]
-        )
-        rss = min(e.get("peak_rss_mb", float("inf")) for e in ours.values())
-        peer_rss = min(e.get("peak_rss_mb", float("inf")) for e in peers.values())
-        load = min(e["load"]["load_to_first_token_s"] for e in ours.values())
-        peer_load = min(e["load"]["load_to_first_token_s"] for e in peers.values())
         goals[precision] = {
-            "speed_vs_fastest_peer": {
-                "ours": fastest_ours,
-                "peer": fastest_peer,
-                "ratio": round(speed, 3),
-                "met": speed >= 1.0,
-            },
-            "peak_rss_mb": {"ours": rss, "best_peer": peer_rss, "met": rss <= peer_rss},
-            "load_to_first_token_s": {
-                "ours": load,
-                "best_peer": peer_load,
-                "met": load <= peer_load,
-            },
+            runtime: _precision_goals(
+                {
+                    n: e
+                    for n, e in sides.items()
+                    if n.startswith("ours_")
+                    and e["precision"] == precision
+                    and n.endswith("_cpp") == (suffix == "_cpp")
+                },
+                peers,
+            )
+            for runtime, suffix in RUNTIMES.items()
         }
+    _step_and_bytes_goals(report, runs, goals)
+    report["goals"] = goals
+
+
+def _precision_goals(ours: dict[str, dict], peers: dict[str, dict]) -> dict | None:
+    """Speed, peak RSS and load of one runtime's sides at one precision vs the peers'."""
+    if not ours or not peers:
+        return None
+    fastest_ours = max(ours, key=lambda n: ours[n]["decode_tokens_per_s"])
+    fastest_peer = max(peers, key=lambda n: peers[n]["decode_tokens_per_s"])
+    speed = ours[fastest_ours]["decode_tokens_per_s"] / peers[fastest_peer]["decode_tokens_per_s"]
+    rss = min(e.get("peak_rss_mb", float("inf")) for e in ours.values())
+    peer_rss = min(e.get("peak_rss_mb", float("inf")) for e in peers.values())
+    load = min(e["load"]["load_to_first_token_s"] for e in ours.values())
+    peer_load = min(e["load"]["load_to_first_token_s"] for e in peers.values())
+    return {
+        "speed_vs_fastest_peer": {
+            "ours": fastest_ours,
+            "peer": fastest_peer,
+            "ratio": round(speed, 3),
+            "met": speed >= 1.0,
+        },
+        "peak_rss_mb": {"ours": rss, "best_peer": peer_rss, "met": rss <= peer_rss},
+        "load_to_first_token_s": {
+            "ours": load,
+            "best_peer": peer_load,
+            "met": load <= peer_load,
+        },
+    }
+
+
+def _step_and_bytes_goals(report: dict, runs: dict[str, list[dict]], goals: dict) -> None:
     pair = ("ours_runtime_int4_fused", "ours_merged_int4_fused")
     if all(n in runs for n in pair):
         steps = [
@@ -533,7 +557,6 @@ def add_goals(report: dict, runs: dict[str, list[dict]]) -> None:
             "goal": 0.3,
             "met": int4 / fp32 <= 0.3,
         }
-    report["goals"] = goals
 
 
 if __name__ == "__main__":

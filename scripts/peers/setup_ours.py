@@ -1,13 +1,14 @@
 """peft-export's sides: bundles written by the `peft-export export` CLI, one per side, and the
 PyTorch + PEFT reference (nothing to build). Both run in the project's own interpreter.
 
-Side names: ours_{merged|runtime}_{fp32|int8|int4}[_fused] -> `export --mode merged|runtime
-[--quantize int8|int4] [--ort-fusions cpu]`. A bundle is re-exported when the command differs
-from the one it was made with, or the exporter's code does (the git trees of the export-time
-folders plus their uncommitted changes, in the checkout `peft_export` is imported from, which
-PYTHONPATH may point at); `reuse=True` (--reuse-exports) keeps a bundle made by the same
-command with other code and says so. Quantized sides are skipped, not failed, while the CLI
-has no --quantize.
+Side names: ours_{merged|runtime}_{fp32|int8|int4}[_fused][_cpp] -> `export --mode
+merged|runtime [--quantize int8|int4] [--ort-fusions cpu]`; `_cpp` runs the same bundle through
+the C++ runtime (runtime/cpp, built once under the workdir) instead of the Python one. A
+bundle is re-exported when the command differs from the one it was made with, or the
+exporter's code does (the git trees of the export-time folders plus their uncommitted changes,
+in the checkout `peft_export` is imported from, which PYTHONPATH may point at);
+`reuse=True` (--reuse-exports) keeps a bundle made by the same command with other code and
+says so. Quantized sides are skipped, not failed, while the CLI has no --quantize.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from setup_common import SetupError, SideSkipped, SideSpec, run_logged, write_stamp
 
-NAME = re.compile(r"^ours_(merged|runtime)_(fp32|int8|int4)(_fused)?$")
+NAME = re.compile(r"^ours_(merged|runtime)_(fp32|int8|int4)(_fused)?(_cpp)?$")
 CLI = [sys.executable, "-c", "from peft_export.exporter.cli import main; main()"]
 EXPORT_DIRS = ["exporter", "bundle", "models", "plugins", "peft_export"]
 """What a bundle's contents depend on (runtime/ is not baked into bundles)."""
@@ -44,7 +45,7 @@ def setup(name: str, workdir: Path, adapter: Path, threads: int, reuse: bool = F
         if not quantize_available():
             raise SideSkipped("--quantize not available")
         args += ["--quantize", precision]
-    out = workdir / "ours" / name
+    out = workdir / "ours" / name.removesuffix("_cpp")
     code = code_version()
     made = _made_with(out)
     if made.get("args") != args or (made.get("code") != code and not reuse):
@@ -56,24 +57,43 @@ def setup(name: str, workdir: Path, adapter: Path, threads: int, reuse: bool = F
     exported_with = f"{package_repo()} exporter code {made['code']}"
     if made["code"] != code:
         exported_with += f" (reused; the checkout's is now {code})"
+    config = {
+        "bundle": str(out),
+        "adapter": "pirate" if mode == "runtime" else None,
+        "threads": threads,
+    }
+    settings = {
+        "build": "peft-export export " + " ".join(args).replace(str(adapter), "…"),
+        "exported_with": exported_with,
+    }
+    if match.group(4):
+        config["library"] = str(build_cpp_runtime(workdir) / "libpeft_export_runtime.so")
+        settings["runtime"] = "C++ (runtime/cpp, Release build)"
     return SideSpec(
         name=name,
         peer="peft-export",
         precision=precision,
         python=sys.executable,
-        module="side_ours",
-        config={
-            "bundle": str(out),
-            "adapter": "pirate" if mode == "runtime" else None,
-            "threads": threads,
-        },
+        module="side_ours_cpp" if match.group(4) else "side_ours",
+        config=config,
         files=[out],
-        settings={
-            "build": "peft-export export " + " ".join(args).replace(str(adapter), "…"),
-            "exported_with": exported_with,
-        },
+        settings=settings,
         env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
     )
+
+
+def build_cpp_runtime(workdir: Path) -> Path:
+    """runtime/cpp built (Release, incremental) from the checkout peft_export comes from."""
+    repo = package_repo()
+    build = workdir / "ours" / "cpp-build"
+    log = workdir / "ours" / "cpp-build.log"
+    run_logged([str(repo / "scripts" / "fetch_ort_headers.sh")], log)
+    configure = ["cmake", "-S", str(repo / "runtime" / "cpp"), "-B", str(build)]
+    configure += ["-DCMAKE_BUILD_TYPE=Release", f"-DPython3_EXECUTABLE={sys.executable}"]
+    run_logged(configure, log)
+    build_cmd = ["cmake", "--build", str(build), "--target", "peft_export_runtime"]
+    run_logged([*build_cmd, "-j", str(os.cpu_count() or 2)], log)
+    return build
 
 
 def setup_torch(workdir: Path, checkpoint: Path, adapter: Path, threads: int) -> SideSpec:
