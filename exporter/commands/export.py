@@ -112,7 +112,8 @@ def _with_contributed_options(command):
     default="auto",
     show_default=True,
     help="Graph form: qdq (standard DequantizeLinear; ONNX Runtime and TensorRT) or "
-    "matmulnbits (ONNX Runtime only; keeps a GGUF's Q4_1 blocks exactly, slower on CPU).",
+    "matmulnbits (ONNX Runtime only; given explicitly, keeps a GGUF's Q4_1 blocks exactly, "
+    "slower on CPU). auto: matmulnbits (symmetric) with --ort-fusions cpu, else qdq.",
 )
 @click.option(
     "--quant-accuracy",

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from peft_export.bundle import names
+from peft_export.bundle.graph_file import load_graph
+from peft_export.bundle.paths import confined
 from peft_export.exporter.errors import ExportError
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
@@ -199,10 +201,9 @@ def _export_merge_diff(
     bundle_dir: Path, graph_file: str, targets: dict[str, RefitTarget], base: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Base and graph values of the weights where the graph's own weights differ from the base."""
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(bundle_dir / graph_file))
+    model = load_graph(confined(bundle_dir, graph_file))
     stored = {t.name: t for t in model.graph.initializer}
     base_values, graph_values = {}, {}
     for param, value in base.items():

@@ -137,8 +137,8 @@ def _carried_block(
 ) -> BlockQuantized | None:
     if block is None or block.shape != weight.shape or block.block_size != scheme.block_size:
         return None
-    if scheme.graph_format == "qdq" and not _symmetric(block):
-        return None  # DequantizeLinear's form for TensorRT has no zero points
+    if not scheme.zero_points and not _symmetric(block):
+        return None  # qdq (TensorRT's form) has none; matmulnbits only when asked (slow kernel)
     if scheme.graph_format == "qdq" and block.bits == 8 and np.any(block.scales < 0):
         return None
     # Equal up to float32 rounding (a few GGUF Q4_1 blocks are an ulp off, GgufBlocks), not

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from peft_export.bundle.graph_file import load_graph
 from peft_export.bundle.manifest import Quantization, QuantizedModule
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.quantize.apply import QuantizedModel
@@ -356,14 +357,15 @@ def _signed_values(tensor: onnx.TensorProto, bits: int) -> np.ndarray:
 
 def quantize_graph_file(path: Path, quantized: QuantizedModel) -> Quantization:
     """Rewrite the graph file at `path` (and its .data) in place; returns the manifest record."""
-    from peft_export.exporter.graph.onnx_export import EXTERNAL_DATA_THRESHOLD, check_graph
+    from peft_export.exporter.graph.onnx_export import check_graph
 
-    model = onnx.load(str(path))
+    model = load_graph(path)
     records = quantize_graph(model, quantized)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
-    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    onnx.save(model, str(path), save_as_external_data=external, location=data.name)
+    # Always beside the graph, whatever its size: ONNX Runtime then maps the file instead of
+    # parsing every weight into memory first (SmolLM2 int8: ~100 MB less resident memory).
+    onnx.save(model, str(path), save_as_external_data=True, location=data.name)
     check_graph(
         path,
         "the quantized graph",

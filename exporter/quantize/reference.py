@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from peft_export.bundle.graph_file import load_graph
 from peft_export.bundle.manifest import Manifest
 from peft_export.bundle.paths import confined
 from peft_export.exporter.quantize.apply import is_conv1d
@@ -39,12 +40,10 @@ EVAL_TEXT = (
 
 def graph_blocks(root: Path, manifest: Manifest) -> dict[str, BlockQuantized]:
     """The quantized layers stored in the bundle's graph, by module path."""
-    import onnx
-
     quantization = manifest.quantization
     if quantization is None:
         return {}
-    model = onnx.load(str(confined(root, manifest.graph.file)))
+    model = load_graph(confined(root, manifest.graph.file))
     return read_blocks(model, quantization)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from peft_export.bundle import names
+from peft_export.bundle.graph_file import load_graph
 from peft_export.bundle.manifest import Manifest
 from peft_export.bundle.paths import confined
 from peft_export.runtime import huge_pages
@@ -390,19 +391,20 @@ def _with_accuracy_level(graph: Path, level: int) -> bytes:
             "changing a MatMulNBits bundle's accuracy level needs the onnx package; "
             "pip install onnx, or load it with quant_accuracy=None"
         ) from None
-    model = onnx.load(str(graph))
-    if any(t.HasField("data_location") and t.data_location for t in model.graph.initializer):
-        raise InferenceError(
-            f"{graph}: a graph with external data keeps the accuracy level it was exported "
-            "with; re-export with --quant-accuracy, or load it with quant_accuracy=None"
-        )
+    model = load_graph(graph)  # with its .data: the rewritten graph is handed over whole
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             kept = [a for a in node.attribute if a.name != "accuracy_level"]
             del node.attribute[:]
             node.attribute.extend(kept)
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
-    return model.SerializeToString()
+    try:
+        return model.SerializeToString()
+    except Exception:  # noqa: BLE001 - protobuf's over-2-GB error type varies by backend
+        raise InferenceError(
+            f"{graph}: a graph over 2 GB keeps the accuracy level it was exported with; "
+            "re-export with --quant-accuracy, or load it with quant_accuracy=None"
+        ) from None
 
 
 def _device(view: TensorView) -> str:
