@@ -200,7 +200,9 @@ def _check_indices(path: Path, tensors: dict[str, np.ndarray], specs: dict[str, 
 def _check_bank_memory(slots: int, specs: Iterable[BankSpec], dtype: np.dtype) -> None:
     """Refuse banks larger than half this machine's memory (a huge `slots` in a manifest):
     filling them would take the machine down instead of failing."""
-    need = slots * sum(math.prod(spec.slot_shape) for spec in specs) * max(dtype.itemsize, 8)
+    need = slots * sum(
+        math.prod(spec.slot_shape) * (8 if spec.integer else dtype.itemsize) for spec in specs
+    )
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

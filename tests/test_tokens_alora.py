@@ -206,3 +206,11 @@ def test_conversation_switches_from_base_to_alora_keeping_its_cache(served):
         # The invocation is gone: aLoRA computes the base model, as PEFT does without it.
         want_third, _ = _greedy(_peft(base, dirs["alora"]), prompt + want_first, STEPS)
         assert third.token_ids == want_third
+
+
+def test_cpp_runtime_refuses_the_bundle_when_it_opens(served):
+    from test_cpp_runtime import CppRuntime, build_cpp
+
+    _, _, _, out = served
+    with pytest.raises(RuntimeError, match="'tokens.embed_index' .* not fed by the C.. runtime"):
+        CppRuntime(build_cpp(), out)

@@ -364,6 +364,16 @@ def write_ort_adapter(root: Path, manifest: Manifest, name: str) -> Path:
     """
     import onnxruntime as ort
 
+    extra = [
+        t.name
+        for t in manifest.graph.inputs
+        if token_inputs.is_token_bank(t.name) or t.name == token_inputs.ALORA_START
+    ]
+    if extra:
+        raise ExportError(
+            f"--onnx-adapter holds LoRA banks only, but this graph also takes {extra[0]}; "
+            "drop --onnx-adapter and serve the bundle with peft_export.runtime"
+        )
     entry = manifest.adapters.installed[name]
     tensors = safetensors_io.read_tensors(confined(root, entry.file))
     dtype = np.dtype(_DTYPES[manifest.precision])

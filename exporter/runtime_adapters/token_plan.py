@@ -14,6 +14,7 @@ from pathlib import Path
 
 from peft_export.bundle import token_inputs as tk
 from peft_export.exporter.adapter_source import AdapterSource
+from peft_export.exporter.errors import ExportError
 from peft_export.exporter.pipeline import ExportContext
 from peft_export.exporter.runtime_adapters.convert import SlotTensors
 from peft_export.exporter.runtime_adapters.token_banks import TokenBanks
@@ -52,6 +53,11 @@ def plan_tokens(
     asked = any(context.options.get(k) for k in ("extra_tokens", "token_rows", "head_rank"))
     if not token_sources and not asked:
         return None
+    if context.quantized is not None:
+        raise ExportError(
+            "token banks (trainable tokens, retrained heads) are not combined with --quantize "
+            "yet; export them unquantized, or merge the adapter (--mode merged)"
+        )
     base = TokenBase.from_model(context.model)
     layout = token_layout(base, [convert_tokens(s, base) for s in token_sources], context.options)
     by_name = {slot.name: slot for slot in converted}
