@@ -9,12 +9,14 @@ Every reference is PEFT's own forward, computed here.
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
 import torch
+from cli_run import run_cli
 from peft import PeftModel
-from tiny import make_adapter, tiny_model
+from tiny import make_adapter, save_tiny_base, tiny_model
 
 from peft_export.bundle import names
 from peft_export.bundle import token_inputs as tk
@@ -214,3 +216,16 @@ def test_cpp_runtime_refuses_the_bundle_when_it_opens(served):
     _, _, _, out = served
     with pytest.raises(RuntimeError, match="'tokens.embed_index' .* not fed by the C.. runtime"):
         CppRuntime(build_cpp(), out)
+
+
+def test_cli_export_and_verify_a_token_bundle(served, tmp_path):
+    _, _, dirs, _ = served
+    base = save_tiny_base("llama", tmp_path / "base")
+    bundle = tmp_path / "cli"
+    adapters = [a for n in ("added", "head") for a in ("--adapter", f"{n}={dirs[n]}")]
+    args = ("--base", str(base), "--mode", "runtime", *adapters, "--out", str(bundle))
+    assert run_cli("export", *args, "--slots", "3") == 0
+    assert run_cli("verify", str(bundle), "--prompt", "hello", "--max-new-tokens", "4") == 0
+    report = json.loads((bundle / names.PARITY_REPORT).read_text())
+    assert [a["adapter"] for a in report["adapters"]] == [None, "added", "head"]
+    assert all(a["prefill_logits"]["max_abs"] <= TOL for a in report["adapters"])

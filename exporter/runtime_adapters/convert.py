@@ -82,7 +82,7 @@ def check_fits_layout(
     scales IA3 fills depends on its feed-forward modules). `inputs` None checks modules only.
     """
     if inputs is not None:
-        tokens.check_slot_inputs(source, layout, inputs)
+        tokens.check_slot_inputs(source, inputs)
     slots = []
     for path in adapter_modules(source):
         slot = layout.module(path)

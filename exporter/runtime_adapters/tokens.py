@@ -31,7 +31,7 @@ from peft_export.bundle import names, safetensors_io
 from peft_export.bundle import token_inputs as tk
 from peft_export.bundle.atomic import staged_file
 from peft_export.bundle.errors import BundleError
-from peft_export.bundle.manifest import AdapterLayout, TokenLayout
+from peft_export.bundle.manifest import TokenLayout
 from peft_export.bundle.paths import confined
 from peft_export.exporter.adapter_source import AdapterSource
 from peft_export.exporter.errors import ExportError
@@ -92,9 +92,7 @@ def alora_tokens(source: AdapterSource) -> list[int]:
     return list(tokens)
 
 
-def check_slot_inputs(
-    source: AdapterSource, layout: AdapterLayout, inputs: Collection[str]
-) -> None:
+def check_slot_inputs(source: AdapterSource, inputs: Collection[str]) -> None:
     """Refuse an adapter whose token parts or activation the bundle's graph cannot carry."""
     if has_token_parts(source) and tk.EMBED_INDEX not in inputs:
         raise ExportError(
