@@ -173,12 +173,14 @@ def test_bundles_without_the_inputs_refuse_token_and_alora_adapters(served, tmp_
 def test_conversation_switches_from_base_to_alora_keeping_its_cache(served):
     base, _, dirs, out = served
     bundle = load_bundle(out, threads=1)
-    steps = []
+    steps, logits = [], []
     run = bundle.backend.run
 
     def recording(binding, feeds, outputs):
+        done = run(binding, feeds, outputs)
         steps.append((np.array(feeds[names.INPUT_IDS]), feeds[names.past_key(0)].shape[2], feeds))
-        return run(binding, feeds, outputs)
+        logits.append(outputs[names.LOGITS].numpy()[0, -1].copy())
+        return done
 
     bundle.backend.run = recording
     greedy = SamplingOptions(max_new_tokens=STEPS, ignore_eos=True)
@@ -190,10 +192,13 @@ def test_conversation_switches_from_base_to_alora_keeping_its_cache(served):
         cached = chat.cached
         assert cached == len(prompt) + STEPS - 1  # the last reply token is not fed yet
         steps.clear()
+        logits.clear()
         second = chat.generate(INVOCATION, adapter="alora", options=greedy)
         history = prompt + want_first + INVOCATION
         want_second, want_logits = _greedy(_peft(base, dirs["alora"]), history, STEPS)
         assert second.token_ids == want_second
+        for got, want in zip(logits, want_logits, strict=True):
+            assert np.abs(got[: want.shape[0]] - want).max() <= TOL
         ids, past, feeds = steps[0]
         # No recomputation: the first step feeds the unfed reply token and the invocation only.
         assert past == cached
