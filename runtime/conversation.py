@@ -92,6 +92,8 @@ class Conversation:
                     f"{_by(wanted)} (only an activated LoRA takes over a base cache); call "
                     f"rewind({position}) to recompute from there, or start a new Conversation"
                 )
+        if len(history) == self.cached:
+            raise InferenceError("every token is already cached; pass new tokens to generate")
         request = GenerationRequest(prompts=[history], options=[options], adapters=[adapter])
         result = self._run(request, history)
         self._labels += [
@@ -168,23 +170,28 @@ class Conversation:
         bundle.backend.check_steps(
             [{"batch": 1, "seq": min(chunk, len(pending)), "past": self.cached, "prompt_len": 0}]
         )
-        mask = np.ones((1, self.capacity), dtype=np.int64)
-        stepper = _Stepper(bundle, ctx, self._workspace, mask, self.cached)
-        for start in range(0, len(pending), chunk):
-            ids = np.array([pending[start : start + chunk]], dtype=np.int64)
-            last = stepper.step(ids, ids.shape[1])
-        eos = frozenset(bundle.manifest.tokenizer.eos_token_ids)
-        row = _Row(
-            options=options,
-            stop_ids=frozenset(options.stop_token_ids),
-            eos_ids=frozenset() if options.ignore_eos else eos,
-            rng=row_rng(options),
-        )
-        limit = None if ctx.vocab_limits is None else ctx.vocab_limits[0]
-        while options.max_new_tokens and not row.finished:
-            row.accept(choose(last[0][:limit], options, row.rng), bundle.codec, False)
-            if not row.finished:
-                last = stepper.step(np.array([[row.tokens[-1]]], dtype=np.int64), 1)
+        try:
+            mask = np.ones((1, self.capacity), dtype=np.int64)
+            stepper = _Stepper(bundle, ctx, self._workspace, mask, self.cached)
+            for start in range(0, len(pending), chunk):
+                ids = np.array([pending[start : start + chunk]], dtype=np.int64)
+                last = stepper.step(ids, ids.shape[1])
+            eos = frozenset(bundle.manifest.tokenizer.eos_token_ids)
+            row = _Row(
+                options=options,
+                stop_ids=frozenset(options.stop_token_ids),
+                eos_ids=frozenset() if options.ignore_eos else eos,
+                rng=row_rng(options),
+            )
+            limit = None if ctx.vocab_limits is None else ctx.vocab_limits[0]
+            while options.max_new_tokens and not row.finished:
+                row.accept(choose(last[0][:limit], options, row.rng), bundle.codec, False)
+                if not row.finished:
+                    last = stepper.step(np.array([[row.tokens[-1]]], dtype=np.int64), 1)
+        except BaseException:
+            # Steps may have run and swapped the cache buffers: recompute it next time.
+            self.cached, self._labels = 0, []
+            raise
         self.tokens = [*history, *row.tokens]
         self.cached = stepper.past_len
         text = bundle.codec.decode(row.tokens) if bundle.codec is not None else ""
