@@ -71,6 +71,23 @@ class InstalledAdapter:
     method: str
     rank: int = 0
     sha256: str = ""
+    vocab_size: int = 0
+    """Vocabulary the adapter was trained with when it adds tokens (0: the base's)."""
+    alora_invocation_tokens: list[int] = dataclasses.field(default_factory=list)
+    """Activated LoRA: the token sequence from which its delta applies (empty: always)."""
+
+
+@dataclasses.dataclass
+class TokenLayout:
+    """Trainable-token and retrained-head banks of a runtime graph (bundle/token_inputs.py)."""
+
+    base_vocab: int
+    """The base model's vocabulary; the graph's (`vocab_size`) adds `extra_tokens` rows."""
+    extra_tokens: int
+    embed_rows: int
+    head_rank: int
+    embed_path: str
+    head_path: str
 
 
 @dataclasses.dataclass
@@ -82,6 +99,9 @@ class AdapterLayout:
     prefix_max_len: int = 0
     prompt_max_len: int = 0
     adaption_max_len: int = 0
+    tokens: TokenLayout | None = None
+    alora: bool = False
+    """The graph has `alora_start`: activated-LoRA adapters are served."""
     merged: dict[str, Any] | None = None
     installed: dict[str, InstalledAdapter] = dataclasses.field(default_factory=dict)
 

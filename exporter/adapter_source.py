@@ -29,7 +29,9 @@ FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 LORA_FAMILY = ("lora", "rslora", "dora", "adalora", "loha", "lokr", "ia3")
 PROMPT_SIDE = ("prefix_tuning", "prompt_tuning", "p_tuning", "adaption_prompt")
-METHODS = LORA_FAMILY + PROMPT_SIDE
+TOKEN_SIDE = ("trainable_tokens",)
+"""PEFT's TRAINABLE_TOKENS: rows of the token embedding (exporter/runtime_adapters/tokens.py)."""
+METHODS = LORA_FAMILY + PROMPT_SIDE + TOKEN_SIDE
 
 _PEFT_TYPES = {
     "LORA": "lora",
@@ -41,6 +43,7 @@ _PEFT_TYPES = {
     "PROMPT_TUNING": "prompt_tuning",
     "P_TUNING": "p_tuning",
     "ADAPTION_PROMPT": "adaption_prompt",
+    "TRAINABLE_TOKENS": "trainable_tokens",
 }
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _PEFT_PREFIX = "base_model.model."
@@ -219,10 +222,20 @@ def check_fits(source: AdapterSource, base: Any) -> None:
                 "pass that base with --base"
             )
         return
+    from peft_export.exporter.runtime_adapters.tokens import token_tensor_keys
+
     modules = dict(base.named_modules())
     params = dict(base.named_parameters())
     lokr: dict[str, dict[str, tuple[int, ...]]] = {}
+    token_side = token_tensor_keys(source)
+    hidden = spec.hidden_size(config)
     for key, info in source.header.tensors.items():
+        if key in token_side:
+            # Token rows and retrained embedding/head tables may cover added tokens: only
+            # their width must be the base's (the token-bank conversion checks the rest).
+            if len(info.shape) != 2 or info.shape[1] != hidden:
+                _mismatch(source, key, info.shape, ("tokens", hidden))
+            continue
         inner = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
         if inner in params:
             if tuple(params[inner].shape) != info.shape:

@@ -17,15 +17,21 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from peft_export.exporter.adapter_source import LORA_FAMILY, AdapterSource
+from peft_export.exporter.adapter_source import LORA_FAMILY, TOKEN_SIDE, AdapterSource
 from peft_export.exporter.errors import ExportError
 
 
 def check_mergeable(source: AdapterSource) -> None:
-    if source.method not in LORA_FAMILY:
+    if source.method not in LORA_FAMILY + TOKEN_SIDE:
         raise ExportError(
             f"adapter {source.name} is {source.method}, which adds inputs rather than weights "
             "and cannot be merged; export it with --mode runtime"
+        )
+    if source.config.get("alora_invocation_tokens"):
+        raise ExportError(
+            f"adapter {source.name} is an activated LoRA (alora_invocation_tokens): its delta "
+            "starts at its invocation tokens, which merged weights cannot express; export it "
+            "with --mode runtime --alora"
         )
 
 
@@ -34,6 +40,7 @@ def merge_adapter(model: nn.Module, source: AdapterSource) -> nn.Module:
     check_mergeable(source)
     from peft import PeftModel
 
+    resize_for_added_tokens(model, source)
     with _quiet():
         try:
             peft_model = PeftModel.from_pretrained(model, str(source.path), is_trainable=False)
@@ -46,6 +53,25 @@ def merge_adapter(model: nn.Module, source: AdapterSource) -> nn.Module:
             ) from exc
         _give_bias_to_lora_bias_layers(peft_model)
         return merge_peft_model(peft_model, source.name)
+
+
+def resize_for_added_tokens(model: nn.Module, source: AdapterSource) -> None:
+    """Give the base the vocabulary an adapter that adds tokens was trained with, so PEFT can
+    load it. The new rows' initial values do not matter: the adapter must bring every added
+    token's embedding and head row (exporter/runtime_adapters/tokens.py checks the same)."""
+    from peft_export.exporter.runtime_adapters.tokens import token_tensor_keys
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    wanted = vocab
+    for key in token_tensor_keys(source):
+        if not key.endswith("trainable_tokens_delta"):
+            wanted = max(wanted, source.header.tensors[key].shape[0])
+    for field in ("token_indices", "trainable_token_indices"):
+        indices = source.config.get(field) or []
+        lists = indices.values() if isinstance(indices, dict) else [indices]
+        wanted = max([wanted, *(int(i) + 1 for found in lists for i in found)])
+    if wanted > vocab:
+        model.resize_token_embeddings(wanted, mean_resizing=False)
 
 
 def _give_bias_to_lora_bias_layers(peft_model: nn.Module) -> None:

@@ -7,6 +7,7 @@
 See runtime/README.md for the request API, backends and the input-provider hook.
 """
 
+from peft_export.runtime.conversation import Conversation
 from peft_export.runtime.errors import InferenceError
 from peft_export.runtime.providers import InputProvider, RequestContext, Reservation, StepState
 from peft_export.runtime.request import (
@@ -20,6 +21,7 @@ from peft_export.runtime.session import Bundle, load_bundle
 
 __all__ = [
     "Bundle",
+    "Conversation",
     "GenerationRequest",
     "GenerationResult",
     "InferenceError",

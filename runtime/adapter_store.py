@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from peft_export.bundle import names, safetensors_io
+from peft_export.bundle import names, safetensors_io, token_inputs
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.lora_methods import LORA_METHODS, SCALE_PARTS
-from peft_export.bundle.manifest import Manifest, load_manifest
+from peft_export.bundle.manifest import InstalledAdapter, Manifest, load_manifest
 from peft_export.bundle.paths import confined
 from peft_export.plugins.host_copy import region_copier
 from peft_export.runtime import host_memory
@@ -43,7 +43,9 @@ from peft_export.runtime.backends.base import HostBuffer, TensorView
 from peft_export.runtime.errors import InferenceError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
-_FILE_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+_FILE_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int64): "I64"}
+SLOT_METHODS = LORA_METHODS + token_inputs.TOKEN_METHODS
+"""Methods whose adapters fill bank slots: the LoRA family and trainable tokens."""
 DEFAULT_WAIT_S = 60.0
 
 
@@ -54,6 +56,8 @@ class BankSpec:
     name: str
     slot_shape: tuple[int, ...]
     fill: float
+    integer: bool = False
+    """An int64 bank (the token embedding index); the others hold the model dtype."""
 
 
 @dataclass
@@ -91,18 +95,21 @@ class Lease:
 
 
 def bank_specs(manifest: Manifest) -> list[BankSpec]:
-    """The bank inputs the graph declares (`lora.P.part` of docs/bundle-format.md)."""
+    """The bank inputs the graph declares (`lora.P.part` and `tokens.*` of
+    docs/bundle-format.md)."""
     specs = []
     for tensor in manifest.graph.inputs:
         split = names.split_lora_input(tensor.name)
-        if split is None:
+        if split is None and not token_inputs.is_token_bank(tensor.name):
             continue
         if not all(isinstance(d, int) for d in tensor.shape[1:]):
             raise InferenceError(
                 f"bank input {tensor.name} has a dynamic inner shape {tensor.shape}; re-export"
             )
-        fill = 0.0 if split[1] in ("A", "B") else 1.0
-        specs.append(BankSpec(tensor.name, tuple(int(d) for d in tensor.shape[1:]), fill))
+        fill = 0.0 if split is None or split[1] in ("A", "B") else 1.0
+        integer = tensor.name in token_inputs.INT_BANKS
+        shape = tuple(int(d) for d in tensor.shape[1:])
+        specs.append(BankSpec(tensor.name, shape, fill, integer))
     return specs
 
 
@@ -111,7 +118,7 @@ def read_adapter_file(
 ) -> HostAdapter:
     """Read `adapters/NAME.safetensors`, refusing anything that does not fit the banks."""
     entry = manifest.adapters.installed.get(name)
-    if entry is None or entry.method not in LORA_METHODS:
+    if entry is None or entry.method not in SLOT_METHODS:
         have = ", ".join(sorted(manifest.adapters.installed)) or "none"
         raise InferenceError(
             f"unknown LoRA-family adapter {name!r} (installed: {have}); add it with "
@@ -124,6 +131,7 @@ def read_adapter_file(
             _check_header(path, header, manifest, name, dtype, specs)
             tensors, digest = reader.read_all(allocate=host_memory.huge_page_bytes)
         safetensors_io.check_finite(path, tensors)
+        _check_indices(path, tensors, specs)
         if entry.sha256 and digest != entry.sha256:
             raise BundleError(
                 f"{path}: the file changed under the bundle (its sha256 is not the one the "
@@ -149,14 +157,13 @@ def _check_header(path, header, manifest, name, dtype, specs) -> None:
     if not meta.get("rank", "0").isdigit():
         raise BundleError(f"{path}: metadata rank {meta['rank']!r:.20} is not a count; re-add it")
     method = meta.get("method")
-    if method not in LORA_METHODS:
+    if method not in SLOT_METHODS:
         raise BundleError(
             f"{path}: adapter method {method!r} is not a LoRA-family method; re-add the adapter "
             "with 'peft-export adapters add'"
         )
     # The gate is on the graph's inputs, not on the methods named in the manifest: an rsLoRA
     # file fills the same banks as a LoRA one (bundle/lora_methods.py).
-    want = _FILE_DTYPES[np.dtype(dtype)]
     for key, info in header.tensors.items():
         spec = specs.get(key)
         if spec is None:
@@ -167,6 +174,7 @@ def _check_header(path, header, manifest, name, dtype, specs) -> None:
                 else "re-add the adapter, or re-export with --target-modules covering its modules"
             )
             raise BundleError(f"{path}: tensor {key!r} has no bank in this bundle; {fix}")
+        want = _FILE_DTYPES[np.dtype(np.int64 if spec.integer else dtype)]
         if info.shape != spec.slot_shape or info.dtype != want:
             raise BundleError(
                 f"{path}: tensor {key!r} is {info.dtype}{list(info.shape)}, the bank slot is "
@@ -174,10 +182,27 @@ def _check_header(path, header, manifest, name, dtype, specs) -> None:
             )
 
 
+def _check_indices(path: Path, tensors: dict[str, np.ndarray], specs: dict[str, BankSpec]) -> None:
+    """An embedding index must point at one of the slot's rows: the graph gathers by it."""
+    rows = specs.get(token_inputs.EMBED_ROWS)
+    index = tensors.get(token_inputs.EMBED_INDEX)
+    if (
+        index is not None
+        and rows is not None
+        and not ((index >= 0).all() and (index <= rows.slot_shape[0]).all())
+    ):
+        raise BundleError(
+            f"{path}: {token_inputs.EMBED_INDEX} points outside the slot's "
+            f"{rows.slot_shape[0]} embedding rows; re-add the adapter"
+        )
+
+
 def _check_bank_memory(slots: int, specs: Iterable[BankSpec], dtype: np.dtype) -> None:
     """Refuse banks larger than half this machine's memory (a huge `slots` in a manifest):
     filling them would take the machine down instead of failing."""
-    need = slots * sum(math.prod(spec.slot_shape) for spec in specs) * dtype.itemsize
+    need = slots * sum(
+        math.prod(spec.slot_shape) * (8 if spec.integer else dtype.itemsize) for spec in specs
+    )
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -223,18 +248,24 @@ class AdapterStore:
         self._arrays: dict[str, np.ndarray] = {}
         shapes = [(self.slots, *spec.slot_shape) for spec in self.specs.values()]
         counts = [math.prod(shape) for shape in shapes]
+        dtypes = [self._bank_dtype(spec) for spec in self.specs.values()]
+        memory: list[np.ndarray] = [np.empty(0)] * len(counts)
         try:
-            memory = host_memory.carve(self.dtype, counts)
+            for group in dict.fromkeys(dtypes):
+                picked = [i for i, d in enumerate(dtypes) if d == group]
+                carved = host_memory.carve(group, [counts[i] for i in picked])
+                for i, flat in zip(picked, carved, strict=True):
+                    memory[i] = flat
         except (OSError, MemoryError):
-            need = sum(counts) * self.dtype.itemsize
+            need = sum(c * d.itemsize for c, d in zip(counts, dtypes, strict=True))
             raise InferenceError(
                 f"cannot allocate {need / 2**20:.0f} MiB of banks for {self.slots} adapter "
                 "slots; free memory, or re-export the bundle with a smaller --slots"
             ) from None
-        for spec, shape, count, flat in zip(
-            self.specs.values(), shapes, counts, memory, strict=True
+        for spec, shape, count, flat, dtype in zip(
+            self.specs.values(), shapes, counts, memory, dtypes, strict=True
         ):
-            view = HostBuffer(self.dtype, count, flat).view(shape)
+            view = HostBuffer(dtype, count, flat).view(shape)
             array = view.numpy()
             array[...] = spec.fill
             self._views[spec.name] = view
@@ -313,7 +344,14 @@ class AdapterStore:
 
     def owns(self, name: str) -> bool:
         entry = self._current_manifest().adapters.installed.get(name)
-        return entry is not None and entry.method in LORA_METHODS
+        return entry is not None and entry.method in SLOT_METHODS
+
+    def entry(self, name: str) -> InstalledAdapter | None:
+        """The manifest's record of `name` (vocabulary, aLoRA invocation tokens)."""
+        return self._current_manifest().adapters.installed.get(name)
+
+    def _bank_dtype(self, spec: BankSpec) -> np.dtype:
+        return np.dtype(np.int64) if spec.integer else self.dtype
 
     # -- slots ------------------------------------------------------------------------
 
@@ -459,7 +497,7 @@ class AdapterStore:
                 if name in adapter.tensors
             ]
             if not all(
-                t.dtype == self.dtype and t.flags.c_contiguous and t.shape == bank.shape[1:]
+                t.dtype == bank.dtype and t.flags.c_contiguous and t.shape == bank.shape[1:]
                 for _, t, bank in picked
             ):
                 return None

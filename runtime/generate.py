@@ -251,7 +251,8 @@ def _run(
         for b, row in enumerate(rows):
             if row.finished:
                 continue
-            token = choose(last[b], row.options, row.rng)
+            logits = last[b] if ctx.vocab_limits is None else last[b][: ctx.vocab_limits[b]]
+            token = choose(logits, row.options, row.rng)
             row.accept(token, bundle.codec, need_text)
             step_ids[b, 0] = token
             if request.stream is not None:

@@ -60,6 +60,9 @@ class RequestContext:
     bundle: Bundle
     prompt_ids: list[list[int]]
     state: dict[Any, Any] = field(default_factory=dict)
+    vocab_limits: list[int] | None = None
+    """Tokens each row may sample (a provider sets it where rows differ: adapters that add
+    tokens own the graph's extra vocabulary rows); None: every logit."""
 
     @property
     def batch(self) -> int:

@@ -173,6 +173,12 @@ def peft_config(base: PreTrainedModel, method: str, workdir: Path, **overrides: 
     if method == "p_tuning":
         kwargs = {**task, "encoder_reparameterization_type": "MLP", "encoder_hidden_size": 32}
         return peft.PromptEncoderConfig(**{**kwargs, **overrides})
+    if method == "trainable_tokens":
+        kwargs = {
+            "target_modules": [spec.embed_tokens.rpartition(".")[2]],
+            "token_indices": [5, 6, 7],
+        }
+        return peft.TrainableTokensConfig(**{**kwargs, **overrides})
     if method == "adaption_prompt":
         kwargs = {"task_type": "CAUSAL_LM", "adapter_len": 4, "adapter_layers": 2}
         return peft.AdaptionPromptConfig(**{**kwargs, **overrides})

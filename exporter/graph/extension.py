@@ -43,7 +43,8 @@ class GraphExtension(abc.ABC):
         """Patch the model (once, before tracing) so that it reads this extension's inputs."""
 
     def bind(self, feeds: dict[str, torch.Tensor]) -> None:  # noqa: B027
-        """Receive this forward's values of the inputs declared by `inputs`."""
+        """Receive this forward's values of the inputs declared by `inputs`, plus
+        `input_ids` and `position_ids` (token banks and activated LoRA read them)."""
 
     def embed(self, embeds: torch.Tensor, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """Transform token embeddings [batch, seq, hidden] before the decoder layers."""

@@ -36,15 +36,15 @@ class DecoderWrapper(nn.Module):
         super().__init__()
         self.model = model
         self.spec: ArchSpec = get_arch(model.config.model_type)
+        self.extensions = list(extensions)
+        for extension in self.extensions:
+            extension.install(model)  # first: an extension may resize the vocabulary
         config = model.config
         self.num_layers = self.spec.num_layers(config)
         self.num_kv_heads = self.spec.num_kv_heads(config)
         self.head_dim = self.spec.head_dim(config)
         self.hidden_size = self.spec.hidden_size(config)
         self.vocab_size = self.spec.vocab_size(config)
-        self.extensions = list(extensions)
-        for extension in self.extensions:
-            extension.install(model)
         self._extra: list[ExtraInput] = []
         self.input_names: list[str] = []
 
@@ -113,6 +113,8 @@ class DecoderWrapper(nn.Module):
             )
         feeds = dict(zip(self.input_names, inputs, strict=True))
         extension_feeds = {i.name: feeds[i.name] for i in self._extra}
+        for name in (names.INPUT_IDS, names.POSITION_IDS):
+            extension_feeds[name] = feeds[name]  # token rows and aLoRA read them
         for extension in self.extensions:
             extension.bind(extension_feeds)
         embeds = self.model.get_input_embeddings()(feeds[names.INPUT_IDS])

@@ -3,7 +3,10 @@
 Each target module becomes, per row b with s = adapter_ids[b]:
 
     x' = x * in_scale[s]                                   (modules with an in_scale input)
-    y  = out_scale[s] * (W x' + MultiLoRA(x', A, B, ids)) + bias_scale[s] * bias
+    y  = out_scale[s] * (W x' + gate * MultiLoRA(x', A, B, ids)) + bias_scale[s] * bias
+
+`gate` is 1 unless the graph serves activated LoRA (`alora_start`, exporter/runtime_adapters/
+alora.py): then it is 0 at the positions before the row's activation.
 
 A LoRA-only graph pays one MultiLoRA node and one Add per module at decode time; each scale
 is one SlotScale node more (exporter/runtime_adapters/slot_scale_op.py).
@@ -23,7 +26,7 @@ from peft_export.bundle import names
 from peft_export.bundle.manifest import AdapterLayout, ModuleSlot
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.graph.extension import ExtraInput, GraphExtension
-from peft_export.exporter.runtime_adapters import multilora_op, slot_scale_op
+from peft_export.exporter.runtime_adapters import alora, multilora_op, slot_scale_op
 
 if TYPE_CHECKING:
     import onnx
@@ -61,6 +64,7 @@ class LoraBanks(GraphExtension):
         methods: Sequence[str],
         parts: Mapping[str, tuple[str, ...]],
         dtype: torch.dtype = torch.float32,
+        activated: bool = False,
     ) -> None:
         if not modules:
             raise ExportError("runtime mode needs target modules; pass --target-modules")
@@ -74,7 +78,9 @@ class LoraBanks(GraphExtension):
         self.methods = list(methods)
         self.parts = dict(parts)
         self.dtype = dtype
+        self.activated = activated
         self._feeds: dict[str, torch.Tensor] = {}
+        self._gate: torch.Tensor | None = None
 
     def inputs(self, batch: int, seq: int) -> list[ExtraInput]:
         gen = torch.Generator().manual_seed(0)
@@ -92,6 +98,8 @@ class LoraBanks(GraphExtension):
                 )
         ids = torch.arange(batch, dtype=torch.int64) % TRACE_SLOTS
         extra.append(ExtraInput(names.ADAPTER_IDS, ("batch",), ids))
+        if self.activated:
+            extra.append(alora.start_input(batch, seq))
         return extra
 
     def install(self, model: nn.Module) -> None:
@@ -108,6 +116,7 @@ class LoraBanks(GraphExtension):
 
     def bind(self, feeds: dict[str, torch.Tensor]) -> None:
         self._feeds = feeds
+        self._gate = alora.gate(feeds) if self.activated else None
 
     def onnx_translations(self) -> dict[Any, Any]:
         return {**multilora_op.TRANSLATION_TABLE, **slot_scale_op.TRANSLATION_TABLE}
@@ -121,6 +130,7 @@ class LoraBanks(GraphExtension):
         layout.slots = self.slots
         layout.r_max = self.r_max
         layout.modules = list(self.modules)
+        layout.alora = self.activated
 
     def _forward(
         self, module: nn.Module, path: str, parts: tuple[str, ...], x: torch.Tensor
@@ -137,6 +147,8 @@ class LoraBanks(GraphExtension):
         delta = multilora_op.multi_lora(
             x, feeds[names.lora_input(path, "A")], feeds[names.lora_input(path, "B")], ids
         )
+        if self._gate is not None:
+            delta = delta * self._gate.to(delta.dtype)
         scaled = "out_scale" in parts
         if _is_conv1d(module):
             y = torch.matmul(x, weight)

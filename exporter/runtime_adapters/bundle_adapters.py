@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from peft_export.bundle import names, safetensors_io
+from peft_export.bundle import names, safetensors_io, token_inputs
 from peft_export.bundle.atomic import staged_file, staged_update, write_text
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.lora_methods import LORA_METHODS, accepted_methods, bank_parts
@@ -33,6 +33,7 @@ from peft_export.exporter.adapter_source import (
 )
 from peft_export.exporter.bundle_files import file_sha256, read_manifest
 from peft_export.exporter.errors import ExportError
+from peft_export.exporter.runtime_adapters import tokens
 from peft_export.exporter.runtime_adapters.convert import (
     SlotTensors,
     adapter_modules,
@@ -44,6 +45,8 @@ from peft_export.models.architectures import get_arch
 
 BASE_TARGETS_FILE = names.adapter_file(names.BASE_TARGETS)
 ORT_ADAPTER_SUFFIX = ".onnx_adapter"
+SLOT_METHODS = LORA_METHODS + token_inputs.TOKEN_METHODS
+"""Methods whose adapters fill bank slots (LoRA banks, token banks)."""
 _DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}
 
 
@@ -208,14 +211,17 @@ def read_base_targets(bundle_dir: Path, manifest: Manifest) -> dict[str, np.ndar
 def write_slot(adapter: SlotTensors, path: Path, *, weights_sha256: str, precision: str) -> str:
     """Write `adapters/NAME.safetensors` atomically; returns its sha256."""
     dtype = _DTYPES[precision]
+    ints = {k: v for k, v in adapter.tensors.items() if k in token_inputs.INT_BANKS}
+    floats = {k: v for k, v in adapter.tensors.items() if k not in ints}
     tensors = cast_finite(
         adapter.name,
-        adapter.tensors,
+        floats,
         precision,
         dtype,
         why="check lora_alpha and the scales in adapter_config.json",
         fix="re-save it with PEFT",
     )
+    tensors.update({k: np.ascontiguousarray(v, dtype=np.int64) for k, v in ints.items()})
     metadata = {
         "format": names.ADAPTER_FILE_FORMAT,
         "version": names.ADAPTER_FILE_VERSION,
@@ -248,7 +254,12 @@ def install_converted(
         precision=precision,
     )
     layout.installed[adapter.name] = InstalledAdapter(
-        file=relative, method=adapter.method, rank=adapter.rank, sha256=digest
+        file=relative,
+        method=adapter.method,
+        rank=adapter.rank,
+        sha256=digest,
+        vocab_size=adapter.vocab_size,
+        alora_invocation_tokens=list(adapter.alora_invocation_tokens),
     )
 
 
@@ -271,19 +282,28 @@ def add_adapter(
         manifest = load_runtime_manifest(root)
         check_new_adapter_name(name, manifest.adapters.installed, replace=replace)
         source = read_adapter(peft_dir, name=name)
-        if source.method not in LORA_METHODS:
+        if source.method not in SLOT_METHODS:
             raise ExportError(
                 f"adapter {name} is {source.method}; 'adapters add' installs LoRA-family "
-                f"adapters ({', '.join(LORA_METHODS)}); prompt-side adapters need their own export"
+                f"adapters ({', '.join(SLOT_METHODS)}); prompt-side adapters need their own "
+                "export"
             )
         layout = manifest.adapters
         inputs = {t.name for t in manifest.graph.inputs}
         check_fits_layout(source, layout, inputs)  # before DoRA reads the base weights
-        weights = read_base_targets(root, manifest) if source.method == "dora" else None
-        conv1d = get_arch(manifest.base_model.architecture).conv1d_weights
-        converted = convert_adapter(
-            source, layout, conv1d=conv1d, base_weights=weights, inputs=inputs
-        )
+        if source.method in token_inputs.TOKEN_METHODS:
+            converted = SlotTensors(name, source.method, 0, str(source.path))
+        else:
+            weights = read_base_targets(root, manifest) if source.method == "dora" else None
+            conv1d = get_arch(manifest.base_model.architecture).conv1d_weights
+            converted = convert_adapter(
+                source, layout, conv1d=conv1d, base_weights=weights, inputs=inputs
+            )
+        if layout.tokens is not None and (
+            source.method in token_inputs.TOKEN_METHODS or tokens.has_token_parts(source)
+        ):
+            base = tokens.TokenBase.read(root, layout.tokens)
+            tokens.fill_slot(converted, source, base, layout.tokens)
         install_converted(
             stage,
             layout,
@@ -344,6 +364,16 @@ def write_ort_adapter(root: Path, manifest: Manifest, name: str) -> Path:
     """
     import onnxruntime as ort
 
+    extra = [
+        t.name
+        for t in manifest.graph.inputs
+        if token_inputs.is_token_bank(t.name) or t.name == token_inputs.ALORA_START
+    ]
+    if extra:
+        raise ExportError(
+            f"--onnx-adapter holds LoRA banks only, but this graph also takes {extra[0]}; "
+            "drop --onnx-adapter and serve the bundle with peft_export.runtime"
+        )
     entry = manifest.adapters.installed[name]
     tensors = safetensors_io.read_tensors(confined(root, entry.file))
     dtype = np.dtype(_DTYPES[manifest.precision])

@@ -21,6 +21,7 @@ from peft_export.bundle import names
 from peft_export.bundle.manifest import AdapterLayout, ModuleSlot
 from peft_export.exporter.adapter_source import AdapterSource
 from peft_export.exporter.errors import ExportError
+from peft_export.exporter.runtime_adapters import tokens
 
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER = "default"
@@ -39,6 +40,9 @@ class SlotTensors:
     rank: int
     source: str
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    vocab_size: int = 0
+    """Vocabulary of an adapter that adds tokens (0: the base's)."""
+    alora_invocation_tokens: list[int] = field(default_factory=list)
 
 
 def adapter_modules(source: AdapterSource) -> list[str]:
@@ -49,7 +53,10 @@ def adapter_modules(source: AdapterSource) -> list[str]:
             "inputs cannot carry; export it with --mode merged"
         )
     paths: set[str] = set()
+    token_side = tokens.token_tensor_keys(source)
     for key in source.header.tensors:
+        if key in token_side:
+            continue  # token banks (exporter/runtime_adapters/tokens.py)
         inner = key.removeprefix(_PEFT_PREFIX)
         if ".modules_to_save." in inner:
             module = inner.split(".modules_to_save")[0]
@@ -74,6 +81,8 @@ def check_fits_layout(
     (bundle/lora_methods.py); `check_inputs` checks the converted tensors exactly (which
     scales IA3 fills depends on its feed-forward modules). `inputs` None checks modules only.
     """
+    if inputs is not None:
+        tokens.check_slot_inputs(source, inputs)
     slots = []
     for path in adapter_modules(source):
         slot = layout.module(path)
@@ -166,9 +175,11 @@ def convert_adapter(
             "modules; re-export with --methods including dora"
         )
     skeleton = build_skeleton(slots, conv1d=conv1d, base_weights=base_weights)
+    token_side = tokens.token_tensor_keys(source)
     state = {
         k.removeprefix(_PEFT_PREFIX): torch.as_tensor(v).double()
         for k, v in source.load_tensors().items()
+        if k not in token_side
     }
     try:
         config = peft.PeftConfig.from_peft_type(**_config_kwargs(source.config))
@@ -193,6 +204,7 @@ def convert_adapter(
         )
     skeleton.double()
     out = SlotTensors(source.name, source.method, 0, str(source.path))
+    out.alora_invocation_tokens = tokens.alora_tokens(source)
     with torch.no_grad():
         for slot in slots:
             layer = skeleton.get_submodule(slot.path)
@@ -232,7 +244,9 @@ def pad_slot(adapter: SlotTensors, r_max: int) -> SlotTensors:
 
 def _config_kwargs(config: dict) -> dict:
     """The saved adapter config minus fields PEFT itself derives on load."""
-    kwargs = {k: v for k, v in config.items() if k not in ("auto_mapping", "revision")}
+    # Token-side fields are converted by exporter/runtime_adapters/tokens.py, not by PEFT here.
+    dropped = ("auto_mapping", "revision", "trainable_token_indices", "modules_to_save")
+    kwargs = {k: v for k, v in config.items() if k not in dropped}
     kwargs.setdefault("peft_type", config.get("peft_type"))
     return kwargs
 

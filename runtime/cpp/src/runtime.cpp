@@ -17,6 +17,19 @@ bool is_prompt_embed_method(const std::string& method) {
   return method == "prompt_tuning" || method == "p_tuning";
 }
 
+// Graph inputs of docs/bundle-format.md this runtime does not feed (Python runtime only):
+// refused when the bundle opens, not at the first step.
+void refuse_unfed_inputs(const Manifest& manifest) {
+  for (const TensorSpec& input : manifest.graph.inputs) {
+    if (input.name.rfind("tokens.", 0) == 0 || input.name == "alora_start") {
+      throw InferenceError("graph input '" + input.name +
+                           "' (trainable tokens / activated LoRA) is not fed by the C++ "
+                           "runtime; serve this bundle with the Python runtime, or re-export "
+                           "it without --extra-tokens, --token-rows, --head-rank and --alora");
+    }
+  }
+}
+
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
@@ -170,6 +183,7 @@ Batch::PromptSide::PromptSide(const Manifest& manifest,
 
 Runtime::Runtime(const std::filesystem::path& bundle_dir, RuntimeOptions options)
     : bundle_dir_(bundle_dir), manifest_(load_manifest(bundle_dir)) {
+  refuse_unfed_inputs(manifest_);
   if (manifest_.runtime_mode()) {
     banks_ = std::make_unique<AdapterBanks>(manifest_, options.slots);
     if (banks_->specs().empty()) banks_.reset();
