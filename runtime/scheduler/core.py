@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -610,7 +611,14 @@ class Scheduler:
         """Install a converted adapter file (a peft-export `.safetensors` made for this
         bundle, e.g. by `peft-export adapters add` or an in-process converter) into the bundle
         atomically, after checking it fits; returns its method. Requests may use it at once."""
-        return self.pager.register(name, path, replace=replace)
+        return self.pager.register({name: Path(path)}, replace=replace)[name]
+
+    def register_many(
+        self, files: Mapping[str, str | Path], *, replace: bool = False
+    ) -> dict[str, str]:
+        """`register` for many adapters in one bundle update (all or none; one manifest
+        write instead of one per adapter); returns each name's method."""
+        return self.pager.register({n: Path(p) for n, p in files.items()}, replace=replace)
 
     def unregister(self, name: str) -> None:
         """Remove an adapter from the bundle atomically. Running rows that use it finish;
