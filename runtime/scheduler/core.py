@@ -561,9 +561,12 @@ class Scheduler:
 
         queue_depth, running_rows, prefilling_rows;
         requests: submitted, admitted, completed, cancelled, timeout, error, rejected;
-        tokens: prompt, generated; steps: decode, prefill; step_seconds: decode, prefill;
-        kv_pool: capacity_tokens, reserved_tokens (admitted rows' worst cases), layout_tokens
-        (rows x positions of the current decode batch), rows;
+        tokens: prompt, generated; steps: decode, prefill; step_seconds: decode, prefill,
+        kv_moves (rows joining and leaving the decode pool);
+        kv_pool: capacity_tokens, reserved_tokens and reserved_rows (admitted rows' worst
+        cases), layout_tokens (rows x positions of the current decode batch), rows, trims,
+        widenings, decode_fill (positions attended / positions computed over all decode
+        steps: what the shared past length costs in padding);
         adapters: per tier ("host": LoRA-family host copies, "slots": bank slots,
         "prompt_host": prompt-side adapters) hits, misses, evictions, size (+ pinned for slots);
         samples: recent seconds per kind (ttft, inter_token, queue_wait, e2e).
@@ -596,6 +599,8 @@ class Scheduler:
                 "rows": len(runner.pool.rows),
                 "trims": runner.pool.trims,
                 "widenings": runner.pool.widenings,
+                "decode_fill": runner.decode_positions["used"]
+                / max(1, runner.decode_positions["layout"]),
             },
             "adapters": self.pager.stats(),
             "samples": samples,
