@@ -246,6 +246,20 @@ def test_paging_200_adapters_through_8_slots(bundle_dir, tmp_path):
     assert slots["evictions"] >= slots["misses"] - slots["capacity"]
     assert host["evictions"] > 0 and host["size"] <= config.host_cache_adapters + 7
 
+    later = Scheduler(bundle, config)
+    queued = later.submit(ServeRequest([5, 6], adapter="v1", max_tokens=2))
+    later.unregister("v1")
+    assert "v1" not in later.names()
+    with pytest.raises(UnknownAdapterError, match="'v1'"):
+        later.submit(ServeRequest([5, 6], adapter="v1", max_tokens=2))
+    kept = later.submit(ServeRequest([5, 6], adapter="v2", max_tokens=2))
+    while not kept.done():
+        later.step()
+    assert queued.result(timeout=0).finish_reason == "error"
+    assert "v1" in queued.result(timeout=0).error
+    assert kept.result(timeout=0).finish_reason in ("length", "eos")
+    later.close()
+
 
 def test_refusals_name_the_problem(bundle_dir):
     bundle = load_bundle(bundle_dir, threads=1)

@@ -372,7 +372,11 @@ class Scheduler:
                 continue
             adapter = None
             if self._fits_group(members, entry) and self.reservations.fits(entry.worst):
-                adapter = self.pager.try_pin(entry.request.adapter, entry.prompt)
+                try:
+                    adapter = self.pager.try_pin(entry.request.adapter, entry.prompt)
+                except InferenceError as exc:  # e.g. unregistered or replaced by a bad file
+                    self._drop_queued(entry, str(exc))
+                    continue
             if adapter is not None:
                 entry.adapter = adapter
                 self.reservations.add(entry.id, entry.worst)
@@ -405,6 +409,14 @@ class Scheduler:
             [e.adapter or RowAdapter(None) for e in admitted],
         )
         self._group = (group, admitted)
+
+    def _drop_queued(self, entry: _Entry, error: str) -> None:
+        with self._lock:
+            if entry not in self._queue:
+                return
+            self._queue.remove(entry)
+            entry.state = "done"
+        self._complete(entry, "error", error)
 
     def _fits_group(self, members: list[_Entry], entry: _Entry) -> bool:
         """The first row of a group may be long (chunked); more rows only while the whole
