@@ -403,11 +403,16 @@ class Scheduler:
             return
         for entry in admitted:
             self._observe("queue_wait", now - entry.handle.submitted)
-        group = self.runner.new_group(
-            [e.id for e in admitted],
-            [e.prompt_ids for e in admitted],
-            [e.adapter or RowAdapter(None) for e in admitted],
-        )
+        try:
+            group = self.runner.new_group(
+                [e.id for e in admitted],
+                [e.prompt_ids for e in admitted],
+                [e.adapter or RowAdapter(None) for e in admitted],
+            )
+        except InferenceError as exc:
+            for entry in admitted:
+                self._finish(entry, "error", str(exc))
+            return
         self._group = (group, admitted)
 
     def _drop_queued(self, entry: _Entry, error: str) -> None:
