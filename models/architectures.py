@@ -43,6 +43,10 @@ class ArchSpec:
     layer_types). Set, the graph measures the window in kept tokens from `attention_mask`
     (exporter/graph/window_mask.py), so a left-padded or prefixed row attends as it would alone;
     HF's own mask measures it in cache columns, which padding shifts."""
+    known_as: str = ""
+    """Models users know this family by (README's support table, scripts/support_table.py)."""
+    features: tuple[str, ...] = ()
+    """What its graph handles beyond a Llama block, as the support table lists it."""
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -146,7 +150,7 @@ def _tiny_gemma2(**overrides: Any) -> dict[str, Any]:
             "sliding_window": 5,
             "query_pre_attn_scalar": 16,
             "final_logit_softcapping": 0.5,
-            "attn_logit_softcapping": 0.3,
+            "attn_logit_softcapping": 0.05,
             **overrides,
         }
     )
@@ -215,15 +219,28 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("llama", **_LLAMA_LIKE, tiny_config=_tiny_llama),
         ArchSpec("mistral", **_LLAMA_LIKE, tiny_config=_tiny_llama),
         ArchSpec("qwen2", **_LLAMA_LIKE, tiny_config=_tiny_qwen2),
-        ArchSpec("gemma", **_LLAMA_LIKE, tiny_config=_tiny_gemma),
         ArchSpec(
-            "gemma2", **_LLAMA_LIKE, tiny_config=_tiny_gemma2, sliding_window_key="sliding_window"
+            "gemma",
+            **_LLAMA_LIKE,
+            tiny_config=_tiny_gemma,
+            known_as="Gemma 2B / 7B, CodeGemma",
+            features=("token embeddings scaled by sqrt(hidden); prompt-tuning vectors unscaled",),
+        ),
+        ArchSpec(
+            "gemma2",
+            **_LLAMA_LIKE,
+            tiny_config=_tiny_gemma2,
+            sliding_window_key="sliding_window",
+            known_as="Gemma 2 2B / 9B / 27B",
+            features=("final-logit and attention soft-capping", "scaled token embeddings"),
         ),
         ArchSpec(
             "gemma3_text",
             **_LLAMA_LIKE,
             tiny_config=_tiny_gemma3_text,
             sliding_window_key="sliding_window",
+            known_as="Gemma 3 1B (text), Gemma 3 language models",
+            features=("q/k norms", "local / global rope bases", "scaled token embeddings"),
         ),
         ArchSpec(
             "phi3",
@@ -234,6 +251,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             },
             tiny_config=_tiny_phi3,
             sliding_window_key="sliding_window",
+            known_as="Phi-3 / Phi-3.5 mini, Phi-4-mini",
+            features=(
+                "fused qkv_proj / gate_up_proj (LoRA targets them whole)",
+                "LongRoPE, short/long factors chosen per row",
+            ),
         ),
         ArchSpec(
             "gpt2",

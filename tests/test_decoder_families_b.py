@@ -184,3 +184,14 @@ def test_runtime_bundle_builds_with_tensorrt(family: Family, monkeypatch, tmp_pa
     options = EngineOptions(batch="1:2:4", seq="1:8:32", past="0:16:64", progress=False)
     record = build_engines(family.path, load_manifest(family.path), options)
     assert (family.path / record.file).stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("cap", ["final_logit_softcapping", "attn_logit_softcapping"])
+def test_gemma2_soft_caps_bend_the_tiny_model(cap: str) -> None:
+    """Each cap changes the tiny Gemma 2's logits >= 10x past the tolerance, so the parity tests
+    above would fail if the graph dropped it."""
+    ids = torch.tensor([_prompts([LONG], seed=4)[0]])
+    with torch.no_grad():
+        capped = tiny_model("gemma2")(ids).logits
+        uncapped = tiny_model("gemma2", **{cap: None})(ids).logits
+    assert float((capped - uncapped).abs().max()) > 1e-3
