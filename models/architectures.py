@@ -182,10 +182,11 @@ def _tiny_phi3(**overrides: Any) -> dict[str, Any]:
     )
 
 
-def tiny_longrope(head_dim: int = 16, original: int = 16, maximum: int = 256) -> dict[str, Any]:
+def tiny_longrope(rotary_dim: int = 16, original: int = 16, maximum: int = 256) -> dict[str, Any]:
     """Phi-3.5 / Phi-4-mini style rope_parameters ("longrope") for a tiny Phi-3: short and long
-    per-frequency factors, long ones used once a row's positions pass `original`."""
-    half = head_dim // 2
+    per-frequency factors, long ones used once a row's positions pass `original`.
+    `rotary_dim` is head_dim times partial_rotary_factor (Phi-4-mini rotates 3/4 of a head)."""
+    half = rotary_dim // 2
     return {
         "max_position_embeddings": maximum,
         "original_max_position_embeddings": original,

@@ -30,9 +30,11 @@ def kept_token_masks(
     past = total - query_len
     keep = attention_mask.to(torch.bool)
     count = attention_mask.to(torch.int64).cumsum(-1)
-    query_count = count[:, past:]
+    # narrow / arange of query_len (not [past:]) keep the query dim's size symbolic for export
+    query_count = count.narrow(1, past, query_len)
     columns = torch.arange(total, device=attention_mask.device)
-    causal = columns[None, :] <= columns[past:, None]
+    query_columns = torch.arange(query_len, device=attention_mask.device) + past
+    causal = columns[None, :] <= query_columns[:, None]
     visible = keep[:, None, :] & causal[None]
     distance = query_count[:, :, None] - count[:, None, :]
     zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
