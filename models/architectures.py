@@ -37,6 +37,16 @@ class ArchSpec:
     """Absolute position embeddings: the graph feeds position_ids to them (GPT-2)."""
     tiny_config: Callable[..., dict[str, Any]] = field(default=dict, compare=False)
     """Config kwargs of a tiny random model for tests (overridable by keyword)."""
+    sliding_window_key: str | None = None
+    """Config field with the sliding-window size of windowed layers (those named
+    "sliding_attention" in `config.layer_types`, or every layer when the config has no
+    layer_types). Set, the graph measures the window in kept tokens from `attention_mask`
+    (exporter/graph/window_mask.py), so a left-padded or prefixed row attends as it would alone;
+    HF's own mask measures it in cache columns, which padding shifts."""
+    known_as: str = ""
+    """Models users know this family by (README's support table, scripts/support_table.py)."""
+    features: tuple[str, ...] = ()
+    """What its graph handles beyond a Llama block, as the support table lists it."""
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -66,6 +76,21 @@ class ArchSpec:
 
     def max_positions(self, config: Any) -> int:
         return int(_get(config, self.max_positions_key))
+
+    def sliding_window(self, config: Any) -> int | None:
+        """The window of windowed layers; None when the family or this config has none."""
+        if self.sliding_window_key is None:
+            return None
+        value = _get(config, self.sliding_window_key, None)
+        return int(value) if value else None
+
+    def layer_kinds(self, config: Any) -> tuple[str, ...]:
+        """Each layer's attention kind as HF names it ("full_attention", "sliding_attention")."""
+        kinds = _get(config, "layer_types", None)
+        if kinds:
+            return tuple(kinds)[: self.num_layers(config)]
+        kind = "sliding_attention" if self.sliding_window(config) else "full_attention"
+        return (kind,) * self.num_layers(config)
 
 
 def _get(config: Any, key: str, *default: Any) -> Any:
@@ -112,6 +137,70 @@ def _tiny_gpt2(**overrides: Any) -> dict[str, Any]:
     }
 
 
+def _tiny_gemma(**overrides: Any) -> dict[str, Any]:
+    """Gemma's own defaults are 256-wide heads; 16 keeps the model tiny."""
+    return _tiny_llama(**{"head_dim": 16, "tie_word_embeddings": True, **overrides})
+
+
+def _tiny_gemma2(**overrides: Any) -> dict[str, Any]:
+    """Layers alternate sliding (window 5) / full. Soft caps low enough that tanh bends the
+    tiny model's logits and attention scores (Gemma 2's real caps are 30 and 50)."""
+    return _tiny_gemma(
+        **{
+            "sliding_window": 5,
+            "query_pre_attn_scalar": 16,
+            "final_logit_softcapping": 0.5,
+            "attn_logit_softcapping": 0.05,
+            **overrides,
+        }
+    )
+
+
+def _tiny_gemma3_text(**overrides: Any) -> dict[str, Any]:
+    """Layer 0 sliding (window 5, local rope base), layer 1 full (global rope base)."""
+    return _tiny_gemma(
+        **{
+            "sliding_window": 5,
+            "query_pre_attn_scalar": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+            **overrides,
+        }
+    )
+
+
+def _tiny_phi3(**overrides: Any) -> dict[str, Any]:
+    """Every layer slides (Phi-3-mini-4k's 2047, here 6); fused qkv_proj and gate_up_proj."""
+    return _tiny_llama(
+        **{
+            "sliding_window": 6,
+            "original_max_position_embeddings": 256,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attention_dropout": 0.0,
+            **overrides,
+        }
+    )
+
+
+def tiny_longrope(rotary_dim: int = 16, original: int = 16, maximum: int = 256) -> dict[str, Any]:
+    """Phi-3.5 / Phi-4-mini style rope_parameters ("longrope") for a tiny Phi-3: short and long
+    per-frequency factors, long ones used once a row's positions pass `original`.
+    `rotary_dim` is head_dim times partial_rotary_factor (Phi-4-mini rotates 3/4 of a head)."""
+    half = rotary_dim // 2
+    return {
+        "max_position_embeddings": maximum,
+        "original_max_position_embeddings": original,
+        "rope_parameters": {
+            "rope_type": "longrope",
+            "factor": maximum / original,
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.05 * i for i in range(half)],
+            "long_factor": [1.0 + 0.9 * i for i in range(half)],
+            "original_max_position_embeddings": original,
+        },
+    }
+
+
 _LLAMA_LIKE = {
     "layers_key": "num_hidden_layers",
     "heads_key": "num_attention_heads",
@@ -131,6 +220,44 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("llama", **_LLAMA_LIKE, tiny_config=_tiny_llama),
         ArchSpec("mistral", **_LLAMA_LIKE, tiny_config=_tiny_llama),
         ArchSpec("qwen2", **_LLAMA_LIKE, tiny_config=_tiny_qwen2),
+        ArchSpec(
+            "gemma",
+            **_LLAMA_LIKE,
+            tiny_config=_tiny_gemma,
+            known_as="Gemma 2B / 7B, CodeGemma",
+            features=("token embeddings scaled by sqrt(hidden); prompt-tuning vectors unscaled",),
+        ),
+        ArchSpec(
+            "gemma2",
+            **_LLAMA_LIKE,
+            tiny_config=_tiny_gemma2,
+            sliding_window_key="sliding_window",
+            known_as="Gemma 2 2B / 9B / 27B",
+            features=("final-logit and attention soft-capping", "scaled token embeddings"),
+        ),
+        ArchSpec(
+            "gemma3_text",
+            **_LLAMA_LIKE,
+            tiny_config=_tiny_gemma3_text,
+            sliding_window_key="sliding_window",
+            known_as="Gemma 3 1B (text), Gemma 3 language models",
+            features=("q/k norms", "local / global rope bases", "scaled token embeddings"),
+        ),
+        ArchSpec(
+            "phi3",
+            **{
+                **_LLAMA_LIKE,
+                "attention_modules": ("qkv_proj", "o_proj"),
+                "mlp_modules": ("gate_up_proj", "down_proj"),
+            },
+            tiny_config=_tiny_phi3,
+            sliding_window_key="sliding_window",
+            known_as="Phi-3 / Phi-3.5 mini, Phi-4-mini",
+            features=(
+                "fused qkv_proj / gate_up_proj (LoRA targets them whole)",
+                "LongRoPE, short/long factors chosen per row",
+            ),
+        ),
         ArchSpec(
             "gpt2",
             layers_key="n_layer",

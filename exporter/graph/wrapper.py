@@ -17,6 +17,8 @@ from transformers import DynamicCache
 from peft_export.bundle import names
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.graph.extension import Dims, ExtraInput, GraphExtension
+from peft_export.exporter.graph.longrope import install_row_longrope
+from peft_export.exporter.graph.window_mask import SLIDING, kept_token_masks
 from peft_export.models.architectures import ArchSpec, get_arch
 
 
@@ -45,6 +47,8 @@ class DecoderWrapper(nn.Module):
         self.head_dim = self.spec.head_dim(config)
         self.hidden_size = self.spec.hidden_size(config)
         self.vocab_size = self.spec.vocab_size(config)
+        self.windows = _windows(self.spec, config)
+        install_row_longrope(model)
         self._extra: list[ExtraInput] = []
         self.input_names: list[str] = []
 
@@ -128,7 +132,7 @@ class DecoderWrapper(nn.Module):
         )
         out = self.model(
             inputs_embeds=embeds,
-            attention_mask=feeds[names.ATTENTION_MASK],
+            attention_mask=self._attention_mask(feeds[names.ATTENTION_MASK], embeds),
             position_ids=feeds[names.POSITION_IDS],
             past_key_values=cache,
             use_cache=True,
@@ -139,6 +143,28 @@ class DecoderWrapper(nn.Module):
         for layer in present.layers[: self.num_layers]:
             flat += [layer.keys, layer.values]
         return tuple(flat)
+
+    def _attention_mask(
+        self, mask: torch.Tensor, embeds: torch.Tensor
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The 2D mask as is, or, for sliding-window families, kept-token masks per layer kind
+        (one tensor where the config has no layer_types: such models take a single mask)."""
+        if self.windows is None:
+            return mask
+        masks = kept_token_masks(mask, embeds.shape[1], self.windows, embeds.dtype)
+        if getattr(self.model.config, "layer_types", None):
+            return masks
+        (single,) = masks.values()
+        return single
+
+
+def _windows(spec: ArchSpec, config) -> dict[str, int | None] | None:
+    """Window per layer kind when the config has sliding-window layers, else None."""
+    window = spec.sliding_window(config)
+    if window is None:
+        return None
+    kinds = set(spec.layer_kinds(config))
+    return {kind: window if kind == SLIDING else None for kind in sorted(kinds)}
 
 
 def _ids(batch: int, seq: int, vocab: int) -> torch.Tensor:
