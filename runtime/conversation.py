@@ -23,7 +23,7 @@ import numpy as np
 from peft_export.bundle.token_inputs import NEVER
 from peft_export.runtime.adapters_provider import LoraBankProvider
 from peft_export.runtime.errors import InferenceError
-from peft_export.runtime.generate import _check_adapters, _Row, _Stepper
+from peft_export.runtime.generate import RowDecoder, _check_adapters, _Stepper
 from peft_export.runtime.providers import RequestContext
 from peft_export.runtime.request import GenerationRequest, RowResult, SamplingOptions
 from peft_export.runtime.sampling import choose, row_rng
@@ -177,7 +177,7 @@ class Conversation:
                 ids = np.array([pending[start : start + chunk]], dtype=np.int64)
                 last = stepper.step(ids, ids.shape[1])
             eos = frozenset(bundle.manifest.tokenizer.eos_token_ids)
-            row = _Row(
+            row = RowDecoder(
                 options=options,
                 stop_ids=frozenset(options.stop_token_ids),
                 eos_ids=frozenset() if options.ignore_eos else eos,

@@ -98,6 +98,12 @@ class Workspace:
     def _shape(self, length: int) -> tuple[int, int, int, int]:
         return (self.batch, self.kv.num_kv_heads, length, self.kv.head_dim)
 
+    def past(self, name: KVName, past_len: int) -> TensorView:
+        return self._kv[name][self._front].view(self._shape(past_len))
+
+    def present(self, name: KVName, total_len: int) -> TensorView:
+        return self._kv[name][1 - self._front].view(self._shape(total_len))
+
     def kv_step(self, past_len: int, total_len: int, provided: Container[str] = ()) -> KVStep:
         """The step's KV cache; pasts named in `provided` are fed by someone else (a prefix
         on step 0) and left out."""
