@@ -32,9 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from peft_export.bundle import names, safetensors_io
+from peft_export.bundle import bottleneck, names, safetensors_io
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.lora_methods import LORA_METHODS, SCALE_PARTS
+
+BANK_METHODS = (*LORA_METHODS, bottleneck.METHOD)
+"""Methods whose adapters fill bank slots selected by adapter_ids (LoRA family, bottleneck)."""
 from peft_export.bundle.manifest import Manifest, load_manifest
 from peft_export.bundle.paths import confined
 from peft_export.plugins.host_copy import region_copier
@@ -95,6 +98,8 @@ def bank_specs(manifest: Manifest) -> list[BankSpec]:
     specs = []
     for tensor in manifest.graph.inputs:
         split = names.split_lora_input(tensor.name)
+        if split is None and bottleneck.split_bank_input(tensor.name) is not None:
+            split = (tensor.name, "A")  # every bottleneck part's slot 0 is zeros
         if split is None:
             continue
         if not all(isinstance(d, int) for d in tensor.shape[1:]):
@@ -111,7 +116,7 @@ def read_adapter_file(
 ) -> HostAdapter:
     """Read `adapters/NAME.safetensors`, refusing anything that does not fit the banks."""
     entry = manifest.adapters.installed.get(name)
-    if entry is None or entry.method not in LORA_METHODS:
+    if entry is None or entry.method not in BANK_METHODS:
         have = ", ".join(sorted(manifest.adapters.installed)) or "none"
         raise InferenceError(
             f"unknown LoRA-family adapter {name!r} (installed: {have}); add it with "
@@ -149,7 +154,7 @@ def _check_header(path, header, manifest, name, dtype, specs) -> None:
     if not meta.get("rank", "0").isdigit():
         raise BundleError(f"{path}: metadata rank {meta['rank']!r:.20} is not a count; re-add it")
     method = meta.get("method")
-    if method not in LORA_METHODS:
+    if method not in BANK_METHODS:
         raise BundleError(
             f"{path}: adapter method {method!r} is not a LoRA-family method; re-add the adapter "
             "with 'peft-export adapters add'"
@@ -313,7 +318,7 @@ class AdapterStore:
 
     def owns(self, name: str) -> bool:
         entry = self._current_manifest().adapters.installed.get(name)
-        return entry is not None and entry.method in LORA_METHODS
+        return entry is not None and entry.method in BANK_METHODS
 
     # -- slots ------------------------------------------------------------------------
 
