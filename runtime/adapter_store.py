@@ -35,9 +35,6 @@ import numpy as np
 from peft_export.bundle import bottleneck, names, safetensors_io
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.lora_methods import LORA_METHODS, SCALE_PARTS
-
-BANK_METHODS = (*LORA_METHODS, bottleneck.METHOD)
-"""Methods whose adapters fill bank slots selected by adapter_ids (LoRA family, bottleneck)."""
 from peft_export.bundle.manifest import Manifest, load_manifest
 from peft_export.bundle.paths import confined
 from peft_export.plugins.host_copy import region_copier
@@ -45,6 +42,8 @@ from peft_export.runtime import host_memory
 from peft_export.runtime.backends.base import HostBuffer, TensorView
 from peft_export.runtime.errors import InferenceError
 
+BANK_METHODS = (*LORA_METHODS, bottleneck.METHOD)
+"""Methods whose adapters fill bank slots selected by adapter_ids (LoRA family, bottleneck)."""
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 _FILE_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
 DEFAULT_WAIT_S = 60.0

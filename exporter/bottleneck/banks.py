@@ -130,9 +130,7 @@ class BottleneckBanks(GraphExtension):
 
         return hook
 
-    def _site(
-        self, key: tuple[int, str], h: torch.Tensor, norm: nn.Module | None
-    ) -> torch.Tensor:
+    def _site(self, key: tuple[int, str], h: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
         feeds = self._feeds
         ids = feeds[names.ADAPTER_IDS]
         r = self._residuals.pop(key)

@@ -58,10 +58,9 @@ def convert_bottleneck(
     weights = site_weights(source, spec, hidden, num_layers)
     post_ln = any(a.norm for a in (spec.bottleneck or {}).values())
     mix = mix_coefficients(config, post_ln=post_ln)
-    sites = {
-        site: _slot(w, config.get("scaling", 1.0), mix) for site, w in weights.items()
-    }
-    return ConvertedBottleneck(source.name, str(source.path), activation(source.path, config), sites)
+    sites = {site: _slot(w, config.get("scaling", 1.0), mix) for site, w in weights.items()}
+    act = activation(source.path, config)
+    return ConvertedBottleneck(source.name, str(source.path), act, sites)
 
 
 def mix_coefficients(config: dict, *, post_ln: bool) -> np.ndarray:
@@ -81,8 +80,8 @@ def mix_coefficients(config: dict, *, post_ln: bool) -> np.ndarray:
         col["x_add_r"] = 1.0
     if residual is False and before:
         # the adapter's residual is its input x
-        for x_col, o_col in (("x_drop_h", "o_drop_h"), ("x_add_r", "o_add_r"), ("x_add_n", "o_add_n")):
-            col[o_col] = col[x_col]
+        for term in ("drop_h", "add_r", "add_n"):
+            col[f"o_{term}"] = col[f"x_{term}"]
     elif residual == "post_add" and before:
         col["o_add_r"] = 1.0
     if not post_ln:

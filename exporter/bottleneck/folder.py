@@ -116,9 +116,7 @@ def read_bottleneck(
         header = safetensors_io.read_header(weights)
     except BundleError as exc:
         raise ExportError(f"adapter {name}: {exc}") from None
-    source = AdapterSource(
-        name=name, path=path, method=bn.METHOD, config=config, header=header
-    )
+    source = AdapterSource(name=name, path=path, method=bn.METHOD, config=config, header=header)
     source.weights_file = weights
     if base is not None:
         spec = get_arch(base.config.model_type)
@@ -145,8 +143,7 @@ def check_config(path: Path, config: dict[str, Any], base: Any) -> None:
     scaling = bn_config.get("scaling", 1.0)
     if not isinstance(scaling, (int, float)) and scaling not in ("learned", "channel"):
         raise ExportError(
-            f"adapter {path}: scaling {scaling!r} is unknown; use a number, 'learned' or "
-            "'channel'"
+            f"adapter {path}: scaling {scaling!r} is unknown; use a number, 'learned' or 'channel'"
         )
     if base is None:
         return
@@ -218,9 +215,7 @@ def site_weights(
     }
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
-        match = next(
-            ((loc, m) for loc, p in patterns.items() if (m := p.match(key))), (None, None)
-        )
+        match = next(((loc, m) for loc, p in patterns.items() if (m := p.match(key))), (None, None))
         location, m = match
         part = _PARAMS.get(m.group(2)) if m else None
         if part is None:

@@ -33,14 +33,12 @@ def plan_bottleneck_banks(context: ExportContext) -> RuntimePlan | None:
     config = context.model.config
     hidden, num_layers = spec.hidden_size(config), spec.num_layers(config)
     converted = [convert_bottleneck(s, spec, hidden, num_layers) for s in sources]
+    sites = _sites(options.get("bottleneck_sites"), converted, spec, num_layers)
     layout = BottleneckLayout(
         hidden=hidden,
         size=_size(options.get("bottleneck_size"), converted),
         activations=_activations(options.get("bottleneck_activations"), converted),
-        sites=[
-            BottleneckSite(layer, location)
-            for layer, location in _sites(options.get("bottleneck_sites"), converted, spec, num_layers)
-        ],
+        sites=[BottleneckSite(layer, location) for layer, location in sites],
     )
     slots = int(options.get("slots") or DEFAULT_SLOTS)
     banks = BottleneckBanks(spec, layout, slots=slots, dtype=context.dtype)
