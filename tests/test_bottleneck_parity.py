@@ -24,6 +24,7 @@ from peft_export.bundle import bottleneck as bn
 from peft_export.bundle import names
 from peft_export.bundle.manifest import load_manifest
 from peft_export.exporter.adapter_source import read_adapter
+from peft_export.exporter.bottleneck.bundle_adapters import add_bottleneck_adapter
 from peft_export.exporter.bottleneck.planner import plan_bottleneck_banks
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.pipeline import InMemoryBase, export_bundle
@@ -66,7 +67,12 @@ ADAPTERS = {
         },
     },
 }
-PICKLED = {"pickled": {"class": "SeqBnConfig", "kwargs": {}, "safetensors": False}}
+LATER = {
+    # added to the bundle after export (adapters add): fits the banks, relu
+    "late": {"class": "DoubleSeqBnConfig", "kwargs": {"non_linearity": "relu", "scaling": 2.0}},
+    # only pickled weights: refused
+    "pickled": {"class": "SeqBnConfig", "kwargs": {}, "safetensors": False},
+}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +87,7 @@ def served(tmp_path_factory):
         "base_weights": str(tmp / "base.safetensors"),
         "adapters": {
             name: {"safetensors": True, **spec, "seed": 100 + i}
-            for i, (name, spec) in enumerate({**ADAPTERS, **PICKLED}.items())
+            for i, (name, spec) in enumerate({**ADAPTERS, **LATER}.items())
         },
         "prompts": prompts.tolist(),
         "steps": STEPS,
@@ -196,6 +202,29 @@ def test_slot_zero_holds_zeros_and_manifest_records_the_banks(served):
     for name in bottleneck_banks:
         assert not store.bank(name)[0].any(), name
     store.release(lease)
+
+
+def test_adapter_added_after_export_equals_library_forward(served):
+    _, prompts, reference, _, bundle, tmp = served
+    installed = add_bottleneck_adapter(bundle, "late", tmp / "library" / "late")
+    assert installed.method == bn.METHOD and installed.rank == 4
+    got = _greedy(bundle, ["late", "houlsby"], prompts[:2])
+    _assert_rows_equal(tuple(p[:1] for p in got), _library(reference, "late", slice(0, 1)), "late")
+    want = _library(reference, "houlsby", slice(1, 2))
+    _assert_rows_equal(tuple(p[1:] for p in got), want, "houlsby")
+
+
+def test_adapter_that_does_not_fit_the_banks_is_refused(served, tmp_path):
+    *_, bundle, tmp = served
+    folder = shutil.copytree(tmp / "library" / "houlsby", tmp_path / "sigmoid")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["config"]["non_linearity"] = "sigmoid"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    before = (bundle / names.MANIFEST).read_bytes()
+    with pytest.raises(ExportError, match="--bottleneck-activations including sigmoid"):
+        add_bottleneck_adapter(bundle, "sig", folder)
+    assert (bundle / names.MANIFEST).read_bytes() == before
+    assert not (bundle / names.adapter_file("sig")).exists()
 
 
 def test_pickle_only_folder_is_refused_with_the_fix(served):

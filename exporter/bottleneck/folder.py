@@ -103,7 +103,8 @@ def read_bottleneck(
         )
     name = check_name(name or path.resolve().name)
     config = load_json((path / CONFIG_FILE).read_bytes(), where=str(path), fix=_RESAVE)
-    check_config(path, config, base)
+    spec = get_arch(base.config.model_type) if base is not None else None
+    check_config(path, config, spec, base.config if base is not None else None)
     weights = path / SAFE_WEIGHTS
     if not weights.is_file():
         if (path / PICKLE_WEIGHTS).is_file():
@@ -118,14 +119,16 @@ def read_bottleneck(
         raise ExportError(f"adapter {name}: {exc}") from None
     source = AdapterSource(name=name, path=path, method=bn.METHOD, config=config, header=header)
     source.weights_file = weights
-    if base is not None:
-        spec = get_arch(base.config.model_type)
+    if spec is not None:
         site_weights(source, spec, spec.hidden_size(base.config), spec.num_layers(base.config))
     return source
 
 
-def check_config(path: Path, config: dict[str, Any], base: Any) -> None:
-    """Refuse what the graph cannot reproduce, naming the option and the fix."""
+def check_config(
+    path: Path, config: dict[str, Any], spec: ArchSpec | None, base_config: Any
+) -> None:
+    """Refuse what the graph cannot reproduce, naming the option and the fix; with a base
+    (its family and HF config, or the manifest's copy of it), also what does not fit it."""
     bn_config = config["config"]
     arch = bn_config.get("architecture")
     if arch is not None:
@@ -145,9 +148,8 @@ def check_config(path: Path, config: dict[str, Any], base: Any) -> None:
         raise ExportError(
             f"adapter {path}: scaling {scaling!r} is unknown; use a number, 'learned' or 'channel'"
         )
-    if base is None:
+    if spec is None:
         return
-    spec = get_arch(base.config.model_type)
     if spec.bottleneck is None:
         raise ExportError(
             f"adapter {path}: bottleneck adapters are not supported on {spec.model_type}; "
@@ -158,10 +160,10 @@ def check_config(path: Path, config: dict[str, Any], base: Any) -> None:
             f"adapter {path} was trained on a {config.get('model_type')} model, the base is "
             f"{spec.model_type}; pass the base it was trained on"
         )
-    if int(config.get("hidden_size", -1)) != spec.hidden_size(base.config):
+    if int(config.get("hidden_size", -1)) != spec.hidden_size(base_config):
         raise ExportError(
             f"adapter {path} has hidden_size {config.get('hidden_size')}, the base "
-            f"{spec.hidden_size(base.config)}; pass the base it was trained on"
+            f"{spec.hidden_size(base_config)}; pass the base it was trained on"
         )
     post_ln = any(a.norm for a in spec.bottleneck.values())
     residual = bn_config.get("residual_before_ln", True)
