@@ -2,7 +2,8 @@
 
 `adapters` 1.3.0 pins transformers ~= 4.57.6 while peft-export runs on transformers 5, so the
 library's own forward runs in its own venv (same CPU torch 2.13 wheel). It is built once per
-machine under the cache folder (`PEFT_EXPORT_ADAPTERS_VENV` overrides the path) and reused;
+machine under the cache folder ($PEFT_EXPORT_CACHE/venvs, else ~/.cache/peft-export/venvs;
+`PEFT_EXPORT_ADAPTERS_VENV` names the venv itself) and reused;
 two pytest workers take turns on a lock file. Where it cannot be built the tests skip, and
 fail under CI=true. `.build-seconds` in the venv records how long building it took.
 """
@@ -28,8 +29,9 @@ def venv_dir() -> Path:
     override = os.environ.get(VENV_ENV)
     if override:
         return Path(override)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "peft-export" / f"adapters-{ADAPTERS_VERSION}-torch-{TORCH_VERSION}"
+    cache = os.environ.get("PEFT_EXPORT_CACHE")
+    root = Path(cache) if cache else Path.home() / ".cache" / "peft-export"
+    return root / "venvs" / f"adapters-{ADAPTERS_VERSION}-torch-{TORCH_VERSION}"
 
 
 def adapters_python() -> Path:

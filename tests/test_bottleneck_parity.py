@@ -7,6 +7,7 @@ bottleneck banks, alone and in one batch with a PEFT LoRA row and a base-model r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from adapters_venv import run_in_venv
 from ort_graph import OrtGraph
 from peft import PeftModel
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny import make_adapter, tiny_config, tiny_model
 
 from peft_export.bundle import bottleneck as bn
@@ -106,7 +107,8 @@ def served(tmp_path_factory):
         out=out,
         mode="runtime",
         planners=[plan_lora_banks, plan_bottleneck_banks],
-        options={"slots": 8, "methods": "lora"},
+        # every graph activation, so the one-hot picks among all of them (and TensorRT parses all)
+        options={"slots": 8, "methods": "lora", "bottleneck_activations": list(bn.ACTIVATIONS)},
     )
     return base, prompts, reference, lora, out, tmp
 
@@ -191,7 +193,7 @@ def test_slot_zero_holds_zeros_and_manifest_records_the_banks(served):
     manifest = load_manifest(bundle)
     layout = manifest.adapters.bottleneck
     assert layout is not None and bn.METHOD in manifest.adapters.methods
-    assert layout.activations == ["relu", "gelu", "gelu_tanh", "silu", "tanh"]
+    assert layout.activations == list(bn.ACTIVATIONS)
     assert {(s.layer, s.location) for s in layout.sites} == {
         (layer, loc) for layer in (0, 1) for loc in bn.LOCATIONS
     }
@@ -216,15 +218,22 @@ def test_adapter_added_after_export_equals_library_forward(served):
 
 def test_adapter_that_does_not_fit_the_banks_is_refused(served, tmp_path):
     *_, bundle, tmp = served
-    folder = shutil.copytree(tmp / "library" / "houlsby", tmp_path / "sigmoid")
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["config"]["non_linearity"] = "sigmoid"
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    folder = shutil.copytree(tmp / "library" / "houlsby", tmp_path / "wide")
+    weights = folder / "adapter.safetensors"
+    tensors = load_file(weights)
+    for key, value in tensors.items():
+        if "adapter_down" in key:  # widen the bottleneck to 16 with zero rows
+            tensors[key] = torch.cat([value, torch.zeros(16 - value.shape[0], *value.shape[1:])])
+        elif key.endswith("adapter_up.weight"):
+            tensors[key] = torch.cat([value, torch.zeros(value.shape[0], 16 - value.shape[1])], 1)
+    save_file(tensors, weights)
     before = (bundle / names.MANIFEST).read_bytes()
-    with pytest.raises(ExportError, match="--bottleneck-activations including sigmoid"):
-        add_bottleneck_adapter(bundle, "sig", folder)
+    with pytest.raises(
+        ExportError, match="width 16, the graph's banks hold 8.*--bottleneck-size 16"
+    ):
+        add_bottleneck_adapter(bundle, "wide", folder)
     assert (bundle / names.MANIFEST).read_bytes() == before
-    assert not (bundle / names.adapter_file("sig")).exists()
+    assert not (bundle / names.adapter_file("wide")).exists()
 
 
 def test_pickle_only_folder_is_refused_with_the_fix(served):
@@ -259,3 +268,17 @@ def test_adapter_for_another_base_is_refused(served):
     other = tiny_model("llama", hidden_size=32, intermediate_size=64)
     with pytest.raises(ExportError, match="hidden_size 64, the base 32"):
         read_adapter(tmp / "library" / "houlsby", base=other)
+
+
+def test_bundle_builds_with_tensorrt_rtx(served, tmp_path, monkeypatch):
+    """Every bank, activation and mix op parses and builds (TensorRT-RTX ahead of time)."""
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        pytest.skip("TensorRT-RTX is not installed")
+    from peft_export.exporter.engines.build import EngineOptions, build_engines
+
+    *_, bundle, _ = served
+    monkeypatch.setenv("PEFT_EXPORT_CACHE", str(tmp_path / "cache"))
+    copy = shutil.copytree(bundle, tmp_path / "bundle")
+    options = EngineOptions(batch="1:2:4", seq="1:8:32", past="0:16:64", progress=False)
+    record = build_engines(copy, load_manifest(copy), options)
+    assert (copy / record.file).stat().st_size > 10_000
