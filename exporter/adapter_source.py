@@ -152,6 +152,11 @@ def read_adapter(
     from peft_export.exporter.bottleneck.folder import is_library_folder, read_bottleneck
 
     if is_library_folder(path):
+        if method is not None:
+            raise ExportError(
+                f"adapter {path} is a bottleneck adapter (adapters library) but --method "
+                f"{method} was given; omit --method"
+            )
         return read_bottleneck(path, name=name, base=base)
     name = check_name(name or path.resolve().name)
     config = _read_config(path)

@@ -37,6 +37,7 @@ from peft_export.exporter.pipeline import InMemoryBase, export_bundle
 from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
 from peft_export.models.architectures import BERT_BOTTLENECK, get_arch
 from peft_export.runtime.adapter_store import AdapterStore
+from peft_export.runtime.session import load_bundle
 
 TOL = 1e-4
 STEPS = 4
@@ -389,3 +390,18 @@ def test_bert_sites_equal_library_forward_in_eager_torch(library):
         assert np.abs(want - plain[row].numpy()).max() > 100 * TOL, f"{name} barely changes BERT"
         assert np.abs(got[row] - want).max() <= TOL, f"BERT {name}"
     assert np.abs(got[-1] - plain[-1].numpy()).max() <= TOL, "BERT base row"
+
+
+def test_runtime_generate_serves_bottleneck_and_lora_rows(served):
+    """The runtime package's own generation loop (adapter store, KV buffers), one batch."""
+    _, prompts, reference, _, bundle, _ = served
+    loaded = load_bundle(bundle, threads=1)
+    rows = ["pfeiffer", "lora", "houlsby", None]
+    out = loaded.generate(
+        [list(map(int, p)) for p in prompts], adapters=rows, max_new_tokens=STEPS, ignore_eos=True
+    )
+    got = np.array([list(ids) for ids in out.token_ids])
+    alone = _greedy(bundle, rows, prompts)[2]
+    assert np.array_equal(got, alone)
+    for row in (0, 2):
+        assert np.array_equal(got[row], reference[f"{rows[row]}.tokens"][row]), rows[row]
