@@ -1,7 +1,7 @@
-"""The input provider that feeds LoRA banks and `adapter_ids` from an AdapterStore.
+"""The input provider that feeds bank inputs and `adapter_ids` from an AdapterStore.
 
-Rows naming a LoRA-family adapter get its slot; rows with no adapter, or with an adapter
-another provider serves (prompt-side methods), get slot 0, the base model.
+Rows naming a LoRA-family or bottleneck adapter get its slot; rows with no adapter, or with an
+adapter another provider serves (prompt-side methods), get slot 0, the base model.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from peft_export.bundle import names
-from peft_export.bundle.lora_methods import LORA_METHODS
-from peft_export.runtime.adapter_store import AdapterStore, bank_specs
+from peft_export.runtime.adapter_store import BANK_METHODS, AdapterStore, bank_specs
 from peft_export.runtime.backends.base import TensorView
 from peft_export.runtime.providers import InputProvider, RequestContext, StepState
 
@@ -49,10 +48,10 @@ class LoraBankProvider(InputProvider):
 
 
 def provider_for_bundle(bundle: Bundle) -> LoraBankProvider | None:
-    """PROVIDER_FACTORIES entry: a provider when the graph has LoRA banks."""
+    """PROVIDER_FACTORIES entry: a provider when the graph has LoRA or bottleneck banks."""
     manifest = bundle.manifest
     if manifest.mode != "runtime" or not bank_specs(manifest):
         return None
-    if not any(m in LORA_METHODS for m in manifest.adapters.methods):
+    if not any(m in BANK_METHODS for m in manifest.adapters.methods):
         return None
     return LoraBankProvider(AdapterStore(bundle.root, manifest))

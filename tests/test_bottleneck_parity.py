@@ -405,3 +405,28 @@ def test_runtime_generate_serves_bottleneck_and_lora_rows(served):
     assert np.array_equal(got, alone)
     for row in (0, 2):
         assert np.array_equal(got[row], reference[f"{rows[row]}.tokens"][row]), rows[row]
+
+
+def test_bottleneck_only_bundle_with_every_site(library, tmp_path):
+    """No LoRA banks at all: the bottleneck plan alone, banks on every site, 3 slots."""
+    base, _, prompts, reference, tmp = library
+    out = tmp_path / "bundle"
+    manifest = export_bundle(
+        InMemoryBase(base),
+        [(name, tmp / "library" / name) for name in ("variant", "parallel")],
+        out=out,
+        mode="runtime",
+        planners=[plan_lora_banks, plan_bottleneck_banks],
+        options={"bottleneck_sites": "all", "slots": 3},
+    )
+    assert manifest.adapters.methods == [bn.METHOD] and not manifest.adapters.modules
+    assert len(manifest.adapters.bottleneck.sites) == 4
+    rows = ["variant", "parallel"]
+    got = _greedy(out, rows, prompts[:2])
+    for row, name in enumerate(rows):
+        want = _library(reference, name, slice(row, row + 1))
+        _assert_rows_equal(tuple(p[row : row + 1] for p in got), want, name)
+    generated = load_bundle(out, threads=1).generate(
+        [list(map(int, p)) for p in prompts[:2]], adapters=rows, max_new_tokens=STEPS
+    )
+    assert np.array_equal(np.array(generated.token_ids), got[2])
