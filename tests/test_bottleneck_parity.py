@@ -236,7 +236,7 @@ def test_mixed_batch_with_lora_and_base_rows(served):
     rows = [None, "lora", *ADAPTERS]
     picks = [i % len(prompts) for i in range(len(rows))]
     got = _greedy(bundle, rows, prompts[picks])
-    peft_model = PeftModel.from_pretrained(base, lora).eval()
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), lora).eval()
     for row, (name, pick) in enumerate(zip(rows, picks, strict=True)):
         mine = tuple(part[row : row + 1] for part in got)
         if name is None:
