@@ -91,6 +91,25 @@ class TokenLayout:
 
 
 @dataclasses.dataclass
+class BottleneckSite:
+    """One place a bottleneck adapter attaches: a layer and the library's location key."""
+
+    layer: int
+    location: str
+
+
+@dataclasses.dataclass
+class BottleneckLayout:
+    """Bottleneck banks of a runtime graph (bundle/bottleneck.py): their sites, the largest
+    bottleneck width they hold and the non-linearities the graph computes, in `act` order."""
+
+    hidden: int
+    size: int
+    activations: list[str]
+    sites: list[BottleneckSite]
+
+
+@dataclasses.dataclass
 class AdapterLayout:
     methods: list[str] = dataclasses.field(default_factory=list)
     slots: int = 0
@@ -103,6 +122,7 @@ class AdapterLayout:
     alora: bool = False
     """The graph has `alora_start`: activated-LoRA adapters are served."""
     merged: dict[str, Any] | None = None
+    bottleneck: BottleneckLayout | None = None
     installed: dict[str, InstalledAdapter] = dataclasses.field(default_factory=dict)
 
     def module(self, path: str) -> ModuleSlot | None:

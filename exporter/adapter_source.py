@@ -152,6 +152,15 @@ def read_adapter(
         raise ExportError(
             f"adapter {path}: not a folder; pass the folder PEFT's save_pretrained wrote"
         )
+    from peft_export.exporter.bottleneck.folder import is_library_folder, read_bottleneck
+
+    if is_library_folder(path):
+        if method is not None:
+            raise ExportError(
+                f"adapter {path} is a bottleneck adapter (adapters library) but --method "
+                f"{method} was given; omit --method"
+            )
+        return read_bottleneck(path, name=name, base=base)
     name = check_name(name or path.resolve().name)
     config = _read_config(path)
     detected = detect_method(path, config)

@@ -14,6 +14,24 @@ from peft_export.exporter.errors import ExportError
 
 
 @dataclass(frozen=True)
+class BottleneckAttach:
+    """Where one location of a bottleneck adapter (AdapterHub `adapters`) sits in a layer.
+
+    Paths hold `{layer}`. The adapter reads the sublayer output h (the output of `output`) and
+    the residual r (positional input `residual_arg` of `residual`), and replaces h; the block
+    then adds r itself (pre-LN decoders) or normalises h + r with `norm` (post-LN encoders).
+    """
+
+    output: str
+    residual: str
+    saved: str
+    """Key prefix of this location in the library's saved weights (`adapter.safetensors`)."""
+    residual_arg: int = 0
+    norm: str | None = None
+    """Post-LN families: the norm the block applies to h + r (the library's `layer_norm`)."""
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """How to read one model family's config and where its adapter targets live."""
 
@@ -35,6 +53,8 @@ class ArchSpec:
     """Weights stored [in, out] (transformers Conv1D): PEFT needs fan_in_fan_out."""
     learned_positions: bool = False
     """Absolute position embeddings: the graph feeds position_ids to them (GPT-2)."""
+    bottleneck: Mapping[str, BottleneckAttach] | None = field(default=None, compare=False)
+    """Bottleneck-adapter attachment per library location key; None: not supported."""
     tiny_config: Callable[..., dict[str, Any]] = field(default=dict, compare=False)
     """Config kwargs of a tiny random model for tests (overridable by keyword)."""
     sliding_window_key: str | None = None
@@ -214,10 +234,37 @@ _LLAMA_LIKE = {
     "feedforward_modules": ("down_proj",),
 }
 
+_LLAMA_BOTTLENECK = {
+    "mh_adapter": BottleneckAttach(
+        output="model.layers.{layer}.self_attn.o_proj",
+        residual="model.layers.{layer}.input_layernorm",
+        saved="model.layers.{layer}.attention_adapters",
+    ),
+    "output_adapter": BottleneckAttach(
+        output="model.layers.{layer}.mlp",
+        residual="model.layers.{layer}.post_attention_layernorm",
+        saved="model.layers.{layer}.output_adapters",
+    ),
+}
+
+BERT_BOTTLENECK = {
+    location: BottleneckAttach(
+        output=f"bert.encoder.layer.{{layer}}.{block}.dense",
+        residual=f"bert.encoder.layer.{{layer}}.{block}",
+        saved=f"encoder.layer.{{layer}}.{block}",
+        residual_arg=1,
+        norm=f"bert.encoder.layer.{{layer}}.{block}.LayerNorm",
+    )
+    for location, block in (("mh_adapter", "attention.output"), ("output_adapter", "output"))
+}
+"""BERT's sites (post-LN: BertSelfOutput / BertOutput compute LayerNorm(dense(x) + input_tensor))
+on the Bert*For* task models; for the BERT ArchSpec of the encoder graphs to use. Checked against
+the library in eager PyTorch by tests/test_bottleneck_parity.py."""
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
-        ArchSpec("llama", **_LLAMA_LIKE, tiny_config=_tiny_llama),
+        ArchSpec("llama", **_LLAMA_LIKE, bottleneck=_LLAMA_BOTTLENECK, tiny_config=_tiny_llama),
         ArchSpec("mistral", **_LLAMA_LIKE, tiny_config=_tiny_llama),
         ArchSpec("qwen2", **_LLAMA_LIKE, tiny_config=_tiny_qwen2),
         ArchSpec(

@@ -1,9 +1,9 @@
-"""The input provider that feeds LoRA banks and `adapter_ids` from an AdapterStore.
+"""The input provider that feeds bank inputs and `adapter_ids` from an AdapterStore.
 
-Rows naming a LoRA-family or trainable-tokens adapter get its slot; rows with no adapter,
-or with an adapter another provider serves (prompt-side methods), get slot 0, the base model.
-Graphs with token banks or activated LoRA also get each row's vocabulary and `alora_start`
-(runtime/slot_rows.py).
+Rows naming a LoRA-family, trainable-tokens or bottleneck adapter get its slot; rows with no
+adapter, or with an adapter another provider serves (prompt-side methods), get slot 0, the
+base model. Graphs with token banks or activated LoRA also get each row's vocabulary and
+`alora_start` (runtime/slot_rows.py).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class LoraBankProvider(InputProvider):
 
 
 def provider_for_bundle(bundle: Bundle) -> LoraBankProvider | None:
-    """PROVIDER_FACTORIES entry: a provider when the graph has LoRA banks."""
+    """PROVIDER_FACTORIES entry: a provider when the graph has LoRA or bottleneck banks."""
     manifest = bundle.manifest
     if manifest.mode != "runtime" or not bank_specs(manifest):
         return None

@@ -58,7 +58,7 @@ class DecoderWrapper(nn.Module):
 
     def graph_inputs(self, batch: int = 2, seq: int = 3, past: int = 4) -> list[GraphIO]:
         """All inputs in contract order with trace examples; fixes `input_names` for forward."""
-        extra = [i for ext in self.extensions for i in ext.inputs(batch, seq)]
+        extra = _shared_once([i for ext in self.extensions for i in ext.inputs(batch, seq)])
         seen = [i.name for i in extra]
         duplicates = {n for n in seen if seen.count(n) > 1}
         if duplicates:
@@ -165,6 +165,20 @@ def _windows(spec: ArchSpec, config) -> dict[str, int | None] | None:
         return None
     kinds = set(spec.layer_kinds(config))
     return {kind: window if kind == SLIDING else None for kind in sorted(kinds)}
+
+
+SHARED_INPUTS = (names.ADAPTER_IDS,)
+"""Inputs several extensions may declare (every bank family selects its slot by the same
+adapter_ids); the first declaration is the graph's."""
+
+
+def _shared_once(extra: list[ExtraInput]) -> list[ExtraInput]:
+    kept: list[ExtraInput] = []
+    for item in extra:
+        if item.name in SHARED_INPUTS and any(k.name == item.name for k in kept):
+            continue
+        kept.append(item)
+    return kept
 
 
 def _ids(batch: int, seq: int, vocab: int) -> torch.Tensor:

@@ -1,0 +1,53 @@
+"""`adapters add` for bottleneck adapters: convert a saved folder against the manifest alone.
+
+The bundle's `adapters.bottleneck` layout (sites, width, activations) is all the conversion
+needs, so adding takes seconds and never re-exports; the bundle changes as one staged step,
+and every check runs before the first write.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft_export.bundle import names
+from peft_export.bundle.atomic import staged_update, write_text
+from peft_export.bundle.manifest import InstalledAdapter
+from peft_export.exporter.adapter_source import check_new_adapter_name
+from peft_export.exporter.bottleneck.convert import convert_bottleneck, fit_layout
+from peft_export.exporter.bottleneck.folder import check_config, read_bottleneck
+from peft_export.exporter.bundle_files import read_manifest
+from peft_export.exporter.errors import ExportError
+from peft_export.exporter.runtime_adapters.bundle_adapters import install_converted
+from peft_export.models.architectures import get_arch
+
+
+def add_bottleneck_adapter(
+    bundle_dir: str | Path, name: str, folder: str | Path, *, replace: bool = False
+) -> InstalledAdapter:
+    """Install a saved bottleneck adapter into a runtime bundle that has bottleneck banks."""
+    root = Path(bundle_dir)
+    with staged_update(root) as stage:
+        manifest = read_manifest(root)
+        layout = manifest.adapters.bottleneck
+        if manifest.mode != "runtime" or layout is None:
+            raise ExportError(
+                f"{root} has no bottleneck banks; re-export it in runtime mode with a "
+                "bottleneck adapter or with --bottleneck-sites all --bottleneck-size N"
+            )
+        check_new_adapter_name(name, manifest.adapters.installed, replace=replace)
+        source = read_bottleneck(folder, name=name)
+        spec = get_arch(manifest.base_model.architecture)
+        base_config = manifest.base_model.config
+        check_config(source.path, source.config, spec, base_config)
+        converted = convert_bottleneck(
+            source, spec, spec.hidden_size(base_config), spec.num_layers(base_config)
+        )
+        install_converted(
+            stage,
+            manifest.adapters,
+            fit_layout(converted, layout),
+            weights_sha256=manifest.base_model.weights_sha256,
+            precision=manifest.precision,
+        )
+        write_text(stage / names.MANIFEST, manifest.to_json())
+    return manifest.adapters.installed[name]
