@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from adapters_venv import run_in_venv
+from cli_run import run_cli
 from ort_graph import OrtGraph
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -268,8 +269,10 @@ def test_slot_zero_holds_zeros_and_manifest_records_the_banks(served):
 
 
 def test_adapter_added_after_export_equals_library_forward(served):
+    """Through the CLI, as a user adds one: `peft-export adapters add BUNDLE late=FOLDER`."""
     _, prompts, reference, _, bundle, tmp = served
-    installed = add_bottleneck_adapter(bundle, "late", tmp / "library" / "late")
+    assert run_cli("adapters", "add", str(bundle), f"late={tmp / 'library' / 'late'}") == 0
+    installed = load_manifest(bundle).adapters.installed["late"]
     assert installed.method == bn.METHOD and installed.rank == 4
     got = _greedy(bundle, ["late", "houlsby"], prompts[:2])
     _assert_rows_equal(tuple(p[:1] for p in got), _library(reference, "late", slice(0, 1)), "late")

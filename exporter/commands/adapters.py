@@ -38,6 +38,7 @@ def add(
 ) -> None:
     """Install NAME=PEFT_DIR adapters into BUNDLE (banks, prompt inputs or refit sets)."""
     from peft_export.exporter.adapter_source import parse_adapter_arg, read_adapter
+    from peft_export.exporter.bottleneck.bundle_adapters import add_bottleneck_adapter
     from peft_export.exporter.engines.refit_adapters import add_refit_adapter
     from peft_export.exporter.prompt_adapters.bundle_adapters import add_prompt_adapter
     from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
@@ -55,7 +56,12 @@ def add(
                 "engines built with --refit"
             )
             continue
-        if read_adapter(path, name=name).prompt_side:
+        source = read_adapter(path, name=name)
+        if source.method == "bottleneck":
+            if onnx_adapter:
+                raise ExportError("--onnx-adapter takes LoRA-family adapters; drop it")
+            entry = add_bottleneck_adapter(bundle, name, path, replace=replace)
+        elif source.prompt_side:
             entry = add_prompt_adapter(bundle, name, path, replace=replace)
         else:
             entry = add_adapter(bundle, name, path, replace=replace, onnx_adapter=onnx_adapter)
