@@ -176,9 +176,10 @@ def test_conversation_switches_from_base_to_alora_keeping_its_cache(served):
     steps, logits = [], []
     run = bundle.backend.run
 
-    def recording(binding, feeds, outputs):
-        done = run(binding, feeds, outputs)
-        steps.append((np.array(feeds[names.INPUT_IDS]), feeds[names.past_key(0)].shape[2], feeds))
+    def recording(binding, feeds, outputs, kv=None):
+        done = run(binding, feeds, outputs, kv)
+        past = {**feeds, **(kv.views()[0] if kv is not None else {})}[names.past_key(0)]
+        steps.append((np.array(feeds[names.INPUT_IDS]), past.shape[2], feeds))
         logits.append(outputs[names.LOGITS].numpy()[0, -1].copy())
         return done
 
