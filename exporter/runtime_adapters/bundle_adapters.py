@@ -205,8 +205,16 @@ def read_base_targets(bundle_dir: Path, manifest: Manifest) -> dict[str, np.ndar
     return tensors
 
 
-def write_slot(adapter: SlotTensors, path: Path, *, weights_sha256: str, precision: str) -> str:
-    """Write `adapters/NAME.safetensors` atomically; returns its sha256."""
+def write_slot(
+    adapter: SlotTensors,
+    path: Path,
+    *,
+    weights_sha256: str,
+    precision: str,
+    metadata: Mapping[str, str] | None = None,
+) -> str:
+    """Write `adapters/NAME.safetensors` atomically; returns its sha256. `metadata` adds
+    entries to the file's header (encoder adapters: their labels)."""
     dtype = _DTYPES[precision]
     tensors = cast_finite(
         adapter.name,
@@ -224,6 +232,7 @@ def write_slot(adapter: SlotTensors, path: Path, *, weights_sha256: str, precisi
         "base_weights_sha256": weights_sha256,
         "rank": str(adapter.rank),
         "source": adapter.source,
+        **(metadata or {}),
     }
     with staged_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -238,12 +247,14 @@ def install_converted(
     *,
     weights_sha256: str,
     precision: str,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write one converted adapter into a (staged or live) bundle folder and record it."""
     relative = names.adapter_file(adapter.name)
     digest = write_slot(
         adapter,
         confined(bundle_dir, relative, lexical_only=True),
+        metadata=metadata,
         weights_sha256=weights_sha256,
         precision=precision,
     )

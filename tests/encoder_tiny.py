@@ -1,0 +1,118 @@
+"""Tiny seeded encoders, a WordPiece tokenizer and PEFT adapters with trained heads.
+
+Heads are random (seeded) and LoRA B is random, so a test that drops an adapter's delta or
+uses the wrong head fails. Each adapter folder holds `labels.json` (its id2label).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import AutoConfig, PreTrainedModel
+
+from peft_export.models.encoders import ENCODERS, TASKS
+
+_TEXT = """the a an is was good bad great awful movie film food service slow fast cheap price
+love hate this that it very not really team won lost match game vote law city river paris
+london berlin where who what capital of france germany england in on and"""
+WORDS = tuple(_TEXT.split())
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SENTENCES = [
+    "the movie was very good",
+    "this food is awful and the service slow",
+    "the team won the match",
+    "paris is the capital of france",
+    "i really hate that price",
+    "berlin",
+]
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """BERT-style WordPiece over a small vocabulary; unknown pieces fall back to letters."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,?!'")
+    vocab_list = SPECIAL + WORDS + letters + ["##" + ch for ch in letters]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
+    tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    assert len(vocab) <= 160
+    return tokenizer
+
+
+def tiny_encoder(arch: str, task: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A seeded random fp32 task model (biases random too), eval mode, eager attention."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(arch, **ENCODERS[arch].tiny_config(**overrides))
+    auto = getattr(transformers, TASKS[task].auto_class)
+    model = auto.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def save_tiny_encoder(arch: str, task: str, path: Path, seed: int = 0, **overrides: Any) -> Path:
+    model = tiny_encoder(arch, task, seed, **overrides)
+    model.save_pretrained(path)
+    tiny_tokenizer().save(str(path / "tokenizer.json"))
+    return path
+
+
+def make_encoder_adapter(
+    base_dir: Path,
+    arch: str,
+    task: str,
+    out: Path,
+    *,
+    method: str = "lora",
+    num_labels: int | None = None,
+    labels: list[str] | None = None,
+    seed: int = 1,
+    **config: Any,
+) -> Path:
+    """A PEFT adapter for the saved base, with a random trained head of `num_labels` rows."""
+    import peft
+    import transformers
+
+    torch.manual_seed(seed)
+    auto = getattr(transformers, TASKS[task].auto_class)
+    kwargs: dict[str, Any] = {"attn_implementation": "eager"}
+    if num_labels is not None:
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+    base = auto.from_pretrained(base_dir, **kwargs)
+    task_type = TASKS[task].peft_task_type
+    targets = config.pop("target_modules", list(ENCODERS[arch].attention_modules[:2]))
+    if method == "ia3":
+        peft_config = peft.IA3Config(task_type=task_type, target_modules=targets, **config)
+    else:
+        peft_config = peft.LoraConfig(
+            task_type=task_type,
+            r=config.pop("r", 4),
+            lora_alpha=config.pop("lora_alpha", 8),
+            target_modules=targets,
+            use_dora=method == "dora",
+            **config,
+        )
+    model = peft.get_peft_model(base, peft_config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name or "lora_magnitude" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+            elif "ia3_l" in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(out)
+    if labels is not None:
+        (out / "labels.json").write_text(json.dumps(labels))
+    return out
