@@ -34,7 +34,7 @@ SENTENCES = [
 def tiny_tokenizer() -> Tokenizer:
     """BERT-style WordPiece over a small vocabulary; unknown pieces fall back to letters."""
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,?!'")
-    vocab_list = SPECIAL + WORDS + letters + ["##" + ch for ch in letters]
+    vocab_list = SPECIAL + list(WORDS) + letters + ["##" + ch for ch in letters]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
     tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -116,3 +116,47 @@ def make_encoder_adapter(
     if labels is not None:
         (out / "labels.json").write_text(json.dumps(labels))
     return out
+
+
+def peft_outputs(
+    base_dir: Path,
+    arch: str,
+    task: str,
+    adapter_dir: Path | None,
+    encoded: Any,
+    *,
+    num_labels: int | None = None,
+    pooling: str = "mean",
+    normalize: bool = False,
+) -> dict[str, Any]:
+    """The PyTorch/PEFT reference for an encoded batch (runtime `Encoded`), as numpy.
+
+    The model PEFT injected is called directly: PeftModelForQuestionAnswering (peft 0.21)
+    drops `token_type_ids`, which the model itself uses. Embeddings are pooled here, as
+    sentence-transformers does."""
+    import peft
+    import transformers
+
+    auto = getattr(transformers, TASKS[task].auto_class)
+    kwargs: dict[str, Any] = {"attn_implementation": "eager"}
+    if num_labels is not None:
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+    model = auto.from_pretrained(base_dir, **kwargs)
+    if adapter_dir is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter_dir).get_base_model()
+    feeds = {
+        "input_ids": torch.tensor(encoded.input_ids),
+        "attention_mask": torch.tensor(encoded.attention_mask),
+    }
+    if ENCODERS[arch].token_type_ids:
+        feeds["token_type_ids"] = torch.tensor(encoded.token_type_ids)
+    with torch.no_grad():
+        out = model.eval()(**feeds)
+    if task != "feature-extraction":
+        return {name: getattr(out, name).numpy() for name in TASKS[task].outputs}
+    hidden = out.last_hidden_state
+    mask = feeds["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = hidden[:, 0] if pooling == "cls" else (hidden * mask).sum(1) / mask.sum(1)
+    if normalize:
+        pooled = torch.nn.functional.normalize(pooled, dim=1)
+    return {"embeddings": pooled.numpy()}
