@@ -124,14 +124,15 @@ class EncoderBundle:
         pairs: Sequence[str] | None = None,
         *,
         pad_to: int | None = None,
+        max_length: int | None = None,
     ) -> Encoded:
-        """Tokenize (sentence pairs when `pairs`), truncate to the model's limit, right-pad
-        to the longest row or to `pad_to` tokens."""
+        """Tokenize (sentence pairs when `pairs`), truncate to `max_length` tokens (at most
+        the model's limit), right-pad to the longest row or to `pad_to` tokens."""
         if isinstance(texts, str):
             raise InferenceError('pass a list of texts, e.g. ["great film"]')
         if not texts:
             raise InferenceError("no texts given; pass at least one")
-        limit = self.info.max_length
+        limit = min(max_length or self.info.max_length, self.info.max_length)
         tok = self.tokenizer
         tok.no_padding()
         if pairs is None:

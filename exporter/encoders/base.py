@@ -20,8 +20,6 @@ from peft_export.exporter.errors import ExportError
 from peft_export.models.encoders import (
     FEATURE_EXTRACTION,
     PEFT_TASK_TYPES,
-    TASKS,
-    EncoderSpec,
     get_encoder,
     get_task,
 )
@@ -104,6 +102,12 @@ def load_task_model(
             ) from exc
     fresh = {str(k) for k in info.get("missing_keys", [])}
     fresh |= {str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])}
+    body = [k for k in fresh if k.startswith(model.base_model_prefix + ".")]
+    if body:
+        raise ExportError(
+            f"{folder} lacks {body[0]} (and {len(body) - 1} more) of the encoder itself; "
+            "pass a complete checkpoint"
+        )
     head = spec.label_head(task)
     trained = head is None or not any(k.startswith(head + ".") for k in fresh)
     if not trained:
@@ -112,10 +116,6 @@ def load_task_model(
                 if name in fresh:
                     param.zero_()
     return model.eval(), trained
-
-
-def head_module_prefix(spec: EncoderSpec, task: str) -> str | None:
-    return spec.label_head(task)
 
 
 def read_pooling(folder: Path) -> dict[str, Any]:
@@ -175,10 +175,6 @@ def read_labels(folder: Path, count: int) -> list[str]:
             f"with {count} outputs; write {count} labels to labels.json"
         )
     return [str(label) for label in labels]
-
-
-def task_names() -> tuple[str, ...]:
-    return tuple(TASKS)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -277,7 +277,11 @@ def add_adapter(
     killed add leaves it as it was.
     """
     root = Path(bundle_dir)
-    load_runtime_manifest(root)
+    if load_runtime_manifest(root).encoder is not None:
+        raise ExportError(
+            f"{root} is an encoder bundle, whose adapters carry head banks and labels that "
+            "'adapters add' does not write yet; re-export it with every --adapter"
+        )
     with staged_update(root) as stage:
         manifest = load_runtime_manifest(root)
         check_new_adapter_name(name, manifest.adapters.installed, replace=replace)
