@@ -132,7 +132,8 @@ class EncoderBundle:
             raise InferenceError('pass a list of texts, e.g. ["great film"]')
         if not texts:
             raise InferenceError("no texts given; pass at least one")
-        limit = min(max_length or self.info.max_length, self.info.max_length)
+        room = self.info.max_length - self.manifest.adapters.prompt_max_len
+        limit = min(max_length or room, room)
         tok = self.tokenizer
         tok.no_padding()
         if pairs is None:
@@ -170,17 +171,35 @@ class EncoderBundle:
             for adapter in rows:
                 self._check_merged(adapter)
             return self._session_run(feeds)
-        outputs: list[dict[str, np.ndarray]] = []
-        for chunk in self._chunks(rows):
-            part = {k: v[chunk] for k, v in feeds.items()}
-            with self._lock:
-                part[names.ADAPTER_IDS] = self.slots.assign([rows[i] for i in chunk])
-                part.update(self.slots.banks)
-                outputs.append(self._session_run(part))
-        if len(outputs) == 1:
+        chunks = self._chunks(rows)
+        outputs = [self._run_chunk(feeds, rows, chunk) for chunk in chunks]
+        if len(outputs) == 1 and chunks[0] == list(range(len(rows))):
             return outputs[0]
-        order = np.argsort(np.concatenate([np.asarray(c) for c in self._chunks(rows)]))
+        order = np.argsort(np.concatenate([np.asarray(c) for c in chunks]))
         return {k: np.concatenate([o[k] for o in outputs])[order] for k in outputs[0]}
+
+    def _run_chunk(
+        self, feeds: dict[str, np.ndarray], rows: list[str | None], chunk: list[int]
+    ) -> dict[str, np.ndarray]:
+        """One graph run over rows `chunk` (same prompt length, at most `capacity` adapters):
+        prompt rows get their virtual tokens in front, unmasked, as PEFT puts them."""
+        assert self.slots is not None
+        part = {k: v[chunk] for k, v in feeds.items()}
+        if self.slots.prompt_width:
+            prompts = [self.slots.prompt(rows[i]) for i in chunk]
+            length = 0 if prompts[0] is None else len(prompts[0])
+            embeds = np.zeros((len(chunk), length, self.slots.prompt_width), np.float32)
+            for row, prompt in enumerate(prompts):
+                if length:
+                    embeds[row] = prompt
+            part[names.PROMPT_EMBEDS] = embeds
+            mask = part[names.ATTENTION_MASK]
+            ones = np.ones((len(chunk), length), dtype=mask.dtype)
+            part[names.ATTENTION_MASK] = np.concatenate([ones, mask], axis=1)
+        with self._lock:
+            part[names.ADAPTER_IDS] = self.slots.assign([rows[i] for i in chunk])
+            part.update(self.slots.banks)
+            return self._session_run(part)
 
     def classify(self, texts: Sequence[str], adapters: Adapters = None) -> list[Classification]:
         """Sequence classification: each row's label (softmax over its adapter's labels)."""
@@ -274,20 +293,27 @@ class EncoderBundle:
         return rows
 
     def _chunks(self, rows: list[str | None]) -> list[list[int]]:
-        """Row indices per graph call, each mixing at most `slots.capacity` adapters."""
+        """Row indices per graph call: rows with the same prompt length (absolute positions
+        make a padded prompt differ from PEFT's), each call mixing at most `slots.capacity`
+        adapters."""
         assert self.slots is not None
-        chunks: list[list[int]] = []
-        current: list[int] = []
-        seen: set[str] = set()
+        groups: dict[int, list[int]] = {}
         for i, adapter in enumerate(rows):
-            new = adapter is not None and adapter not in seen
-            if new and len(seen) == self.slots.capacity:
-                chunks.append(current)
-                current, seen = [], set()
-            if adapter is not None:
-                seen.add(adapter)
-            current.append(i)
-        chunks.append(current)
+            prompt = self.slots.prompt(adapter)
+            groups.setdefault(0 if prompt is None else len(prompt), []).append(i)
+        chunks: list[list[int]] = []
+        for members in groups.values():
+            current: list[int] = []
+            seen: set[str] = set()
+            for i in members:
+                adapter = rows[i]
+                if adapter is not None and adapter not in seen:
+                    if len(seen) == self.slots.capacity:
+                        chunks.append(current)
+                        current, seen = [], set()
+                    seen.add(adapter)
+                current.append(i)
+            chunks.append(current)
         return chunks
 
     def _check_merged(self, adapter: str | None) -> None:

@@ -58,6 +58,10 @@ class EncoderSlots:
                     self.banks[key][0] = value
         self._resident: OrderedDict[str, int] = OrderedDict()
         self._labels: dict[str, list[str]] = {}
+        self._prompts: dict[str, np.ndarray | None] = {}
+        self.prompt_width = next(
+            (int(t.shape[-1]) for t in manifest.graph.inputs if t.name == names.PROMPT_EMBEDS), 0
+        )
 
     @property
     def capacity(self) -> int:
@@ -80,6 +84,21 @@ class EncoderSlots:
                 )
             self._labels[adapter] = [str(label) for label in labels]
         return self._labels[adapter]
+
+    def prompt(self, adapter: str | None) -> np.ndarray | None:
+        """The adapter's virtual token embeddings [n_virtual, hidden] (prompt tuning), or None."""
+        if adapter is None or not self.prompt_width:
+            return None
+        if adapter not in self._prompts:
+            path = confined(self.root, self._entry(adapter).file)
+            value = _read(path).get(names.PROMPT_EMBEDS)
+            if value is not None and (value.ndim != 2 or value.shape[1] != self.prompt_width):
+                raise InferenceError(
+                    f"{path}: prompt_embeds is {list(value.shape)}, the graph takes width "
+                    f"{self.prompt_width}; re-export the bundle"
+                )
+            self._prompts[adapter] = value
+        return self._prompts[adapter]
 
     def assign(self, adapters: Sequence[str | None]) -> np.ndarray:
         """Slot ids for rows using `adapters` (None: the base), loading adapters as needed."""
@@ -117,6 +136,7 @@ class EncoderSlots:
     def _load(self, name: str, slot: int) -> None:
         path = confined(self.root, self._entry(name).file)
         tensors = _read(path)
+        tensors.pop(names.PROMPT_EMBEDS, None)
         unknown = sorted(set(tensors) - set(self.banks))
         if unknown:
             raise InferenceError(

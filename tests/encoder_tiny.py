@@ -96,6 +96,10 @@ def make_encoder_adapter(
     targets = config.pop("target_modules", list(ENCODERS[arch].attention_modules[:2]))
     if method == "ia3":
         peft_config = peft.IA3Config(task_type=task_type, target_modules=targets, **config)
+    elif method == "prompt_tuning":
+        peft_config = peft.PromptTuningConfig(
+            task_type=task_type, num_virtual_tokens=config.pop("num_virtual_tokens", 4)
+        )
     else:
         peft_config = peft.LoraConfig(
             task_type=task_type,
@@ -108,7 +112,7 @@ def make_encoder_adapter(
     model = peft.get_peft_model(base, peft_config)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name or "lora_magnitude" in name:
+            if any(k in name for k in ("lora_B", "modules_to_save", "lora_magnitude", "prompt_")):
                 param.add_(torch.randn_like(param) * 0.3)
             elif "ia3_l" in name:
                 param.add_(torch.randn_like(param) * 0.2)
@@ -132,8 +136,9 @@ def peft_outputs(
     """The PyTorch/PEFT reference for an encoded batch (runtime `Encoded`), as numpy.
 
     The model PEFT injected is called directly: PeftModelForQuestionAnswering (peft 0.21)
-    drops `token_type_ids`, which the model itself uses. Embeddings are pooled here, as
-    sentence-transformers does."""
+    drops `token_type_ids`, which the model itself uses. Prompt tuning runs through PEFT's
+    wrapper (it adds the virtual tokens). Embeddings are pooled here, as sentence-transformers
+    does."""
     import peft
     import transformers
 
@@ -143,7 +148,9 @@ def peft_outputs(
         kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     model = auto.from_pretrained(base_dir, **kwargs)
     if adapter_dir is not None:
-        model = peft.PeftModel.from_pretrained(model, adapter_dir).get_base_model()
+        wrapped = peft.PeftModel.from_pretrained(model, adapter_dir)
+        prompt = wrapped.peft_config["default"].is_prompt_learning
+        model = wrapped if prompt else wrapped.get_base_model()
     feeds = {
         "input_ids": torch.tensor(encoded.input_ids),
         "attention_mask": torch.tensor(encoded.attention_mask),

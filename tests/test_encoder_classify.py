@@ -20,6 +20,7 @@ ADAPTERS = {
     "sentiment": ("lora", ["negative", "positive"]),
     "topic": ("dora", ["sport", "politics", "food", "film"]),
     "urgency": ("ia3", ["low", "mid", "high"]),
+    "intent": ("prompt_tuning", ["ask", "tell", "order"]),
 }
 
 
@@ -31,6 +32,8 @@ def work(tmp_path_factory):
     for seed, (name, (method, labels)) in enumerate(ADAPTERS.items(), start=1):
         targets = ["key", "value", "output.dense"] if method == "ia3" else ["query", "value"]
         extra = {"feedforward_modules": ["output.dense"]} if method == "ia3" else {}
+        if method == "prompt_tuning":
+            targets, extra = None, {"num_virtual_tokens": 3}
         dirs[name] = make_encoder_adapter(
             base,
             "bert",
@@ -60,7 +63,7 @@ def test_runtime_logits_match_peft(work, bundle, name):
     ref = peft_outputs(
         work["base"], "bert", TASK, work["dirs"][name], encoded, num_labels=len(labels)
     )["logits"]
-    assert got.shape == (len(SENTENCES), 4)
+    assert got.shape == (len(SENTENCES), 4)  # the largest head: topic's 4 labels
     np.testing.assert_allclose(got[:, : len(labels)], ref, atol=TOL, rtol=0)
     assert not np.any(got[:, len(labels) :]), "padded labels must stay zero"
     results = bundle.classify(SENTENCES, adapters=name)
@@ -77,7 +80,7 @@ def test_base_rows_use_the_base_head(work, bundle):
 
 
 def test_mixed_batch_equals_each_row_alone(bundle):
-    rows = ["sentiment", "topic", None, "urgency", "topic", "sentiment"]
+    rows = ["sentiment", "topic", "intent", "urgency", None, "intent"]
     mixed = bundle.classify(SENTENCES, adapters=rows)
     for text, adapter, result in zip(SENTENCES, rows, mixed, strict=True):
         alone = bundle.classify([text], adapters=[adapter])[0]
@@ -131,6 +134,19 @@ def test_bad_requests_are_refused(bundle):
         bundle.classify(["a", "b"], adapters=["sentiment"])
     with pytest.raises(InferenceError, match=r"call bundle.classify"):
         bundle.embed(["a"])
+
+
+def test_prefix_tuning_is_refused_with_the_reason(work, tmp_path):
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(work["base"])
+    config = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2)
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "prefix")
+    with pytest.raises(ExportError, match="no past key values"):
+        export_encoder(
+            work["base"], [("p", tmp_path / "prefix")], out=tmp_path / "b", mode="runtime"
+        )
 
 
 def test_adapter_for_another_base_is_refused(work, tmp_path):

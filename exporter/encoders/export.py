@@ -52,12 +52,14 @@ from peft_export.exporter.errors import ExportError
 from peft_export.exporter.graph.extension import GraphExtension
 from peft_export.exporter.graph.onnx_export import OPSET, export_onnx
 from peft_export.exporter.merge import merge_adapter
+from peft_export.exporter.prompt_adapters.prompt_embeds import PromptEmbedsExtension
 from peft_export.exporter.runtime_adapters.banks import LoraBanks
 from peft_export.exporter.runtime_adapters.bundle_adapters import install_converted, plan_layout
 from peft_export.exporter.runtime_adapters.convert import SlotTensors
 from peft_export.models.encoders import EncoderSpec, get_encoder, get_task
 
 DEFAULT_SLOTS = 8
+PROMPT_EMBEDS_METHODS = ("prompt_tuning", "p_tuning")
 LABELS_METADATA = "labels"
 """Adapter file header entry: the adapter's labels in id order (a JSON list)."""
 
@@ -206,21 +208,17 @@ def _merged(folder, spec, task_spec, split, label_head, console):
 def _runtime(folder, spec, task_spec, split, label_head, options):
     model, trained = load_task_model(folder, task_spec.name)
     base_sha = bundle_writer.weights_sha256(model)
-    prompt_side = [s for s in split if s.source.method not in LORA_METHODS]
-    if prompt_side:
-        raise ExportError(
-            f"adapter {prompt_side[0].source.name} is {prompt_side[0].source.method}; encoder "
-            f"runtime bundles serve {', '.join(LORA_METHODS)} adapters"
-        )
+    prompts = _prompt_tensors(split, task_spec.name)
     for adapter in split:
         check_fits(adapter.deltas, model)
+    lora = [s for s in split if s.source.method in LORA_METHODS]
     extensions: list[GraphExtension] = []
     converted: list[SlotTensors] = []
     methods = options.get("methods")
-    if split or methods:
+    if lora or methods:
         layout, parts, converted = plan_layout(
             model,
-            [s.deltas for s in split],
+            [s.deltas for s in lora],
             target_modules=_listed(options.get("target_modules")),
             max_rank=options.get("max_rank"),
             slots=int(options.get("slots") or DEFAULT_SLOTS),
@@ -237,11 +235,21 @@ def _runtime(folder, spec, task_spec, split, label_head, options):
         )
     else:
         layout = AdapterLayout(slots=int(options.get("slots") or DEFAULT_SLOTS))
+    by_source = {s.source.name: s.source for s in split}
     params = sorted({p for s in split for p in s.heads})
     leaves = head_leaves(model, params, label_head) if params or label_head else []
     shapes = bank_shapes(model, leaves, split, label_head) if leaves else {}
     if shapes:
-        extensions.append(HeadBanks(shapes, declare_ids=not converted and not methods))
+        extensions.append(HeadBanks(shapes, declare_ids=not lora and not methods))
+    if prompts:
+        hidden = spec.hidden_size(model.config)
+        extensions.append(PromptEmbedsExtension(hidden, max(len(p) for p in prompts.values())))
+    converted += [
+        SlotTensors(
+            name, by_source[name].method, 0, str(by_source[name].path), {names.PROMPT_EMBEDS: value}
+        )
+        for name, value in prompts.items()
+    ]
     labels = {
         s.source.name: read_labels(s.source.path, label_count(model, s, label_head))
         if label_head and f"{label_head}.weight" in s.heads
@@ -277,6 +285,37 @@ def _runtime(folder, spec, task_spec, split, label_head, options):
         heads=sorted(shapes),
     )
     return model, extensions, info, AdapterLayout(), [write], base_sha
+
+
+def _prompt_tensors(split: list, task: str) -> dict[str, np.ndarray]:
+    """Prompt tuning / P-tuning adapters' virtual token embeddings [n_virtual, hidden] (PEFT
+    saves P-tuning's encoder output); other prompt-side methods are refused."""
+    prompts = {}
+    for adapter in split:
+        source = adapter.source
+        if source.method in LORA_METHODS:
+            continue
+        if source.method == "prefix_tuning":
+            raise ExportError(
+                f"adapter {source.name} is prefix tuning, which PEFT cannot apply to encoders "
+                "with this transformers (their layers take no past key values); use prompt "
+                "tuning or LoRA"
+            )
+        if source.method not in PROMPT_EMBEDS_METHODS:
+            raise ExportError(
+                f"adapter {source.name} is {source.method}; encoder bundles serve "
+                f"{', '.join(LORA_METHODS + PROMPT_EMBEDS_METHODS)}"
+            )
+        if task != "sequence-classification":
+            raise ExportError(
+                f"adapter {source.name} is {source.method}: encoder bundles take prompt adapters "
+                "for sequence classification only (PEFT returns the virtual tokens' outputs for "
+                "the other tasks)"
+            )
+        prompts[source.name] = np.asarray(
+            source.load_tensors()["prompt_embeddings"], dtype=np.float32
+        )
+    return prompts
 
 
 def _write_base_heads(stage: Path, tensors: dict[str, np.ndarray]) -> None:

@@ -27,7 +27,16 @@ from peft_export.exporter.errors import ExportError
 from peft_export.exporter.graph.extension import ExtraInput, GraphExtension
 from peft_export.exporter.runtime_adapters.banks import TRACE_SLOTS
 
-_PEFT_PREFIX = "base_model.model."
+_PEFT_PREFIXES = ("base_model.model.", "base_model.")
+"""Where PEFT's saved keys start: LoRA-family models wrap the model once more than prompt
+learning ones do."""
+
+
+def _inner(key: str) -> str:
+    for prefix in _PEFT_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
 _ADAPTER_PARTS = ("lora_", "ia3_l", "hada_", "lokr_", "prompt_embeddings", "adaption_")
 
 
@@ -48,7 +57,7 @@ def split_heads(source: AdapterSource) -> SplitAdapter:
     if not head_keys:
         return SplitAdapter(source, source)
     tensors = source.load_tensors()
-    heads = {k.removeprefix(_PEFT_PREFIX): tensors[k] for k in head_keys}
+    heads = {_inner(k): tensors[k] for k in head_keys}
     header = dataclasses.replace(
         source.header,
         tensors={k: v for k, v in source.header.tensors.items() if k not in head_keys},
@@ -61,7 +70,7 @@ def split_heads(source: AdapterSource) -> SplitAdapter:
 def _is_head_key(key: str, saved: Sequence[str]) -> bool:
     """PEFT wraps every module whose path ends with a `modules_to_save` entry (so
     `classifier` also takes DistilBERT's `pre_classifier`) and saves its parameters whole."""
-    inner = key.removeprefix(_PEFT_PREFIX)
+    inner = _inner(key)
     if any(part in inner for part in _ADAPTER_PARTS):
         return False
     parts = inner.split(".")[:-1]
