@@ -164,7 +164,7 @@ def run_case(setup: dict, batch: int, repeats: int, threads: int, check: OutputC
     import torch
 
     merged, runtime = setup["merged"], setup["runtime"]
-    texts = [" ".join(WORDS[i % 7 :] + WORDS + WORDS) for i in range(batch)]
+    texts = [" ".join(WORDS[i % 7 :] + WORDS * 5) for i in range(batch)]
     encoded = merged.encode(texts, max_length=SEQ, pad_to=SEQ)
     assert encoded.attention_mask.all(), "every row must fill all 128 tokens"
     feeds = {
