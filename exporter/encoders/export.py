@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from peft_export.exporter.encoders.base import (
 )
 from peft_export.exporter.encoders.heads import (
     HeadBanks,
+    SplitAdapter,
     bank_shapes,
     head_leaves,
     label_count,
@@ -56,7 +57,7 @@ from peft_export.exporter.prompt_adapters.prompt_embeds import PromptEmbedsExten
 from peft_export.exporter.runtime_adapters.banks import LoraBanks
 from peft_export.exporter.runtime_adapters.bundle_adapters import install_converted, plan_layout
 from peft_export.exporter.runtime_adapters.convert import SlotTensors
-from peft_export.models.encoders import EncoderSpec, get_encoder, get_task
+from peft_export.models.encoders import EncoderSpec, TaskSpec, get_encoder, get_task
 
 DEFAULT_SLOTS = 8
 PROMPT_EMBEDS_METHODS = ("prompt_tuning", "p_tuning")
@@ -172,7 +173,19 @@ def export_encoder(
     return manifest
 
 
-def _merged(folder, spec, task_spec, split, label_head, console):
+_Plan = tuple[Any, list[GraphExtension], EncoderInfo, AdapterLayout, list[Callable], str]
+"""The traced model, its extensions, the manifest's encoder info, the adapter layout, the
+writers of adapter files and the base weights' hash."""
+
+
+def _merged(
+    folder: Path,
+    spec: EncoderSpec,
+    task_spec: TaskSpec,
+    split: list[SplitAdapter],
+    label_head: str | None,
+    console: Console,
+) -> _Plan:
     adapter = split[0] if split else None
     own_head = (
         adapter is not None and label_head is not None and (f"{label_head}.weight" in adapter.heads)
@@ -205,7 +218,14 @@ def _merged(folder, spec, task_spec, split, label_head, console):
     return model.eval(), [], info, layout, [], base_sha
 
 
-def _runtime(folder, spec, task_spec, split, label_head, options):
+def _runtime(
+    folder: Path,
+    spec: EncoderSpec,
+    task_spec: TaskSpec,
+    split: list[SplitAdapter],
+    label_head: str | None,
+    options: dict[str, Any],
+) -> _Plan:
     model, trained = load_task_model(folder, task_spec.name)
     base_sha = bundle_writer.weights_sha256(model)
     prompts = _prompt_tensors(split, task_spec.name)
@@ -287,7 +307,7 @@ def _runtime(folder, spec, task_spec, split, label_head, options):
     return model, extensions, info, AdapterLayout(), [write], base_sha
 
 
-def _prompt_tensors(split: list, task: str) -> dict[str, np.ndarray]:
+def _prompt_tensors(split: list[SplitAdapter], task: str) -> dict[str, np.ndarray]:
     """Prompt tuning / P-tuning adapters' virtual token embeddings [n_virtual, hidden] (PEFT
     saves P-tuning's encoder output); other prompt-side methods are refused."""
     prompts = {}
