@@ -45,6 +45,9 @@ ADAPTERS = {
 }
 OPTIMUM_REQUIREMENTS = ["optimum-onnx==0.1.0"]
 SEQ = 128
+SETTLE_S = 0.5
+"""Pause before each timed call: the previous side's thread pools (ONNX Runtime's spinning
+workers, PyTorch's OpenMP threads) stop spinning instead of stealing the 2 cores."""
 GOALS = {"vs_torch": 2.0, "vs_optimum": 1.0, "mixed_vs_merged": 0.8}
 _TEXT = """the committee met on tuesday to discuss the budget for the new stadium while fans
 outside argued about the coach the food trucks and the price of tickets for the final"""
@@ -203,6 +206,7 @@ def run_case(setup: dict, batch: int, repeats: int, threads: int, check: OutputC
     for repeat in range(repeats):
         order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
         for name in order:
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             logits = sides[name]()
             times[name].append(time.perf_counter() - start)
