@@ -37,6 +37,8 @@ def _inner(key: str) -> str:
         if key.startswith(prefix):
             return key[len(prefix) :]
     return key
+
+
 _ADAPTER_PARTS = ("lora_", "ia3_l", "hada_", "lokr_", "prompt_embeddings", "adaption_")
 
 
