@@ -183,6 +183,29 @@ class Quantization:
 
 
 @dataclasses.dataclass
+class EncoderInfo:
+    """Encoder bundles (docs/bundle-format.md "Encoder bundles"): the task the graph computes
+    and what the runtime needs to turn its outputs into labels, spans or vectors."""
+
+    task: str
+    """sequence-classification, token-classification, question-answering, feature-extraction."""
+    outputs: list[str]
+    token_type_ids: bool = False
+    max_length: int = 512
+    """Longest input in tokens (the model's position table; prompt tokens included)."""
+    pooling: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """feature-extraction: {"mode": "mean"|"cls"|"max", "normalize": bool}."""
+    max_labels: int = 0
+    """Labelled tasks: the last dim of the logits; a head with fewer labels is zero-padded."""
+    labels: list[str] = dataclasses.field(default_factory=list)
+    """The base head's labels (merged: the merged adapter's), in id order."""
+    base_head: bool = True
+    """False when the base checkpoint has no trained head: rows need an adapter's head."""
+    heads: list[str] = dataclasses.field(default_factory=list)
+    """Runtime mode: the head-bank graph inputs (`head.PATH.PARAM`), filled per slot."""
+
+
+@dataclasses.dataclass
 class BaseModelInfo:
     source: str
     architecture: str
@@ -206,6 +229,8 @@ class Manifest:
     engines: list[EngineRecord] = dataclasses.field(default_factory=list)
     producer: dict[str, str] = dataclasses.field(default_factory=dict)
     quantization: Quantization | None = None
+    encoder: EncoderInfo | None = None
+    """Set for encoder bundles (no KV cache, no generation)."""
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

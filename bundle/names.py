@@ -106,9 +106,12 @@ BASE_TARGETS = "_base_targets"
 """adapters/_base_targets.safetensors: base weights of the bank modules, for DoRA's norms."""
 ADAPTION_BASE = "_adaption_base"
 """adapters/_adaption_base.safetensors: the projections AdaptionPrompt adapters need."""
+ENCODER_HEADS = "_base_heads"
+"""adapters/_base_heads.safetensors: encoder bundles' slot-0 head banks (the base's own head)."""
+HEAD_PREFIX = "head."
 RESERVED_PREFIX = "_"
 """Adapter names starting with this belong to the bundle's own side files."""
-RESERVED_NAMES = (REFIT_BASE, BASE_TARGETS, ADAPTION_BASE)
+RESERVED_NAMES = (REFIT_BASE, BASE_TARGETS, ADAPTION_BASE, ENCODER_HEADS)
 """Every file stem the bundle writes next to adapter files (adapters/, engines/refit/)."""
 
 NO_ADAPTER = "-"
@@ -128,3 +131,16 @@ def reserved_adapter_name(name: str) -> bool:
 def refit_file(name: str) -> str:
     """Merged bundles: the refit set of adapter `name` (or REFIT_BASE)."""
     return f"{REFIT_DIR}/{name}.safetensors"
+
+
+def head_input(leaf_path: str, param: str) -> str:
+    """Graph input (and adapter tensor) name of one head bank: `head.classifier.weight`."""
+    return f"{HEAD_PREFIX}{leaf_path}.{param}"
+
+
+def split_head_input(name: str) -> tuple[str, str] | None:
+    """Inverse of `head_input`: (leaf_path, param), or None for other names."""
+    if not name.startswith(HEAD_PREFIX):
+        return None
+    path, _, param = name[len(HEAD_PREFIX) :].rpartition(".")
+    return (path, param) if path and param else None

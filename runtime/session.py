@@ -14,6 +14,7 @@ from peft_export.bundle import names
 from peft_export.bundle.manifest import Manifest, load_manifest
 from peft_export.runtime.backends import BACKENDS
 from peft_export.runtime.backends.base import Backend, Feed
+from peft_export.runtime.encoder import EncoderBundle
 from peft_export.runtime.errors import InferenceError
 from peft_export.runtime.providers import PROVIDER_FACTORIES, InputProvider
 from peft_export.runtime.request import (
@@ -165,13 +166,18 @@ def load_bundle(
     providers: Sequence[InputProvider] = (),
     prefill_chunk: int = 512,
     **backend_options: Any,
-) -> Bundle:
-    """Load `path` for generation. `backend_options` go to the backend (ORT: OrtOptions).
+) -> Bundle | EncoderBundle:
+    """Load `path` for generation (an encoder bundle: runtime.encoder.EncoderBundle, for
+    classify/tag/answer/embed). `backend_options` go to the backend (ORT: OrtOptions).
 
     Prompts longer than `prefill_chunk` tokens are prefilled in several steps, which bounds
     the memory of the logits (batch x chunk x vocab) without changing the result."""
     root = Path(path)
     manifest = load_manifest(root)
+    if manifest.encoder is not None:
+        from peft_export.runtime.encoder import load_encoder_bundle
+
+        return load_encoder_bundle(root, manifest, backend, **backend_options)
     _kv_dtype(manifest)
     codec = TextCodec.from_bundle(root, manifest)
     backend_cls = _backend_class(backend)

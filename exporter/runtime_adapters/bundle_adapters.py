@@ -208,8 +208,16 @@ def read_base_targets(bundle_dir: Path, manifest: Manifest) -> dict[str, np.ndar
     return tensors
 
 
-def write_slot(adapter: SlotTensors, path: Path, *, weights_sha256: str, precision: str) -> str:
-    """Write `adapters/NAME.safetensors` atomically; returns its sha256."""
+def write_slot(
+    adapter: SlotTensors,
+    path: Path,
+    *,
+    weights_sha256: str,
+    precision: str,
+    metadata: Mapping[str, str] | None = None,
+) -> str:
+    """Write `adapters/NAME.safetensors` atomically; returns its sha256. `metadata` adds
+    entries to the file's header (encoder adapters: their labels)."""
     dtype = _DTYPES[precision]
     ints = {k: v for k, v in adapter.tensors.items() if k in token_inputs.INT_BANKS}
     floats = {k: v for k, v in adapter.tensors.items() if k not in ints}
@@ -230,6 +238,7 @@ def write_slot(adapter: SlotTensors, path: Path, *, weights_sha256: str, precisi
         "base_weights_sha256": weights_sha256,
         "rank": str(adapter.rank),
         "source": adapter.source,
+        **(metadata or {}),
     }
     with staged_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -244,12 +253,14 @@ def install_converted(
     *,
     weights_sha256: str,
     precision: str,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write one converted adapter into a (staged or live) bundle folder and record it."""
     relative = names.adapter_file(adapter.name)
     digest = write_slot(
         adapter,
         confined(bundle_dir, relative, lexical_only=True),
+        metadata=metadata,
         weights_sha256=weights_sha256,
         precision=precision,
     )
@@ -277,7 +288,11 @@ def add_adapter(
     killed add leaves it as it was.
     """
     root = Path(bundle_dir)
-    load_runtime_manifest(root)
+    if load_runtime_manifest(root).encoder is not None:
+        raise ExportError(
+            f"{root} is an encoder bundle, whose adapters carry head banks and labels that "
+            "'adapters add' does not write yet; re-export it with every --adapter"
+        )
     with staged_update(root) as stage:
         manifest = load_runtime_manifest(root)
         check_new_adapter_name(name, manifest.adapters.installed, replace=replace)

@@ -324,6 +324,11 @@ Manifest parse_manifest(const std::string& json_text) {
                       " is invalid; re-export");
   }
 
+  if (const Json* encoder = fields.find("encoder"); encoder != nullptr && !encoder->is_null()) {
+    throw BundleError(std::string(kFile) +
+                      ": an encoder (BERT-family) bundle, which the C++ runtime does not serve "
+                      "yet; use the Python runtime (peft_export.runtime.load_bundle)");
+  }
   Manifest manifest;
   manifest.schema_version = static_cast<int>(schema);
   manifest.base_model = parse_base(fields.required("base_model"));
