@@ -135,10 +135,10 @@ def test_runtime_mixed_batch_matches_peft(tmp_path_factory, name: str) -> None:
         check_row(run, model, PROMPTS[row])
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt_rtx") is None and importlib.util.find_spec("tensorrt") is None,
-    reason="neither TensorRT nor TensorRT-RTX is installed",
-)
+HAS_TRT = any(importlib.util.find_spec(m) for m in ("tensorrt_rtx", "tensorrt"))
+
+
+@pytest.mark.skipif(not HAS_TRT, reason="neither TensorRT nor TensorRT-RTX is installed")
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_runtime_graph_builds_with_tensorrt(tmp_path_factory, monkeypatch, name: str) -> None:
     from peft_export.bundle.manifest import load_manifest
