@@ -163,3 +163,32 @@ def test_runtime_refuses_lora_on_fused_experts(tmp_path_factory) -> None:
             mode="runtime",
             planners=[plan_lora_banks],
         )
+
+
+def test_int4_moe_merged_matches_peft_on_the_graph_weights(tmp_path_factory) -> None:
+    """Qwen2-MoE's shared expert sees [tokens, hidden] (2-D), so its linears trace to Gemm
+    with transB: quantized, they must still equal PEFT's merged model on the graph's weights
+    (read back by ONNX Runtime, float32 compute); the fused experts stay float."""
+    import onnx
+    from test_quantized_parity import ort_weights, with_weights
+
+    from peft_export.bundle.manifest import load_manifest
+    from peft_export.exporter.quantize.scheme import ACCURACY_EXACT, QuantScheme
+
+    family = _family("qwen2_moe", tmp_path_factory)
+    adapter = make_adapter(
+        family.base, "lora", family.tmp, seed=3, target_parameters=list(family.experts)
+    )
+    out = family.tmp / "int4"
+    scheme = QuantScheme.parse("int4", ort_only=False)
+    tokenizer = save_tiny_tokenizer(family.tmp / "tokenizer")
+    export_bundle(InMemoryBase(family.base, tokenizer), [("m", adapter)], out=out, quantize=scheme)
+    assert "model.layers.0.mlp.shared_expert.gate_proj" in load_manifest(out).quantization.modules
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert any(n.op_type == "Gemm" and n.input[1].endswith(".dequantized") for n in graph.node)
+    merged = PeftModel.from_pretrained(copy.deepcopy(family.base), adapter).merge_and_unload()
+    reference = with_weights(merged.eval(), ort_weights(out))
+    bundle = load_bundle(out, quant_accuracy=ACCURACY_EXACT)
+    prompts = [PROMPTS["lora"], PROMPTS[None]]
+    for prompt, run in zip(prompts, run_rows(bundle, prompts, [None, None], 8), strict=True):
+        check_row(run, reference, prompt)
