@@ -5,7 +5,8 @@ experts) checked on prefill with a left-padded row, decode through the KV cache 
 tokens; and runtime (LoRA, DoRA, IA3, prefix and prompt tuning in one bundle) run through the
 Python runtime as one mixed, left-padded batch, every row checked against PEFT's forward on
 prefill and 16 decode steps. The runtime graph is then built with TensorRT-RTX (ahead of
-time), when it is installed.
+time), when it is installed. MoE extras: runtime mode refuses LoRA on the fused experts, and
+an int4 Qwen2-MoE (2-D inputs to its shared expert) equals PEFT on the graph's weights.
 """
 
 from __future__ import annotations
