@@ -251,9 +251,15 @@ def check_fits(source: AdapterSource, base: Any) -> None:
                 _mismatch(source, inner, info.shape, params[inner].shape)
             continue
         module_path, part, is_bias = _split_part(inner)
+        if source.config.get("target_parameters") and module_path.endswith(".base_layer"):
+            module_path = _fused_owner(module_path)
         module = modules.get(module_path)
         if module is None:
             _missing(source, module_path)
+        fused = _fused_parameters(source, module_path, module)
+        if fused:
+            _check_fused(source, module_path, fused, part, info.shape)
+            continue
         if part.startswith("lokr_"):
             lokr.setdefault(module_path, {})[part] = info.shape
         elif part in ("adaption_prompt", "adaption_gate"):
@@ -271,6 +277,37 @@ def check_fits(source: AdapterSource, base: Any) -> None:
         if w1 and w2 and (w1[0] * w2[0], w1[1] * w2[1]) != (out_f, in_f):
             got = (w1[0] * w2[0], w1[1] * w2[1])
             _mismatch(source, module_path, got, (out_f, in_f))
+
+
+def _fused_owner(module_path: str) -> str:
+    """PEFT nests one wrapper per targeted parameter: `experts.base_layer.base_layer` ->
+    `experts`."""
+    while module_path.endswith(".base_layer"):
+        module_path = module_path.removesuffix(".base_layer")
+    return module_path
+
+
+def _fused_parameters(source: AdapterSource, module_path: str, module: Any) -> list[Any]:
+    """The 3-D parameters [experts, out, in] of `module` that the adapter's
+    `target_parameters` name (PEFT's LoRA on fused MoE expert weights)."""
+    targets = source.config.get("target_parameters") or []
+    return [
+        param
+        for name, param in module.named_parameters(recurse=False)
+        if param.dim() == 3 and any(f"{module_path}.{name}".endswith(t) for t in targets)
+    ]
+
+
+def _check_fused(source: AdapterSource, module_path: str, params: list[Any], part, shape) -> None:
+    """LoRA on a fused [experts, out, in] parameter: A [r*experts, in], B [out, r*experts]."""
+    for param in params:
+        experts, out_f, in_f = param.shape
+        if len(shape) == 2 and part == "lora_A" and shape[1] == in_f and shape[0] % experts == 0:
+            return
+        if len(shape) == 2 and part == "lora_B" and shape[0] == out_f and shape[1] % experts == 0:
+            return
+    want = [list(p.shape) for p in params]
+    _mismatch(source, f"{module_path} ({part})", shape, want)
 
 
 def _lokr_factor(parts: dict[str, tuple[int, ...]], stem: str) -> tuple[int, int] | None:

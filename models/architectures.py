@@ -67,6 +67,9 @@ class ArchSpec:
     """Models users know this family by (README's support table, scripts/support_table.py)."""
     features: tuple[str, ...] = ()
     """What its graph handles beyond a Llama block, as the support table lists it."""
+    expert_parameters: tuple[str, ...] = ()
+    """Fused 3-D expert weights of a mixture-of-experts block (PEFT `target_parameters`):
+    LoRA on them merges exactly, but they are no linear layer, so runtime banks refuse them."""
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -221,6 +224,81 @@ def tiny_longrope(rotary_dim: int = 16, original: int = 16, maximum: int = 256) 
     }
 
 
+def _tiny_qwen3(**overrides: Any) -> dict[str, Any]:
+    return _tiny_llama(**{"head_dim": 16, "use_sliding_window": False, **overrides})
+
+
+def _tiny_granite(**overrides: Any) -> dict[str, Any]:
+    """Granite 3's multipliers (embedding, residual, attention, logits), not the neutral 1.0."""
+    multipliers = {
+        "embedding_multiplier": 12.0,
+        "residual_multiplier": 0.22,
+        "attention_multiplier": 0.0625,
+        "logits_scaling": 8.0,
+    }
+    return _tiny_llama(**{**multipliers, **overrides})
+
+
+def _tiny_smollm3(**overrides: Any) -> dict[str, Any]:
+    """Layer 1 of 2 is a NoPE layer (SmolLM3 drops RoPE on every 4th; 2 layers need it named)."""
+    return _tiny_llama(**{"no_rope_layers": [1, 0], "tie_word_embeddings": True, **overrides})
+
+
+def _tiny_stablelm(**overrides: Any) -> dict[str, Any]:
+    """StableLM 2 12B's shape of attention: partial rotary, per-head q/k LayerNorm, q/k/v
+    biases and the parallel residual."""
+    extra = {
+        "partial_rotary_factor": 0.25,
+        "qk_layernorm": True,
+        "use_parallel_residual": True,
+        "use_qkv_bias": True,
+    }
+    return _tiny_llama(**{**extra, **overrides})
+
+
+def _tiny_phi(**overrides: Any) -> dict[str, Any]:
+    return _tiny_llama(
+        **{"num_key_value_heads": 4, "partial_rotary_factor": 0.5, "resid_pdrop": 0.0, **overrides}
+    )
+
+
+def _tiny_gpt_neox(**overrides: Any) -> dict[str, Any]:
+    base = _tiny_llama(**{"rotary_pct": 0.25, "use_parallel_residual": True, **overrides})
+    base.pop("num_key_value_heads", None)
+    return base
+
+
+def _tiny_mixtral(**overrides: Any) -> dict[str, Any]:
+    return _tiny_llama(
+        **{"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32, **overrides}
+    )
+
+
+def _tiny_qwen2_moe(**overrides: Any) -> dict[str, Any]:
+    """Every layer sparse, with Qwen2-MoE's gated shared expert."""
+    moe = {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+        "decoder_sparse_step": 1,
+        "use_sliding_window": False,
+    }
+    return _tiny_llama(**{**moe, **overrides})
+
+
+def _tiny_qwen3_moe(**overrides: Any) -> dict[str, Any]:
+    moe = {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+        "head_dim": 16,
+        "use_sliding_window": False,
+    }
+    return _tiny_llama(**{**moe, **overrides})
+
+
 _LLAMA_LIKE = {
     "layers_key": "num_hidden_layers",
     "heads_key": "num_attention_heads",
@@ -233,6 +311,9 @@ _LLAMA_LIKE = {
     "mlp_modules": ("gate_proj", "up_proj", "down_proj"),
     "feedforward_modules": ("down_proj",),
 }
+_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+_MOE = {**_LLAMA_LIKE, "mlp_modules": (), "feedforward_modules": (), "expert_parameters": _EXPERTS}
+"""Mixtral / Qwen3-MoE: the MLP is only fused experts; linear targets are the attention's."""
 
 _LLAMA_BOTTLENECK = {
     "mh_adapter": BottleneckAttach(
@@ -267,6 +348,48 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("llama", **_LLAMA_LIKE, bottleneck=_LLAMA_BOTTLENECK, tiny_config=_tiny_llama),
         ArchSpec("mistral", **_LLAMA_LIKE, tiny_config=_tiny_llama),
         ArchSpec("qwen2", **_LLAMA_LIKE, tiny_config=_tiny_qwen2),
+        ArchSpec("qwen3", **_LLAMA_LIKE, tiny_config=_tiny_qwen3),
+        ArchSpec("olmo2", **_LLAMA_LIKE, tiny_config=_tiny_llama),
+        ArchSpec("granite", **_LLAMA_LIKE, tiny_config=_tiny_granite),
+        ArchSpec("smollm3", **_LLAMA_LIKE, tiny_config=_tiny_smollm3),
+        ArchSpec("stablelm", **_LLAMA_LIKE, tiny_config=_tiny_stablelm),
+        ArchSpec(
+            "phi",
+            **{
+                **_LLAMA_LIKE,
+                "attention_modules": ("q_proj", "k_proj", "v_proj", "dense"),
+                "mlp_modules": ("fc1", "fc2"),
+                "feedforward_modules": ("fc2",),
+            },
+            tiny_config=_tiny_phi,
+        ),
+        ArchSpec(
+            "gpt_neox",
+            **{
+                **_LLAMA_LIKE,
+                "kv_heads_key": None,
+                "embed_tokens": "gpt_neox.embed_in",
+                "attention_modules": ("query_key_value", "attention.dense"),
+                "mlp_modules": ("dense_h_to_4h", "dense_4h_to_h"),
+                "feedforward_modules": ("dense_4h_to_h",),
+            },
+            tiny_config=_tiny_gpt_neox,
+        ),
+        ArchSpec("mixtral", **_MOE, tiny_config=_tiny_mixtral),
+        ArchSpec(
+            "qwen2_moe",
+            **{
+                **_MOE,
+                "mlp_modules": (
+                    "shared_expert.gate_proj",
+                    "shared_expert.up_proj",
+                    "shared_expert.down_proj",
+                ),
+                "feedforward_modules": ("shared_expert.down_proj",),
+            },
+            tiny_config=_tiny_qwen2_moe,
+        ),
+        ArchSpec("qwen3_moe", **_MOE, tiny_config=_tiny_qwen3_moe),
         ArchSpec(
             "gemma",
             **_LLAMA_LIKE,

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from peft_export.bundle.manifest import GraphSpec, TensorSpec
 from peft_export.exporter.errors import ExportError
+from peft_export.exporter.graph.moe_experts import traceable_experts
 from peft_export.exporter.graph.wrapper import DecoderWrapper, GraphIO
 
 OPSET = 18
@@ -66,7 +67,12 @@ def export_onnx(
         for io in inputs
     )
     translations = {k: v for ext in wrapper.extensions for k, v in ext.onnx_translations().items()}
-    with _status(console, "tracing the model to ONNX (dynamo)"), _quiet(), torch.no_grad():
+    with (
+        _status(console, "tracing the model to ONNX (dynamo)"),
+        _quiet(),
+        torch.no_grad(),
+        traceable_experts(wrapper.model, wrapper.spec.expert_parameters),
+    ):
         try:
             program = torch.onnx.export(
                 wrapper,

@@ -229,9 +229,11 @@ def _replace(
     transposed = match.transposed if gemm is None else bool(gemm.get("transB", 0))
     if transposed != match.transposed:
         raise ExportError(f"{match.path}: the graph uses its weight transposed; report this bug")
+    if match.transposed and gemm is None:
+        raise ExportError(f"{match.path}: a MatMul on a transposed weight; report this bug")
+    # A Gemm with transB (torch's linear on a 2-D input, e.g. Qwen2-MoE's shared expert) is
+    # A·Wᵀ: MatMulNBits' own form, and a MatMul layout Gemm once transB is dropped.
     if scheme.graph_format == "matmulnbits":
-        if match.transposed:
-            raise ExportError(f"{match.path}: a transposed weight has no MatMulNBits form")
         inputs = [node.input[0], names["weight"], names["scales"], names["zero_points"]]
         if gemm is not None and len(node.input) > 2 and node.input[2]:
             inputs += ["", node.input[2]]
@@ -250,8 +252,6 @@ def _replace(
                 **attributes,
             )
         ]
-    if match.transposed:
-        raise ExportError(f"{match.path}: a transposed weight has no DequantizeLinear form yet")
     dequantized = f"{names['weight']}.dequantized"
     dq = helper.make_node(
         "DequantizeLinear",
@@ -264,7 +264,7 @@ def _replace(
     inputs = list(node.input)
     inputs[1] = dequantized
     rewired = helper.make_node(node.op_type, inputs, list(node.output), name=node.name)
-    rewired.attribute.extend(node.attribute)
+    rewired.attribute.extend(a for a in node.attribute if a.name != "transB")
     return [dq, rewired]
 
 

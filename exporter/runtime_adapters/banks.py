@@ -135,8 +135,14 @@ class LoraBanks(GraphExtension):
     def _forward(
         self, module: nn.Module, path: str, parts: tuple[str, ...], x: torch.Tensor
     ) -> torch.Tensor:
+        ids = self._feeds[names.ADAPTER_IDS]
+        if x.dim() == 2:
+            # Some blocks flatten [batch, seq, in] to [tokens, in] first (Qwen2-MoE's shared
+            # expert); the row's adapter needs the batch dim back, and the caller its shape.
+            rows = x.reshape(ids.shape[0], -1, x.shape[-1])
+            y = self._forward(module, path, parts, rows)
+            return y.reshape(-1, y.shape[-1])
         feeds = self._feeds
-        ids = feeds[names.ADAPTER_IDS]
 
         def bank(part: str) -> torch.Tensor:
             return feeds[names.lora_input(path, part)]

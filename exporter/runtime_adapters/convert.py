@@ -52,6 +52,13 @@ def adapter_modules(source: AdapterSource) -> list[str]:
             f"adapter {source.name} trains a bias on lora_B (lora_bias), which the bank "
             "inputs cannot carry; export it with --mode merged"
         )
+    fused = source.config.get("target_parameters")
+    if fused:
+        raise ExportError(
+            f"adapter {source.name} puts LoRA on fused parameters ({', '.join(fused)}: PEFT "
+            "target_parameters, e.g. MoE experts), which runtime banks of linear layers cannot "
+            "carry; export it with --mode merged"
+        )
     paths: set[str] = set()
     token_side = tokens.token_tensor_keys(source)
     for key in source.header.tensors:
