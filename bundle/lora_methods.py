@@ -17,8 +17,13 @@ from peft_export.bundle import methods, names
 
 LORA_METHODS = methods.bank_names()
 """Methods served by bank inputs (bundle/methods.py), in registry order."""
-BANK_ONLY_METHODS = methods.runtime_names(methods.BANKS, methods.BANKS_FACTORED)
-"""Methods that fill only A and B: every graph with LoRA banks serves them."""
+BANK_ONLY_METHODS = tuple(
+    name
+    for name in methods.runtime_names(methods.BANKS, methods.BANKS_FACTORED)
+    if not methods.get_method(name).needs_base_weights
+)
+"""Methods that fill only A and B from the adapter alone: every graph with LoRA banks serves
+them (those that read the base weights, OFT, HRA, ..., need the bundle to keep them)."""
 SCALE_PARTS = ("out_scale", "in_scale", "bias_scale")
 
 
