@@ -58,7 +58,8 @@ class Method:
     config_flag: str | None = None
     """A LoRA config flag that turns a LoRA adapter into this variant (use_dora, ...)."""
     index_parts: tuple[str, ...] = ()
-    """Saved tensors that hold integer indices, not weights (SHiRA's sparse positions)."""
+    """Saved tensor names (a dotted component of the key) that hold integer indices, not
+    weights (SHiRA's sparse positions, FRoD's shared index sets)."""
 
     @property
     def served(self) -> bool:
@@ -168,7 +169,7 @@ METHODS: tuple[Method, ...] = (
     _factored("road", "RoAd", base=True),
     _factored("glora", "GLoRA", base=True),
     _factored("hira", "HiRA", base=True),
-    _factored("frod", "FRoD", base=True),
+    _factored("frod", "FRoD", base=True, index_parts=("frod_s_indices", "frod_s_size")),
     _factored("osf", "OSF", base=True),
     _factored("psoft", "PSOFT", base=True),
     _factored("peanut", "PEANuT", base=True),

@@ -337,7 +337,7 @@ def _check_float(
     the index tensors a method declares (SHiRA's sparse positions)."""
     index_parts = method.index_parts if method is not None else ()
     for key, info in header.tensors.items():
-        if info.dtype in INDEX_DTYPES and key.rsplit(".", 1)[-1] in index_parts:
+        if info.dtype in INDEX_DTYPES and set(key.split(".")) & set(index_parts):
             continue
         if info.dtype not in FLOAT_DTYPES:
             raise ExportError(

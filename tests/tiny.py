@@ -33,6 +33,7 @@ REGISTRY_CONFIGS: dict[str, dict[str, Any]] = {
     "c3a": {"block_size": 16},
     "waveft": {"n_frequency": 200},
     "hra": {"r": 4},
+    "adamss": {"r": 8, "num_subspaces": 2},
     "trainable_tokens": {"token_indices": [5, 6, 7], "target_modules": None},
     "ln_tuning": {"task_type": "CAUSAL_LM", "target_modules": None},
 }

@@ -297,6 +297,10 @@ def add_adapter(
             weights_sha256=manifest.base_model.weights_sha256,
             precision=manifest.precision,
         )
+        if source.method not in layout.methods:
+            # It fits the graph's inputs (checked above), so the graph serves it: a bundle
+            # written before the method was known lists it now (the C++ runtime reads the list).
+            layout.methods.append(source.method)
         write_text(stage / names.MANIFEST, manifest.to_json())
         if onnx_adapter:
             write_ort_adapter(stage, manifest, name)
