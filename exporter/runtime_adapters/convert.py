@@ -122,8 +122,9 @@ def check_fits_layout(
             )
         if source.method == "dora" and inputs is not None:
             _check_input(source, names.lora_input(path, "out_scale"), inputs)
-        slots.extend(found)
-    return slots
+        slots.extend(m for m in found if m not in slots)
+    order = {m.path: i for i, m in enumerate(layout.modules)}
+    return sorted(slots, key=lambda m: order[m.path])  # the model's order: PEFT's, too
 
 
 def check_inputs(adapter: SlotTensors, source: AdapterSource, inputs: Collection[str]) -> None:
