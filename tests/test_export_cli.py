@@ -287,7 +287,8 @@ def test_runtime_export_accepts_the_whole_lora_family_unless_methods_narrows(
     for method in ("rslora", "loha"):
         assert _run(["adapters", "add", str(narrow), f"{method}={extra[method]}"]) == 0, method
     capsys.readouterr()
-    for method, part in (("dora", "out_scale"), ("ia3", "in_scale")):
+    # IA3's first module in the model's order is q_proj, whose output it scales
+    for method, part in (("dora", "out_scale"), ("ia3", "out_scale")):
         assert _run(["adapters", "add", str(narrow), f"{method}={extra[method]}"]) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert f".{part}, which this bundle's graph lacks" in line, line

@@ -32,6 +32,8 @@ ALGEBRAIC_RANK_METHODS = ("loha", "lokr")
 """Factored methods whose rank has a known algebraic bound, which caps the SVD's rank."""
 SVD_RELATIVE_TOL = 1e-9
 """Singular values below this fraction of the largest are float64 round-off, not rank."""
+RANGE_START = 16
+"""First width of `_svd_factors`' search for a low-rank delta's range."""
 
 
 @dataclass
@@ -357,8 +359,31 @@ def _algebraic_rank(layer: nn.Module, method: str) -> int:
 
 
 def _svd_factors(delta: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
-    """delta [out, in] = B @ A with rank <= bound (singular values folded into B)."""
+    """delta [out, in] = B @ A with rank <= bound (singular values folded into B).
+
+    A delta of low rank in a large layer (VeRA's r in a 4096² projection) is factored without
+    the full SVD, which costs minutes there: Q spans delta·Ω for a seeded Gaussian Ω of width
+    k (doubling from RANGE_START); once ||delta - Q·Qᵀ·delta|| is float64 round-off, delta =
+    Q·(Qᵀ·delta) and the SVD of that k-row factor gives delta's own singular values. A delta
+    of half the layer's rank or more takes the full SVD.
+    """
+    rng = np.random.default_rng(0)
+    tolerance = np.linalg.norm(delta) * SVD_RELATIVE_TOL
+    width = RANGE_START
+    while 2 * width <= min(delta.shape):
+        q, _ = np.linalg.qr(delta @ rng.standard_normal((delta.shape[1], width)))
+        projected = q.T @ delta
+        if np.linalg.norm(delta - q @ projected) <= tolerance:
+            u, s, vt = np.linalg.svd(projected, full_matrices=False)
+            return _kept_factors(q @ u, s, vt, bound)
+        width *= 2
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    return _kept_factors(u, s, vt, bound)
+
+
+def _kept_factors(
+    u: np.ndarray, s: np.ndarray, vt: np.ndarray, bound: int
+) -> tuple[np.ndarray, np.ndarray]:
     keep = int(np.sum(s > s[0] * SVD_RELATIVE_TOL)) if s.size and s[0] > 0 else 0
     keep = max(1, min(keep, bound))
     return vt[:keep], u[:, :keep] * s[:keep]
