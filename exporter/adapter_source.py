@@ -71,6 +71,15 @@ class AdapterSource:
         return _read_checked(self.weights_file, self.header)
 
 
+def missing_package(source: AdapterSource, exc: ImportError) -> ExportError:
+    """PEFT imports some methods' extra packages when it loads them (AdaMSS: scikit-learn)."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ExportError(
+        f"adapter {source.name}: PEFT needs a package to load {source.method} ({reason:.160}); "
+        "install it (pip install 'peft-export[adamss]' installs AdaMSS's)"
+    )
+
+
 def parse_adapter_arg(value: str) -> tuple[str | None, str]:
     """`NAME=DIR` or `DIR` (name then defaults to the folder name)."""
     name, sep, path = value.partition("=")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from peft_export.bundle.methods import get_method
-from peft_export.exporter.adapter_source import AdapterSource
+from peft_export.exporter.adapter_source import AdapterSource, missing_package
 from peft_export.exporter.errors import ExportError
 
 
@@ -38,6 +38,8 @@ def merge_adapter(model: nn.Module, source: AdapterSource) -> nn.Module:
     with _quiet():
         try:
             peft_model = PeftModel.from_pretrained(model, str(source.path), is_trainable=False)
+        except ImportError as exc:
+            raise missing_package(source, exc) from None
         except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, re.error) as exc:
             first = (str(exc).strip().splitlines() or [""])[0]
             raise ExportError(

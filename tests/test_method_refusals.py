@@ -7,7 +7,9 @@ export before the graph is traced.
 
 from __future__ import annotations
 
+import copy
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from tiny import make_adapter, tiny_model
 from peft_export.bundle import methods
 from peft_export.exporter.adapter_source import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from peft_export.exporter.errors import ExportError
+from peft_export.exporter.merge import merge_adapter
 from peft_export.exporter.pipeline import InMemoryBase, export_bundle
 from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
 
@@ -72,3 +75,15 @@ def test_runtime_only_method_is_refused_in_merged_mode(tmp_path, base, method):
         export_bundle(InMemoryBase(base), [("a", adapter)], out=tmp_path / "bundle")
     assert _one_line(info) == f"adapter a is {method.name}: {method.merge_refusal}"
     assert not (tmp_path / "bundle").exists()
+
+
+def test_missing_extra_package_is_named(tmp_path, base, monkeypatch):
+    """PEFT's AdaMSS config imports scikit-learn (the `adamss` extra)."""
+    adapter = make_adapter(base, "adamss", tmp_path)
+    source = read_adapter(adapter, name="a", base=base)
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    with pytest.raises(ExportError) as info:
+        merge_adapter(copy.deepcopy(base), source)
+    message = _one_line(info)
+    assert message.startswith("adapter a: PEFT needs a package to load adamss (")
+    assert message.endswith("pip install 'peft-export[adamss]' installs AdaMSS's)")

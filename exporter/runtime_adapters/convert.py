@@ -23,7 +23,7 @@ from torch import nn
 from peft_export.bundle import names
 from peft_export.bundle.manifest import AdapterLayout, ModuleSlot
 from peft_export.bundle.methods import BANKS_FACTORED, get_method
-from peft_export.exporter.adapter_source import AdapterSource
+from peft_export.exporter.adapter_source import AdapterSource, missing_package
 from peft_export.exporter.errors import ExportError
 
 _PEFT_PREFIX = "base_model.model."
@@ -154,7 +154,8 @@ def build_skeleton(
     some methods only in float32 (PSOFT); `convert_adapter` makes it float64 once loaded.
 
     `base_weights` maps `PATH.weight` ([out, in]) to the base weight; missing ones are zero,
-    which is exact for every method except DoRA (whose norm reads W).
+    which is exact for every method except those whose delta reads W (DoRA's norm, OFT's
+    rotation: `needs_base_weights` in bundle/methods.py).
     """
     from transformers.pytorch_utils import Conv1D
 
@@ -218,10 +219,7 @@ def convert_adapter(
         config.inference_mode = True
         peft_model = peft.PeftModel(skeleton, config, adapter_name=_ADAPTER)
     except ImportError as exc:
-        raise ExportError(
-            f"adapter {source.name}: PEFT needs a package to load {source.method} ({exc}); "
-            "install it (e.g. pip install 'peft-export[adamss]')"
-        ) from None
+        raise missing_package(source, exc) from None
     except RuntimeError as exc:
         raise _does_not_fit(source, exc) from None
     except (TypeError, AttributeError, KeyError, ValueError, re.error) as exc:
