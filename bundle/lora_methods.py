@@ -4,18 +4,26 @@ A runtime bundle serves an adapter when its graph has an input for every tensor 
 fills, whatever method names the bundle was exported with: rsLoRA, AdaLoRA, LoHa and LoKr
 fill A and B like LoRA, so every bank graph serves them; DoRA also fills `out_scale`; IA3
 fills `out_scale` (and `bias_scale`) on the modules whose output it scales and `in_scale` on
-its feed-forward modules. The exporter and both runtimes gate on inputs, not on names.
+its feed-forward modules; the methods factored exactly into A/B (VeRA, OFT, ...; the registry
+in bundle/methods.py) fill A and B only. The exporter and both runtimes gate on inputs, not
+on names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from peft_export.bundle import names
+from peft_export.bundle import methods, names
 
-LORA_METHODS = ("lora", "rslora", "dora", "adalora", "loha", "lokr", "ia3")
-BANK_ONLY_METHODS = ("lora", "rslora", "adalora", "loha", "lokr")
-"""Methods that fill only A and B: every graph with LoRA banks serves them."""
+LORA_METHODS = methods.bank_names()
+"""Methods served by bank inputs (bundle/methods.py), in registry order."""
+BANK_ONLY_METHODS = tuple(
+    name
+    for name in methods.runtime_names(methods.BANKS, methods.BANKS_FACTORED)
+    if not methods.get_method(name).needs_base_weights
+)
+"""Methods that fill only A and B from the adapter alone: every graph with LoRA banks serves
+them (those that read the base weights, OFT, HRA, ..., need the bundle to keep them)."""
 SCALE_PARTS = ("out_scale", "in_scale", "bias_scale")
 
 
@@ -39,3 +47,9 @@ def accepted_methods(methods: Sequence[str]) -> list[str]:
     in LORA_METHODS order (what the manifest records as `adapters.methods`)."""
     wanted = {*methods, *BANK_ONLY_METHODS}
     return [m for m in LORA_METHODS if m in wanted]
+
+
+def needs_base_weights(names_: Iterable[str]) -> bool:
+    """Whether any of these methods reads the base weights of its target modules when an
+    adapter is converted (the bundle then keeps them: adapters/_base_targets.safetensors)."""
+    return any((m := methods.get_method(n)) is not None and m.needs_base_weights for n in names_)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from peft_export.bundle import names, safetensors_io
+from peft_export.bundle import methods, names, safetensors_io
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.json_limits import load_json
 from peft_export.exporter.errors import ExportError
@@ -26,27 +26,25 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+INDEX_DTYPES = ("I64", "I32")
 
-LORA_FAMILY = ("lora", "rslora", "dora", "adalora", "loha", "lokr", "ia3")
-PROMPT_SIDE = ("prefix_tuning", "prompt_tuning", "p_tuning", "adaption_prompt")
-TOKEN_SIDE = ("trainable_tokens",)
-"""PEFT's TRAINABLE_TOKENS: rows of the token embedding (exporter/runtime_adapters/tokens.py)."""
-METHODS = LORA_FAMILY + PROMPT_SIDE + TOKEN_SIDE
-
-_PEFT_TYPES = {
-    "LORA": "lora",
-    "ADALORA": "adalora",
-    "LOHA": "loha",
-    "LOKR": "lokr",
-    "IA3": "ia3",
-    "PREFIX_TUNING": "prefix_tuning",
-    "PROMPT_TUNING": "prompt_tuning",
-    "P_TUNING": "p_tuning",
-    "ADAPTION_PROMPT": "adaption_prompt",
-    "TRAINABLE_TOKENS": "trainable_tokens",
-}
+METHODS = methods.served_names()
+"""Methods some export mode serves (bundle/methods.py)."""
+PROMPT_SIDE = methods.runtime_names(methods.PREFIX_KV, methods.PROMPT_EMBEDS, methods.ADAPTION_KV)
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _PEFT_PREFIX = "base_model.model."
+_SHARED_PREFIX = "base_model."
+_SHAPED_PARTS = (
+    "lora_A",
+    "lora_B",
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "lora_magnitude_vector",
+    "ia3_l",
+)
+"""Parts whose shape `_expected_shape` knows; other methods' shapes are checked by PEFT."""
 _RESAVE = "re-save it with PEFT"
 
 
@@ -71,6 +69,15 @@ class AdapterSource:
     def load_tensors(self) -> dict[str, np.ndarray]:
         """The adapter's tensors as numpy (BF16 widened to float32), checked finite."""
         return _read_checked(self.weights_file, self.header)
+
+
+def missing_package(source: AdapterSource, exc: ImportError) -> ExportError:
+    """PEFT imports some methods' extra packages when it loads them (AdaMSS: scikit-learn)."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ExportError(
+        f"adapter {source.name}: PEFT needs a package to load {source.method} ({reason:.160}); "
+        "install it (pip install 'peft-export[adamss]' installs AdaMSS's)"
+    )
 
 
 def parse_adapter_arg(value: str) -> tuple[str | None, str]:
@@ -186,7 +193,7 @@ def read_adapter(
         raise ExportError(f"adapter {name}: {exc}") from None
     if not header.tensors:
         raise ExportError(f"adapter {weights}: holds no tensors; re-save it with PEFT")
-    _check_float(weights, header)
+    _check_float(weights, header, methods.method_for_config(config))
     _read_checked(weights, header)
     source = AdapterSource(name=name, path=path, method=detected, config=config, header=header)
     if base is not None:
@@ -195,18 +202,17 @@ def read_adapter(
 
 
 def detect_method(path: Path, config: dict[str, Any]) -> str:
-    peft_type = str(config.get("peft_type", "")).upper()
-    method = _PEFT_TYPES.get(peft_type)
+    """The registry's method name for this config; a method no mode serves is refused here,
+    with the registry's reason, before anything else reads the folder."""
+    method = methods.method_for_config(config)
     if method is None:
         raise ExportError(
             f"adapter {path}: PEFT type {config.get('peft_type')!r} is not supported; "
-            f"supported methods: {', '.join(METHODS)}"
+            f"supported methods: {', '.join(METHODS)} ('peft-export methods' lists them)"
         )
-    if method == "lora" and config.get("use_dora"):
-        return "dora"
-    if method == "lora" and config.get("use_rslora"):
-        return "rslora"
-    return method
+    if not method.served:
+        raise ExportError(f"adapter {path} is {method.label}: {method.merge_refusal}")
+    return method.name
 
 
 def check_fits(source: AdapterSource, base: Any) -> None:
@@ -245,6 +251,8 @@ def check_fits(source: AdapterSource, base: Any) -> None:
             if len(info.shape) != 2 or info.shape[1] != hidden:
                 _mismatch(source, key, info.shape, ("tokens", hidden))
             continue
+        if key.startswith(_SHARED_PREFIX) and not key.startswith(_PEFT_PREFIX):
+            continue  # a basis shared by every layer (VeRA's vera_A, ...): PEFT checks it
         inner = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
         if inner in params:
             if tuple(params[inner].shape) != info.shape:
@@ -254,6 +262,8 @@ def check_fits(source: AdapterSource, base: Any) -> None:
         if source.config.get("target_parameters") and module_path.endswith(".base_layer"):
             module_path = _fused_owner(module_path)
         module = modules.get(module_path)
+        if module is None and module_path.rpartition(".")[0] in modules:
+            continue  # a part nested one level deeper (trainable tokens): PEFT checks it
         if module is None:
             _missing(source, module_path)
         fused = _fused_parameters(source, module_path, module)
@@ -266,7 +276,7 @@ def check_fits(source: AdapterSource, base: Any) -> None:
             hidden = spec.hidden_size(config)
             if part == "adaption_prompt" and info.shape[-1] != hidden:
                 _mismatch(source, module_path, info.shape, (*info.shape[:-1], hidden))
-        else:
+        elif part in _SHAPED_PARTS:
             in_f, out_f = module_features(module)
             expected = (out_f,) if is_bias else _expected_shape(part, info.shape, in_f, out_f)
             if expected is not None and tuple(expected) != info.shape:
@@ -385,9 +395,15 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _check_float(weights: Path, header: safetensors_io.SafetensorsHeader) -> None:
-    """Adapter weights are floating point; integer or bool tensors mean a broken file."""
+def _check_float(
+    weights: Path, header: safetensors_io.SafetensorsHeader, method: methods.Method | None
+) -> None:
+    """Adapter weights are floating point; integer or bool tensors mean a broken file, except
+    the index tensors a method declares (SHiRA's sparse positions)."""
+    index_parts = method.index_parts if method is not None else ()
     for key, info in header.tensors.items():
+        if info.dtype in INDEX_DTYPES and set(key.split(".")) & set(index_parts):
+            continue
         if info.dtype not in FLOAT_DTYPES:
             raise ExportError(
                 f"adapter {weights}: tensor {key!r} has dtype {info.dtype}, adapter weights are "

@@ -1,8 +1,9 @@
-"""Merged mode: fold a LoRA-family or IA3 adapter into the base weights with PEFT itself.
+"""Merged mode: fold an adapter into the base weights with PEFT itself.
 
-PEFT's own merge handles every variant it can load (rank/alpha patterns, rsLoRA, DoRA,
-AdaLoRA, LoHa, LoKr, IA3 feed-forward vs output scaling, lora_bias, fan_in_fan_out,
-modules_to_save), so reimplementing the algebra here would only add ways to be wrong.
+PEFT's own merge handles every method and variant it can load (the registry's `merged`
+methods, bundle/methods.py: LoRA family, IA3, VeRA, OFT, ..., rank/alpha patterns, lora_bias,
+fan_in_fan_out, modules_to_save), so reimplementing the algebra here would only add ways to
+be wrong.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from peft_export.exporter.adapter_source import LORA_FAMILY, TOKEN_SIDE, AdapterSource
+from peft_export.bundle.methods import get_method
+from peft_export.exporter.adapter_source import AdapterSource, missing_package
 from peft_export.exporter.errors import ExportError
 
 
 def check_mergeable(source: AdapterSource) -> None:
-    if source.method not in LORA_FAMILY + TOKEN_SIDE:
-        raise ExportError(
-            f"adapter {source.name} is {source.method}, which adds inputs rather than weights "
-            "and cannot be merged; export it with --mode runtime"
-        )
+    method = get_method(source.method)
+    if method is None or not method.merged:
+        reason = method.merge_refusal if method is not None else "it is not a known method"
+        raise ExportError(f"adapter {source.name} is {source.method}: {reason}")
     if source.config.get("alora_invocation_tokens"):
         raise ExportError(
             f"adapter {source.name} is an activated LoRA (alora_invocation_tokens): its delta "
@@ -44,6 +45,8 @@ def merge_adapter(model: nn.Module, source: AdapterSource) -> nn.Module:
     with _quiet():
         try:
             peft_model = PeftModel.from_pretrained(model, str(source.path), is_trainable=False)
+        except ImportError as exc:
+            raise missing_package(source, exc) from None
         except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, re.error) as exc:
             first = (str(exc).strip().splitlines() or [""])[0]
             raise ExportError(
@@ -51,7 +54,7 @@ def merge_adapter(model: nn.Module, source: AdapterSource) -> nn.Module:
                 f"({type(exc).__name__}: {first:.200}); check its adapter_config.json and that "
                 "it was trained on this base model"
             ) from exc
-        _give_bias_to_lora_bias_layers(peft_model)
+        _give_bias_to_bias_training_layers(peft_model)
         return merge_peft_model(peft_model, source.name)
 
 
@@ -74,17 +77,28 @@ def resize_for_added_tokens(model: nn.Module, source: AdapterSource) -> None:
         model.resize_token_embeddings(wanted, mean_resizing=False)
 
 
-def _give_bias_to_lora_bias_layers(peft_model: nn.Module) -> None:
-    """A zero bias lets PEFT merge `lora_bias` into layers that had none (e.g. Llama)."""
+_BIAS_TRAINING = ("lora_bias", "beft_bias")
+"""Adapter layer attributes (per-adapter dicts) that train a bias: LoRA's lora_bias, BEFT."""
+
+
+def _give_bias_to_bias_training_layers(peft_model: nn.Module) -> None:
+    """A zero bias lets PEFT merge a trained bias (`lora_bias`, BEFT) into layers that had
+    none (e.g. Llama)."""
     for module in peft_model.modules():
-        lora_bias = getattr(module, "lora_bias", None)
+        trained = [getattr(module, attr, None) for attr in _BIAS_TRAINING]
         base_layer = getattr(module, "base_layer", None)
-        if not isinstance(lora_bias, dict) or not any(lora_bias.values()):
+        if not any(_trains_bias(t) for t in trained):
             continue
         if isinstance(base_layer, nn.Linear) and base_layer.bias is None:
             weight = base_layer.weight
             zeros = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
             base_layer.bias = nn.Parameter(zeros, requires_grad=False)
+
+
+def _trains_bias(per_adapter: object) -> bool:
+    """lora_bias maps adapters to flags, BEFT's beft_bias to the trained bias tensors."""
+    values = per_adapter.values() if hasattr(per_adapter, "values") else ()
+    return any(v is True or isinstance(v, torch.Tensor) for v in values)
 
 
 def merge_peft_model(peft_model: nn.Module, name: str = "adapter") -> nn.Module:

@@ -29,9 +29,9 @@ from peft_export.bundle import names
 from peft_export.bundle.atomic import staged_dir
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.manifest import MODES, PRECISIONS, AdapterLayout, Manifest
+from peft_export.bundle.methods import get_method
 from peft_export.exporter import bundle_writer
 from peft_export.exporter.adapter_source import (
-    LORA_FAMILY,
     METHODS,
     AdapterSource,
     parse_adapter_arg,
@@ -294,9 +294,13 @@ def _runtime_plans(context: ExportContext, planners: Sequence[Planner]) -> list[
     served = {m for plan in plans for m in plan.methods}
     for source in context.sources:
         if source.method not in served:
-            hint = (
-                "; --mode merged folds it into the weights" if source.method in LORA_FAMILY else ""
-            )
+            method = get_method(source.method)
+            if method is not None and method.runtime is None:
+                raise ExportError(
+                    f"adapter {source.name} is {method.label}: runtime mode refuses it: "
+                    f"{method.runtime_refusal}"
+                )
+            hint = "; --mode merged folds it into the weights" if method and method.merged else ""
             raise ExportError(
                 f"runtime mode has no support for {source.method} (adapter {source.name}) in "
                 f"this installation{hint}"

@@ -345,14 +345,53 @@ the library in eager PyTorch by tests/test_bottleneck_parity.py."""
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
-        ArchSpec("llama", **_LLAMA_LIKE, bottleneck=_LLAMA_BOTTLENECK, tiny_config=_tiny_llama),
-        ArchSpec("mistral", **_LLAMA_LIKE, tiny_config=_tiny_llama),
-        ArchSpec("qwen2", **_LLAMA_LIKE, tiny_config=_tiny_qwen2),
-        ArchSpec("qwen3", **_LLAMA_LIKE, tiny_config=_tiny_qwen3),
-        ArchSpec("olmo2", **_LLAMA_LIKE, tiny_config=_tiny_llama),
-        ArchSpec("granite", **_LLAMA_LIKE, tiny_config=_tiny_granite),
-        ArchSpec("smollm3", **_LLAMA_LIKE, tiny_config=_tiny_smollm3),
-        ArchSpec("stablelm", **_LLAMA_LIKE, tiny_config=_tiny_stablelm),
+        ArchSpec(
+            "llama",
+            **_LLAMA_LIKE,
+            bottleneck=_LLAMA_BOTTLENECK,
+            tiny_config=_tiny_llama,
+            known_as="Llama 2 / 3.x, SmolLM / SmolLM2, TinyLlama",
+            features=("Llama 3 rope scaling", "bottleneck adapter sites"),
+        ),
+        ArchSpec(
+            "mistral", **_LLAMA_LIKE, tiny_config=_tiny_llama, known_as="Mistral 7B, Mistral NeMo"
+        ),
+        ArchSpec("qwen2", **_LLAMA_LIKE, tiny_config=_tiny_qwen2, known_as="Qwen2 / Qwen2.5"),
+        ArchSpec(
+            "qwen3",
+            **_LLAMA_LIKE,
+            tiny_config=_tiny_qwen3,
+            known_as="Qwen3",
+            features=("q/k norms",),
+        ),
+        ArchSpec(
+            "olmo2",
+            **_LLAMA_LIKE,
+            tiny_config=_tiny_llama,
+            known_as="OLMo 2",
+            features=("q/k norms over the projections", "post-norm blocks"),
+        ),
+        ArchSpec(
+            "granite",
+            **_LLAMA_LIKE,
+            tiny_config=_tiny_granite,
+            known_as="Granite 3.x",
+            features=("embedding / residual / attention / logit multipliers",),
+        ),
+        ArchSpec(
+            "smollm3",
+            **_LLAMA_LIKE,
+            tiny_config=_tiny_smollm3,
+            known_as="SmolLM3",
+            features=("NoPE layers",),
+        ),
+        ArchSpec(
+            "stablelm",
+            **_LLAMA_LIKE,
+            tiny_config=_tiny_stablelm,
+            known_as="StableLM 2",
+            features=("partial rotary", "per-head q/k LayerNorm", "parallel residual"),
+        ),
         ArchSpec(
             "phi",
             **{
@@ -362,6 +401,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                 "feedforward_modules": ("fc2",),
             },
             tiny_config=_tiny_phi,
+            known_as="Phi-1.5 / Phi-2",
+            features=("partial rotary", "parallel attention + MLP"),
         ),
         ArchSpec(
             "gpt_neox",
@@ -374,8 +415,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                 "feedforward_modules": ("dense_4h_to_h",),
             },
             tiny_config=_tiny_gpt_neox,
+            known_as="Pythia, GPT-NeoX",
+            features=("fused query_key_value", "partial rotary", "parallel residual"),
         ),
-        ArchSpec("mixtral", **_MOE, tiny_config=_tiny_mixtral),
+        ArchSpec(
+            "mixtral",
+            **_MOE,
+            tiny_config=_tiny_mixtral,
+            known_as="Mixtral 8x7B",
+            features=("experts traced dense", "LoRA on fused experts: merged only"),
+        ),
         ArchSpec(
             "qwen2_moe",
             **{
@@ -388,8 +437,20 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                 "feedforward_modules": ("shared_expert.down_proj",),
             },
             tiny_config=_tiny_qwen2_moe,
+            known_as="Qwen1.5-MoE, Qwen2-MoE",
+            features=(
+                "experts traced dense",
+                "shared expert",
+                "LoRA on fused experts: merged only",
+            ),
         ),
-        ArchSpec("qwen3_moe", **_MOE, tiny_config=_tiny_qwen3_moe),
+        ArchSpec(
+            "qwen3_moe",
+            **_MOE,
+            tiny_config=_tiny_qwen3_moe,
+            known_as="Qwen3 MoE",
+            features=("experts traced dense", "LoRA on fused experts: merged only"),
+        ),
         ArchSpec(
             "gemma",
             **_LLAMA_LIKE,
@@ -443,6 +504,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             conv1d_weights=True,
             learned_positions=True,
             tiny_config=_tiny_gpt2,
+            known_as="GPT-2, DistilGPT2",
+            features=("Conv1D weights", "learned positions"),
         ),
     )
 }

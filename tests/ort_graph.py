@@ -22,13 +22,21 @@ class OrtGraph:
         bundle: str | Path,
         extra_feeds: dict[str, np.ndarray] | None = None,
         custom_ops_library: Path | None = None,
+        initializers: dict[str, np.ndarray] | None = None,
     ):
+        """`initializers` replace the graph's initializers of those names (other weights)."""
         bundle = Path(bundle)
         self.manifest = json.loads((bundle / "manifest.json").read_text())
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if custom_ops_library is not None:
             options.register_custom_ops_library(str(custom_ops_library))
+        self._initializers = [
+            (name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
+            for name, value in (initializers or {}).items()
+        ]
+        for name, value in self._initializers:
+            options.add_initializer(name, value)
         self.session = ort.InferenceSession(
             str(bundle / self.manifest["graph"]["file"]),
             options,

@@ -531,13 +531,13 @@ CASES: dict[str, Case] = {
     ),
     "unknown-peft-type": Case(
         "export",
-        "adapter_config.json with peft_type FOURIERFT",
+        "adapter_config.json with peft_type NOT_A_PEFT_TYPE",
         _export_damaged(
             lambda f: _edit_json(
-                f / "adapter_config.json", lambda c: c.update(peft_type="FOURIERFT")
+                f / "adapter_config.json", lambda c: c.update(peft_type="NOT_A_PEFT_TYPE")
             )
         ),
-        "PEFT type 'FOURIERFT' is not supported; supported methods: lora",
+        "PEFT type 'NOT_A_PEFT_TYPE' is not supported; supported methods: lora",
     ),
     "adapter-config-bad-pattern": Case(
         "export",
@@ -650,7 +650,7 @@ CASES: dict[str, Case] = {
         "adapters add",
         "a prefix-tuning adapter into a merged bundle (refit sets take LoRA-family adapters)",
         _add("prefix", kind="merged"),
-        "adapter x is prefix_tuning, which adds inputs rather than weights and cannot be merged",
+        "adapter x is prefix_tuning: it adds inputs rather than weights and cannot be merged",
     ),
     "add-merged-onnx-adapter": Case(
         "adapters add",

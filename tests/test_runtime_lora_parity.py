@@ -15,6 +15,7 @@ import torch
 from peft import PeftModel
 
 from peft_export.bundle import names
+from peft_export.bundle.lora_methods import BANK_ONLY_METHODS, LORA_METHODS
 from peft_export.bundle.manifest import load_manifest
 from peft_export.exporter.pipeline import InMemoryBase, export_bundle
 from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
@@ -121,7 +122,7 @@ def test_bank_only_methods_join_a_lora_only_bundle(tmp_path):
     dirs = {m: make_adapter(base, m, tmp_path, seed=20 + i) for i, m in enumerate(methods)}
     bundle = lora_bundle(base, tmp_path / "b", "lora", dirs, slots=3, max_rank=64, methods="lora")
     manifest = load_manifest(bundle)
-    assert manifest.adapters.methods == list(methods)
+    assert manifest.adapters.methods == list(BANK_ONLY_METHODS)
     assert not [t.name for t in manifest.graph.inputs if t.name.endswith("_scale")]
     assert {e.method for e in manifest.adapters.installed.values()} == set(methods)
     store = AdapterStore(bundle, manifest)
@@ -137,7 +138,7 @@ def test_default_bundle_takes_the_whole_lora_family_by_adapters_add(tmp_path):
     dirs = {m: make_adapter(base, m, tmp_path, seed=30 + i) for i, m in enumerate(methods)}
     bundle = lora_bundle(base, tmp_path / "b", "lora", dirs, slots=3, max_rank=4)
     manifest = load_manifest(bundle)
-    assert manifest.adapters.methods == ["lora", "rslora", "dora", "adalora", "loha", "lokr", "ia3"]
+    assert manifest.adapters.methods == list(LORA_METHODS)
     store = AdapterStore(bundle, manifest)
     for method, adapter_dir in dirs.items():
         _assert_matches_merged_peft(bundle, store, base, method, adapter_dir)

@@ -23,6 +23,22 @@ ARCHS = ("llama", "qwen2", "gpt2")
 MERGEABLE_METHODS = ("lora", "rslora", "dora", "adalora", "loha", "lokr", "ia3")
 PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning", "adaption_prompt")
 METHODS = MERGEABLE_METHODS + PROMPT_METHODS
+REGISTRY_CONFIGS: dict[str, dict[str, Any]] = {
+    "vera": {"r": 8},
+    "pvera": {"r": 8},
+    "randlora": {"r": 8},
+    "vblora": {"r": 4, "vector_length": 16, "num_vectors": 32},
+    "road": {"group_size": 16},
+    "shira": {"r": 2},
+    "c3a": {"block_size": 16},
+    "waveft": {"n_frequency": 200},
+    "hra": {"r": 4},
+    "adamss": {"r": 8, "num_subspaces": 2},
+    "trainable_tokens": {"token_indices": [5, 6, 7], "target_modules": None},
+    "ln_tuning": {"task_type": "CAUSAL_LM", "target_modules": None},
+}
+"""Config arguments for the other registry methods (bundle/methods.py): shapes the tiny
+models allow (block sizes dividing 64), small ranks where the method has one."""
 
 SPECIAL_TOKENS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
 CHAT_TEMPLATE = (
@@ -182,7 +198,29 @@ def peft_config(base: PreTrainedModel, method: str, workdir: Path, **overrides: 
     if method == "adaption_prompt":
         kwargs = {"task_type": "CAUSAL_LM", "adapter_len": 4, "adapter_layers": 2}
         return peft.AdaptionPromptConfig(**{**kwargs, **overrides})
-    raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+    return _registry_config(method, targets, overrides)
+
+
+def _registry_config(method: str, targets: list[str], overrides: Mapping[str, Any]):
+    """PEFT's config class for a registry method, on every linear target by default."""
+    import dataclasses
+
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import PeftType
+
+    from peft_export.bundle.methods import get_method
+
+    entry = get_method(method)
+    if entry is None or entry.peft_type is None:
+        raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType[entry.peft_type]]
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    kwargs: dict[str, Any] = {"target_modules": targets} if "target_modules" in fields else {}
+    kwargs.update(REGISTRY_CONFIGS.get(method, {}))
+    kwargs.update(overrides)
+    if kwargs.get("target_modules", 0) is None:
+        del kwargs["target_modules"]
+    return config_class(**kwargs)
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:

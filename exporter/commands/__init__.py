@@ -9,6 +9,7 @@ from peft_export.exporter.commands import (
     build_engine,
     export,
     inspect,
+    methods,
     run,
     verify,
 )
@@ -18,6 +19,7 @@ COMMANDS: list[click.Command] = [
     verify.command,
     run.command,
     inspect.command,
+    methods.command,
     adapters.command,
     build_engine.command,
 ]

@@ -4,9 +4,10 @@
 so it takes seconds and never re-exports. Every check runs before the first write, and each
 write is staged then renamed, so a refused adapter leaves the bundle untouched.
 
-DoRA needs ||W + s·B·A|| per output row, which depends on the adapter, so the bundle keeps
-the base weights of its target modules in `adapters/_base_targets.safetensors` ([out, in],
-fp32) whenever `dora` is among the accepted methods (the default); other methods need no
+DoRA needs ||W + s·B·A|| per output row, and multiplicative methods (OFT, HRA, ...) a delta
+W' - W, which depend on the base weights, so the bundle keeps the base weights of its target
+modules in `adapters/_base_targets.safetensors` ([out, in], fp32) whenever such a method is
+among the accepted methods (the default; bundle/methods.py says which); other methods need no
 base weights.
 """
 
@@ -21,7 +22,12 @@ from safetensors.numpy import save_file
 from peft_export.bundle import names, safetensors_io, token_inputs
 from peft_export.bundle.atomic import staged_file, staged_update, write_text
 from peft_export.bundle.errors import BundleError
-from peft_export.bundle.lora_methods import LORA_METHODS, accepted_methods, bank_parts
+from peft_export.bundle.lora_methods import (
+    LORA_METHODS,
+    accepted_methods,
+    bank_parts,
+    needs_base_weights,
+)
 from peft_export.bundle.manifest import AdapterLayout, InstalledAdapter, Manifest, ModuleSlot
 from peft_export.bundle.paths import confined
 from peft_export.exporter.adapter_source import (
@@ -120,7 +126,7 @@ def plan_layout(
     layout = AdapterLayout(methods=accepted, slots=slots, r_max=max_rank or 0)
     layout.modules = modules
     spec = get_arch(model.config.model_type)
-    weights = base_target_weights(model, modules) if "dora" in accepted else None
+    weights = base_target_weights(model, modules) if needs_base_weights(accepted) else None
 
     def convert(inputs: set[str] | None) -> list[SlotTensors]:
         options = {"conv1d": spec.conv1d_weights, "base_weights": weights, "pad": False}
@@ -193,8 +199,8 @@ def read_base_targets(bundle_dir: Path, manifest: Manifest) -> dict[str, np.ndar
     path = confined(bundle_dir, BASE_TARGETS_FILE)
     if len(tensors) < len(layout.modules) and not path.is_file():
         raise ExportError(
-            f"{path} is missing, so DoRA adapters cannot be converted for this bundle; "
-            "re-export it with --methods including dora"
+            f"{path} is missing, so adapters whose delta reads the base weights (DoRA, OFT, "
+            "...) cannot be converted for this bundle; re-export it without --methods"
         )
     if path.is_file():
         try:
@@ -309,7 +315,9 @@ def add_adapter(
         if source.method in token_inputs.TOKEN_METHODS:
             converted = SlotTensors(name, source.method, 0, str(source.path))
         else:
-            weights = read_base_targets(root, manifest) if source.method == "dora" else None
+            weights = (
+                read_base_targets(root, manifest) if needs_base_weights([source.method]) else None
+            )
             conv1d = get_arch(manifest.base_model.architecture).conv1d_weights
             converted = convert_adapter(
                 source, layout, conv1d=conv1d, base_weights=weights, inputs=inputs
@@ -326,6 +334,10 @@ def add_adapter(
             weights_sha256=manifest.base_model.weights_sha256,
             precision=manifest.precision,
         )
+        if source.method not in layout.methods:
+            # It fits the graph's inputs (checked above), so the graph serves it: a bundle
+            # written before the method was known lists it now (the C++ runtime reads the list).
+            layout.methods.append(source.method)
         write_text(stage / names.MANIFEST, manifest.to_json())
         if onnx_adapter:
             write_ort_adapter(stage, manifest, name)

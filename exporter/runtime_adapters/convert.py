@@ -1,10 +1,13 @@
-"""PEFT LoRA-family adapter -> one bank slot (the tensors of docs/bundle-format.md).
+"""PEFT adapter of a bank method -> one bank slot (the tensors of docs/bundle-format.md).
 
-PEFT's own layers do the reading: the adapter is injected into a *skeleton* that holds only
-the bundle's target modules (real base weights where DoRA needs them, zeros otherwise), so
-rank/alpha patterns, rsLoRA, AdaLoRA's rank normalisation and LoHa/LoKr reconstruction
-follow PEFT exactly, without loading the whole base model. Everything is computed in
-float64 and cast to the bundle's dtype once.
+PEFT's own layers do the reading: the adapter is loaded into a *skeleton* that holds only
+the bundle's target modules (real base weights where the method reads them: DoRA's norm,
+rotations; zeros otherwise), so rank/alpha patterns, rsLoRA, AdaLoRA's rank normalisation,
+shared bases (VeRA, VBLoRA, ...) and every delta follow PEFT exactly, without loading the
+whole base model. Methods the registry (bundle/methods.py) marks BANKS_FACTORED have no
+stored low-rank form: PEFT's own merge computes their dense delta W' - W, and an SVD at its
+numerical rank gives A and B exactly. Everything is computed in float64 and cast to the
+bundle's dtype once.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from torch import nn
 
 from peft_export.bundle import names
 from peft_export.bundle.manifest import AdapterLayout, ModuleSlot
-from peft_export.exporter.adapter_source import AdapterSource
+from peft_export.bundle.methods import BANKS_FACTORED, get_method
+from peft_export.exporter.adapter_source import AdapterSource, missing_package
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.runtime_adapters import tokens
 
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER = "default"
-SVD_METHODS = ("loha", "lokr")
-"""Methods whose delta is not stored low-rank: converted by an exact SVD at their rank."""
+ALGEBRAIC_RANK_METHODS = ("loha", "lokr")
+"""Factored methods whose rank has a known algebraic bound, which caps the SVD's rank."""
 SVD_RELATIVE_TOL = 1e-9
 """Singular values below this fraction of the largest are float64 round-off, not rank."""
+RANGE_START = 16
+"""First width of `_svd_factors`' search for a low-rank delta's range."""
 
 
 @dataclass
@@ -59,11 +65,14 @@ def adapter_modules(source: AdapterSource) -> list[str]:
             "target_parameters, e.g. MoE experts), which runtime banks of linear layers cannot "
             "carry; export it with --mode merged"
         )
+    prefix = _tuner_prefix(source)
     paths: set[str] = set()
     token_side = tokens.token_tensor_keys(source)
     for key in source.header.tensors:
         if key in token_side:
             continue  # token banks (exporter/runtime_adapters/tokens.py)
+        if not key.startswith(_PEFT_PREFIX):
+            continue  # a basis shared by every layer (VeRA's vera_A, UniLoRA's theta)
         inner = key.removeprefix(_PEFT_PREFIX)
         if ".modules_to_save." in inner:
             module = inner.split(".modules_to_save")[0]
@@ -72,10 +81,39 @@ def adapter_modules(source: AdapterSource) -> list[str]:
                 "serves only adapter deltas: export it with --mode merged"
             )
         parts = inner.split(".")
-        if parts[-1] in ("weight", "bias"):
-            parts = parts[:-1]
-        paths.add(".".join(parts[:-1]))
+        tuner = next((i for i, part in enumerate(parts) if part.startswith(prefix)), None)
+        if tuner is None:
+            raise ExportError(
+                f"adapter {source.name}: tensor {key} is not a {source.method} layer tensor; "
+                "re-save the adapter with PEFT"
+            )
+        paths.add(".".join(parts[:tuner]))
+    if not paths:
+        return _config_targets(source)
     return sorted(paths)
+
+
+def _tuner_prefix(source: AdapterSource) -> str:
+    """The attribute prefix PEFT's tuner gives its layer tensors (`lora_`, `vera_lambda_`)."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(str(source.config.get("peft_type", "")).upper())
+    prefix = getattr(tuner, "prefix", None)
+    if not prefix:
+        raise ExportError(f"adapter {source.name}: {source.method} has no bank layers")
+    return prefix
+
+
+def _config_targets(source: AdapterSource) -> list[str]:
+    """Module names of an adapter that stores only shared tensors (UniLoRA): its config's
+    target_modules, matched by name like --target-modules."""
+    targets = source.config.get("target_modules")
+    if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+        return sorted(targets)
+    raise ExportError(
+        f"adapter {source.name} stores no per-layer tensors and its target_modules is not a "
+        "list of module names; export it with --mode merged"
+    )
 
 
 def check_fits_layout(
@@ -92,16 +130,19 @@ def check_fits_layout(
         tokens.check_slot_inputs(source, inputs)
     slots = []
     for path in adapter_modules(source):
-        slot = layout.module(path)
-        if slot is None:
+        found = [layout.module(path)] if layout.module(path) is not None else []
+        if not found and "." not in path:
+            found = [m for m in layout.modules if m.path.endswith("." + path)]
+        if not found:
             raise ExportError(
                 f"adapter {source.name} targets {path}, which this bundle has no bank for; "
                 "re-export with --target-modules covering it"
             )
         if source.method == "dora" and inputs is not None:
             _check_input(source, names.lora_input(path, "out_scale"), inputs)
-        slots.append(slot)
-    return slots
+        slots.extend(m for m in found if m not in slots)
+    order = {m.path: i for i, m in enumerate(layout.modules)}
+    return sorted(slots, key=lambda m: order[m.path])  # the model's order: PEFT's, too
 
 
 def check_inputs(adapter: SlotTensors, source: AdapterSource, inputs: Collection[str]) -> None:
@@ -125,10 +166,12 @@ def build_skeleton(
     conv1d: bool,
     base_weights: Mapping[str, np.ndarray] | None = None,
 ) -> nn.Module:
-    """A module tree holding only `modules` at their dotted paths (float64).
+    """A module tree holding only `modules` at their dotted paths, in float32: PEFT sets up
+    some methods only in float32 (PSOFT); `convert_adapter` makes it float64 once loaded.
 
     `base_weights` maps `PATH.weight` ([out, in]) to the base weight; missing ones are zero,
-    which is exact for every method except DoRA (whose norm reads W).
+    which is exact for every method except those whose delta reads W (DoRA's norm, OFT's
+    rotation: `needs_base_weights` in bundle/methods.py).
     """
     from transformers.pytorch_utils import Conv1D
 
@@ -138,12 +181,11 @@ def build_skeleton(
             layer: nn.Module = Conv1D(slot.out_features, slot.in_features)
         else:
             layer = nn.Linear(slot.in_features, slot.out_features, bias=slot.has_bias)
-        layer = layer.double()
         with torch.no_grad():
             weight = np.zeros((slot.out_features, slot.in_features))
             if base_weights is not None and f"{slot.path}.weight" in base_weights:
                 weight = base_weights[f"{slot.path}.weight"]
-            w = torch.as_tensor(np.asarray(weight, dtype=np.float64))
+            w = torch.as_tensor(np.asarray(weight, dtype=np.float32))
             layer.weight.copy_(w.T if conv1d else w)
             if getattr(layer, "bias", None) is not None:
                 layer.bias.zero_()
@@ -176,22 +218,26 @@ def convert_adapter(
     from peft.utils import set_peft_model_state_dict
 
     slots = check_fits_layout(source, layout, inputs)
-    if source.method == "dora" and base_weights is None:
+    method = get_method(source.method)
+    if method is not None and method.needs_base_weights and base_weights is None:
         raise ExportError(
-            f"adapter {source.name} is DoRA but the bundle keeps no base weights of its target "
-            "modules; re-export with --methods including dora"
+            f"adapter {source.name} is {method.label}, whose delta depends on the base weights, "
+            "but the bundle keeps no base weights of its target modules; re-export with "
+            f"--methods including {source.method}"
         )
     skeleton = build_skeleton(slots, conv1d=conv1d, base_weights=base_weights)
     token_side = tokens.token_tensor_keys(source)
     state = {
-        k.removeprefix(_PEFT_PREFIX): torch.as_tensor(v).double()
+        k: torch.as_tensor(v).double() if v.dtype.kind == "f" else torch.as_tensor(v)
         for k, v in source.load_tensors().items()
         if k not in token_side
     }
     try:
         config = peft.PeftConfig.from_peft_type(**_config_kwargs(source.config))
         config.inference_mode = True
-        peft.inject_adapter_in_model(config, skeleton, adapter_name=_ADAPTER, state_dict=state)
+        peft_model = peft.PeftModel(skeleton, config, adapter_name=_ADAPTER)
+    except ImportError as exc:
+        raise missing_package(source, exc) from None
     except RuntimeError as exc:
         raise _does_not_fit(source, exc) from None
     except (TypeError, AttributeError, KeyError, ValueError, re.error) as exc:
@@ -201,7 +247,7 @@ def convert_adapter(
             f"config ({reason:.160}); re-save the adapter with PEFT"
         ) from None
     try:
-        result = set_peft_model_state_dict(skeleton, state, adapter_name=_ADAPTER)
+        result = set_peft_model_state_dict(peft_model, state, adapter_name=_ADAPTER)
     except (RuntimeError, ValueError) as exc:
         raise _does_not_fit(source, exc) from None
     if result.unexpected_keys:
@@ -215,7 +261,7 @@ def convert_adapter(
     with torch.no_grad():
         for slot in slots:
             layer = skeleton.get_submodule(slot.path)
-            rank = _convert_layer(layer, slot, source.method, layout, conv1d, out.tensors)
+            rank = _convert_layer(layer, slot, source, conv1d, out.tensors)
             out.rank = max(out.rank, rank)
     if inputs is not None:
         check_inputs(out, source, inputs)
@@ -261,12 +307,12 @@ def _config_kwargs(config: dict) -> dict:
 def _convert_layer(
     layer: nn.Module,
     slot: ModuleSlot,
-    method: str,
-    layout: AdapterLayout,
+    source: AdapterSource,
     conv1d: bool,
     out: dict[str, np.ndarray],
 ) -> int:
-    path = slot.path
+    path, method = slot.path, source.method
+    entry = get_method(method)
     if method == "ia3":
         scale = layer.ia3_l[_ADAPTER].reshape(-1).numpy()
         if layer.is_feedforward:
@@ -276,8 +322,12 @@ def _convert_layer(
             if slot.has_bias:
                 out[names.lora_input(path, "bias_scale")] = scale
         return 0
-    if method in SVD_METHODS:
-        a, b = _svd_factors(_delta_out_in(layer, conv1d), _algebraic_rank(layer, method))
+    if entry is not None and entry.runtime == BANKS_FACTORED:
+        delta = _merged_delta(layer, conv1d, source)
+        bound = (
+            _algebraic_rank(layer, method) if method in ALGEBRAIC_RANK_METHODS else min(delta.shape)
+        )
+        a, b = _svd_factors(delta, bound)
     elif method == "adalora":
         scale = layer.scaling[_ADAPTER] / (layer.ranknum[_ADAPTER].item() + 1e-5)
         a = (layer.lora_A[_ADAPTER] * layer.lora_E[_ADAPTER]).numpy()
@@ -296,9 +346,21 @@ def _convert_layer(
     return a.shape[0]
 
 
-def _delta_out_in(layer: nn.Module, conv1d: bool) -> np.ndarray:
-    delta = layer.get_delta_weight(_ADAPTER).numpy()
-    return delta.T if conv1d and delta.shape != (layer.out_features, layer.in_features) else delta
+def _merged_delta(layer: nn.Module, conv1d: bool, source: AdapterSource) -> np.ndarray:
+    """W' - W [out, in] as PEFT's own merge computes it (the skeleton layer is merged in
+    place; it is not used again). A merge that changes the bias is refused: banks carry no
+    bias."""
+    base = layer.get_base_layer()
+    weight = base.weight.detach().clone()
+    bias = None if getattr(base, "bias", None) is None else base.bias.detach().clone()
+    layer.merge(adapter_names=[_ADAPTER])
+    if bias is not None and not torch.equal(bias, base.bias):
+        raise ExportError(
+            f"adapter {source.name} ({source.method}) changes the bias of {type(base).__name__} "
+            "layers, which bank inputs cannot carry; export it with --mode merged"
+        )
+    delta = (base.weight.detach() - weight).numpy()
+    return delta.T if conv1d else delta
 
 
 def _algebraic_rank(layer: nn.Module, method: str) -> int:
@@ -316,8 +378,31 @@ def _algebraic_rank(layer: nn.Module, method: str) -> int:
 
 
 def _svd_factors(delta: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
-    """delta [out, in] = B @ A with rank <= bound (singular values folded into B)."""
+    """delta [out, in] = B @ A with rank <= bound (singular values folded into B).
+
+    A delta of low rank in a large layer (VeRA's r in a 4096² projection) is factored without
+    the full SVD, which costs minutes there: Q spans delta·Ω for a seeded Gaussian Ω of width
+    k (doubling from RANGE_START); once ||delta - Q·Qᵀ·delta|| is float64 round-off, delta =
+    Q·(Qᵀ·delta) and the SVD of that k-row factor gives delta's own singular values. A delta
+    of half the layer's rank or more takes the full SVD.
+    """
+    rng = np.random.default_rng(0)
+    tolerance = np.linalg.norm(delta) * SVD_RELATIVE_TOL
+    width = RANGE_START
+    while 2 * width <= min(delta.shape):
+        q, _ = np.linalg.qr(delta @ rng.standard_normal((delta.shape[1], width)))
+        projected = q.T @ delta
+        if np.linalg.norm(delta - q @ projected) <= tolerance:
+            u, s, vt = np.linalg.svd(projected, full_matrices=False)
+            return _kept_factors(q @ u, s, vt, bound)
+        width *= 2
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    return _kept_factors(u, s, vt, bound)
+
+
+def _kept_factors(
+    u: np.ndarray, s: np.ndarray, vt: np.ndarray, bound: int
+) -> tuple[np.ndarray, np.ndarray]:
     keep = int(np.sum(s > s[0] * SVD_RELATIVE_TOL)) if s.size and s[0] > 0 else 0
     keep = max(1, min(keep, bound))
     return vt[:keep], u[:, :keep] * s[:keep]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peft_export.bundle.lora_methods import LORA_METHODS
+from peft_export.bundle.lora_methods import LORA_METHODS, needs_base_weights
 from peft_export.bundle.manifest import AdapterLayout
 from peft_export.bundle.token_inputs import TOKEN_METHODS
 from peft_export.exporter.pipeline import ExportContext, RuntimePlan
@@ -58,12 +58,13 @@ def plan_lora_banks(context: ExportContext) -> RuntimePlan | None:
     extensions = [banks] if tokens is None else [banks, tokens.extension]
     if tokens is not None:
         converted = [*converted, *tokens.token_only]
-    # Quantized layers' base weights are read back from the graph when a DoRA adapter is added.
+    # Quantized layers' base weights are read back from the graph when an adapter that reads
+    # them (DoRA, OFT, ...) is added.
     quantized = context.quantized.blocks if context.quantized is not None else {}
     unquantized = [m for m in layout.modules if m.path not in quantized]
     weights = (
         base_target_weights(context.model, unquantized)
-        if "dora" in layout.methods and unquantized
+        if needs_base_weights(layout.methods) and unquantized
         else None
     )
 
