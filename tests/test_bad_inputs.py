@@ -638,7 +638,8 @@ CASES: dict[str, Case] = {
         "_base=DIR (names starting with '_' are the bundle's own)",
         _add("de", name="_base"),
         "adapter name '_base' is reserved (the bundle's own files use 'base', '_base_targets', "
-        "'_adaption_base' and names starting with '_'); give it another with NAME=DIR",
+        "'_adaption_base', '_base_heads' and names starting with '_'); give it another with "
+        "NAME=DIR",
     ),
     "add-refit-base-name": Case(
         "adapters add",

@@ -21,7 +21,11 @@ PEFT_TYPES = {
     "french-greeting": "IA3",
     "prefix-pirate": "PREFIX_TUNING",
     "prompt-pirate": "PROMPT_TUNING",
+    "minilm-sentiment": "LORA",
+    "minilm-topic": "LORA",
 }
+LABELED = ("minilm-sentiment", "minilm-topic")
+"""Classifiers: their folder also holds labels.json (the head's id2label)."""
 MAX_BYTES = 4_000_000
 
 
@@ -40,14 +44,17 @@ def test_every_example_is_documented():
 @pytest.mark.parametrize("name", sorted(PEFT_TYPES))
 def test_adapter_files_are_valid(name: str):
     folder = EXAMPLES / name
+    labels = ["labels.json"] if name in LABELED else []
     assert sorted(p.name for p in folder.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        *labels,
     ]
     config = _config(name)
     assert config["peft_type"] == PEFT_TYPES[name]
-    assert config["task_type"] == "CAUSAL_LM"
-    assert config["base_model_name_or_path"] == "smollm2-135m"
+    labeled = name in LABELED
+    assert config["task_type"] == ("SEQ_CLS" if labeled else "CAUSAL_LM")
+    assert config["base_model_name_or_path"] == ("all-minilm-l6-v2" if labeled else "smollm2-135m")
     assert config.get("use_dora", False) == (name == "shouty")
     weights = folder / "adapter_model.safetensors"
     assert weights.stat().st_size < MAX_BYTES

@@ -25,7 +25,10 @@ from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
 
 REFUSED = [m for m in methods.METHODS if not m.served]
 MERGED_ONLY = [m for m in methods.METHODS if m.merged and m.runtime is None]
-RUNTIME_ONLY = [m for m in methods.METHODS if not m.merged and m.runtime is not None]
+RUNTIME_ONLY = [
+    m for m in methods.METHODS if not m.merged and m.runtime is not None and m.peft_type is not None
+]
+"""PEFT methods (a bottleneck folder's merge refusal: tests/test_bottleneck_parity.py)."""
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:

@@ -88,8 +88,8 @@ def adapter_modules(source: AdapterSource) -> list[str]:
                 "re-save the adapter with PEFT"
             )
         paths.add(".".join(parts[:tuner]))
-    if not paths:
-        return _config_targets(source)
+    if not paths and not token_side:
+        return _config_targets(source)  # every tensor shared (UniLoRA)
     return sorted(paths)
 
 
@@ -277,8 +277,9 @@ def convert_adapter(
 def _does_not_fit(source: AdapterSource, exc: Exception) -> ExportError:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     reason = next((line for line in lines if "mismatch" in line), lines[0] if lines else "")
+    reason = reason.replace(_PEFT_PREFIX, "")  # the skeleton is a PeftModel: its own prefix
     return ExportError(
-        f"adapter {source.name} does not fit this bundle's base model ({reason:.200}); "
+        f"adapter {source.name} does not fit this bundle's base model ({reason:.300}); "
         "it was trained on another base model"
     )
 
