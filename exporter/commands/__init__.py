@@ -10,6 +10,7 @@ from peft_export.exporter.commands import (
     export,
     inspect,
     run,
+    serve,
     verify,
 )
 
@@ -20,4 +21,5 @@ COMMANDS: list[click.Command] = [
     inspect.command,
     adapters.command,
     build_engine.command,
+    serve.command,
 ]
