@@ -45,6 +45,16 @@ from peft_export.runtime.errors import InferenceError
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 _FILE_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
 DEFAULT_WAIT_S = 60.0
+COUNTERS = (
+    "host_hits",
+    "host_misses",
+    "host_evictions",
+    "slot_hits",
+    "slot_misses",
+    "slot_evictions",
+)
+"""Per tier: a hit found the adapter there, a miss brought it in (from the file into host
+memory, or from host memory into a slot), an eviction pushed another adapter out."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +131,7 @@ def read_adapter_file(
         path = confined(root, entry.file)
         with safetensors_io.SafetensorsReader(path) as reader:
             header = reader.header
-            _check_header(path, header, manifest, name, dtype, specs)
+            check_adapter_header(path, header, manifest, name, dtype, specs)
             tensors, digest = reader.read_all(allocate=host_memory.huge_page_bytes)
         safetensors_io.check_finite(path, tensors)
         if entry.sha256 and digest != entry.sha256:
@@ -137,7 +147,8 @@ def read_adapter_file(
     return HostAdapter(name, meta["method"], rank, tensors, digest)
 
 
-def _check_header(path, header, manifest, name, dtype, specs) -> None:
+def check_adapter_header(path, header, manifest, name, dtype, specs) -> None:
+    """Refuse (BundleError) an adapter file whose header does not fit this bundle's banks."""
     meta = header.metadata
     if meta.get("format") != names.ADAPTER_FILE_FORMAT or meta.get("version") != "1":
         raise BundleError(f"{path}: not a peft-export adapter file (v1); re-add the adapter")
@@ -207,6 +218,7 @@ class AdapterStore:
         *,
         slots: int | None = None,
         wait_timeout_s: float = DEFAULT_WAIT_S,
+        host_capacity: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.manifest = manifest
@@ -218,6 +230,8 @@ class AdapterStore:
         if self.slots < 2:
             raise InferenceError("an adapter store needs at least 2 slots (slot 0 is the base)")
         self.wait_timeout_s = wait_timeout_s
+        self.host_capacity = host_capacity
+        """Host copies kept (LRU) beyond those placed in slots; None keeps every one loaded."""
         _check_bank_memory(self.slots, self.specs.values(), self.dtype)
         self._views: dict[str, TensorView] = {}
         self._arrays: dict[str, np.ndarray] = {}
@@ -242,13 +256,15 @@ class AdapterStore:
         self._copy_regions = region_copier()
         self._slot_pointers: dict[int, np.ndarray] = {}
         self._lock = threading.Condition()
-        self._host: dict[str, HostAdapter] = {}
+        self._host: OrderedDict[str, HostAdapter] = OrderedDict()
         self._slot_of: dict[Identity, int] = {}
         self._held_in: list[Identity | None] = [None] * self.slots
         self._pins = [0] * self.slots
         self._leases: set[object] = set()
         self._lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(1, self.slots))
         self.swaps = 0
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        """Hits, misses and evictions of the host tier and of the slot tier (see COUNTERS)."""
         self._manifest_stamp = _mtime_ns(self.root / names.MANIFEST)
 
     # -- host memory ------------------------------------------------------------------
@@ -264,8 +280,11 @@ class AdapterStore:
         entry = manifest.adapters.installed.get(name)
         with self._lock:
             held = self._host.get(name)
-        if held is not None and (entry is None or entry.sha256 in ("", held.sha256)):
-            return held
+            if held is not None and (entry is None or entry.sha256 in ("", held.sha256)):
+                self._host.move_to_end(name)
+                self.counters["host_hits"] += 1
+                return held
+            self.counters["host_misses"] += 1
         adapter = self._read(manifest, name)
         self._regions(adapter)  # ready for a native slot copy before anyone can place it
         with self._lock:
@@ -277,7 +296,21 @@ class AdapterStore:
                 return adapter
             self._host[name] = adapter
             self._free_stale_locked(name)
+            self._trim_host_locked()
             return adapter
+
+    def _trim_host_locked(self) -> None:
+        """Drop least recently used host copies beyond `host_capacity`; copies placed in a
+        slot stay (the slot tier is kept inside the host tier), so this may stop short."""
+        if self.host_capacity is None:
+            return
+        excess = len(self._host) - self.host_capacity
+        if excess <= 0:
+            return
+        placed = {key[0] for key in self._slot_of}
+        for name in [n for n in self._host if n not in placed][:excess]:
+            del self._host[name]
+            self.counters["host_evictions"] += 1
 
     def _read(self, manifest: Manifest, name: str) -> HostAdapter:
         """Read `name` with `manifest`; a failure while the bundle was being replaced is
@@ -311,6 +344,10 @@ class AdapterStore:
         with self._lock:
             return {key[0]: slot for key, slot in self._slot_of.items() if self._current(key)}
 
+    def current_manifest(self) -> Manifest:
+        """The bundle's manifest, re-read when `adapters add` (or a registry) changed it."""
+        return self._current_manifest()
+
     def owns(self, name: str) -> bool:
         entry = self._current_manifest().adapters.installed.get(name)
         return entry is not None and entry.method in LORA_METHODS
@@ -319,6 +356,16 @@ class AdapterStore:
 
     def acquire(self, adapters: Sequence[str | None]) -> Lease:
         """Pin a slot for every named adapter (placing it if needed); None rows get slot 0."""
+        lease = self._acquire(adapters, wait=True)
+        assert lease is not None
+        return lease
+
+    def try_acquire(self, adapters: Sequence[str | None]) -> Lease | None:
+        """`acquire` that never waits: None when the slots it needs are pinned by others now
+        (a scheduler keeps the request queued and tries again after a row leaves)."""
+        return self._acquire(adapters, wait=False)
+
+    def _acquire(self, adapters: Sequence[str | None], *, wait: bool) -> Lease | None:
         wanted = list(dict.fromkeys(a for a in adapters if a is not None))
         if len(wanted) > self.slots - 1:
             raise InferenceError(
@@ -330,6 +377,8 @@ class AdapterStore:
         deadline = time.monotonic() + self.wait_timeout_s
         with self._lock:
             while not self._can_place(keys):
+                if not wait:
+                    return None
                 if not self._lock.wait(timeout=max(0.0, deadline - time.monotonic())):
                     raise InferenceError(
                         "all adapter slots stayed in use by other requests; retry, or load "
@@ -337,6 +386,8 @@ class AdapterStore:
                     )
             slot_of = {}
             for adapter in sorted(hosted, key=lambda a: a.identity not in self._slot_of):
+                placed = adapter.identity in self._slot_of
+                self.counters["slot_hits" if placed else "slot_misses"] += 1
                 slot = self._place(adapter)
                 self._pins[slot] += 1
                 self._lru.move_to_end(slot)
@@ -359,6 +410,21 @@ class AdapterStore:
                 if not self._pins[slot] and key is not None and not self._current(key):
                     self._free_locked(key)
             self._lock.notify_all()
+
+    def pinned(self) -> int:
+        """Slots pinned by at least one lease now (0 when no request holds any)."""
+        with self._lock:
+            return sum(1 for pins in self._pins if pins)
+
+    def stats(self) -> dict[str, int]:
+        """The counters plus current sizes: host copies, placed slots, pinned slots."""
+        with self._lock:
+            return {
+                **self.counters,
+                "host_size": len(self._host),
+                "slot_size": len(self._slot_of),
+                "slots_pinned": sum(1 for pins in self._pins if pins),
+            }
 
     def feeds(self) -> dict[str, TensorView]:
         """The bank buffers, bound by pointer (stable for the store's life)."""
@@ -411,6 +477,8 @@ class AdapterStore:
             return slot
         unpinned = [s for s in self._lru if not self._pins[s]]
         slot = next((s for s in unpinned if self._held_in[s] is None), unpinned[0])
+        if self._held_in[slot] is not None:
+            self.counters["slot_evictions"] += 1
         self._assign_locked(slot, adapter)
         self.swaps += 1
         return slot

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class _Row:
-    """Decoding state of one row."""
+class RowDecoder:
+    """Decoding state of one row: its tokens, text, stop checks (also used by the scheduler)."""
 
     options: SamplingOptions
     stop_ids: frozenset[int]
@@ -217,7 +217,7 @@ def _run(
 
     eos = frozenset(manifest.tokenizer.eos_token_ids)
     rows = [
-        _Row(
+        RowDecoder(
             options=opt,
             stop_ids=frozenset(opt.stop_token_ids),
             eos_ids=frozenset() if opt.ignore_eos else eos,
@@ -284,7 +284,11 @@ def _extreme_steps(
 
 
 def _finish(
-    bundle: Bundle, ctx: RequestContext, rows: list[_Row], need_text: bool, result: GenerationResult
+    bundle: Bundle,
+    ctx: RequestContext,
+    rows: list[RowDecoder],
+    need_text: bool,
+    result: GenerationResult,
 ) -> GenerationResult:
     for b, row in enumerate(rows):
         text = row.text if need_text or bundle.codec is None else bundle.codec.decode(row.tokens)

@@ -9,6 +9,7 @@ row computes what it would compute alone (docs/bundle-format.md); positions foll
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,7 +82,7 @@ def load_prompt_adapter(root: Path, manifest: Manifest, name: str) -> PromptAdap
     arrays = {k: v.astype(np.float32) for k, v in tensors.items() if v.dtype.kind == "f"}
     if len(arrays) != len(tensors):
         raise InferenceError(f"adapter {name!r}: non-float tensors; add it again")
-    length = _check_shapes(name, entry.method, arrays, manifest)
+    length = check_prompt_shapes(name, entry.method, arrays, manifest)
     return PromptAdapter(name, entry.method, length, arrays)
 
 
@@ -103,7 +104,7 @@ def _expected_names(method: str, tensors: dict[str, np.ndarray], num_layers: int
     return {names.PROMPT_EMBEDS}
 
 
-def _check_shapes(name: str, method: str, tensors: dict[str, np.ndarray], m: Manifest) -> int:
+def check_prompt_shapes(name: str, method: str, tensors: dict[str, np.ndarray], m: Manifest) -> int:
     """The adapter's virtual-token count, after checking it fits the bundle's base and bounds."""
     kv = m.kv
     expected = _expected_names(method, tensors, kv.num_layers)
@@ -246,8 +247,12 @@ class PromptInputProvider(InputProvider):
         self.root = Path(root)
         self.manifest = manifest
         self.dtype = np.dtype(dtype)
-        self._held: dict[str, tuple[str, PromptAdapter]] = {}
+        self._held: OrderedDict[str, tuple[str, PromptAdapter]] = OrderedDict()
         self._lock = threading.Lock()
+        self.capacity: int | None = None
+        """Adapters kept in host memory (LRU); None keeps every one loaded. A running request
+        holds its own reference, so eviction never takes an adapter from under it."""
+        self.counters = {"hits": 0, "misses": 0, "evictions": 0}
         self._manifest_stamp = self._stamp()
 
     def inputs(self) -> set[str]:
@@ -284,12 +289,24 @@ class PromptInputProvider(InputProvider):
         digest = entry.sha256 if entry is not None else ""
         with self._lock:
             held = self._held.get(name)
-        if held is not None and held[0] == digest:
-            return held[1]
+            if held is not None and held[0] == digest:
+                self._held.move_to_end(name)
+                self.counters["hits"] += 1
+                return held[1]
+            self.counters["misses"] += 1
         adapter = load_prompt_adapter(self.root, manifest, name)
         with self._lock:
             self._held[name] = (digest, adapter)
+            self._held.move_to_end(name)
+            while self.capacity is not None and len(self._held) > max(self.capacity, 1):
+                self._held.popitem(last=False)
+                self.counters["evictions"] += 1
         return adapter
+
+    def stats(self) -> dict[str, int]:
+        """Host-tier hits, misses, evictions and the number of adapters held."""
+        with self._lock:
+            return {**self.counters, "size": len(self._held)}
 
     def start(self, ctx: RequestContext) -> Reservation | None:
         rows = [self._resolve(name) for name in ctx.request.adapters]

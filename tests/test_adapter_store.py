@@ -361,14 +361,14 @@ def test_header_and_tensor_bytes_come_from_one_open_file(small, tmp_path, monkey
     want = _file_values(store, path)
     other = bundle / "adapters" / ".a2-copy"
     shutil.copyfile(bundle / "adapters" / "a2.safetensors", other)
-    real_check = adapter_store._check_header
+    real_check = adapter_store.check_adapter_header
 
     def check_then_replace(*args) -> None:
         real_check(*args)
         if other.exists():
             os.replace(other, path)
 
-    monkeypatch.setattr(adapter_store, "_check_header", check_then_replace)
+    monkeypatch.setattr(adapter_store, "check_adapter_header", check_then_replace)
     lease = store.acquire(["a1"])
     _assert_same(_slot_values(store, lease.slots[0]), want)
     store.release(lease)
