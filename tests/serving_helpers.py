@@ -15,7 +15,7 @@ from pathlib import Path
 from tiny import make_adapters, save_tiny_tokenizer, tiny_model
 
 from peft_export.exporter.pipeline import InMemoryBase, export_bundle
-from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
+from peft_export.exporter.prompt_adapters.planner import plan_prompt_inputs
 from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,20 +23,18 @@ START_TIMEOUT_S = 90.0
 
 
 def serving_bundle(out: Path, table: dict, *, slots: int = 8, seed: int = 0) -> Path:
-    """Export a tiny llama (with tokenizer and chat template) serving `table`'s adapters."""
+    """Export a tiny llama (with tokenizer and chat template) serving `table`'s adapters
+    (LoRA family and prompt-side), PEFT folders under out/peft."""
     base = tiny_model("llama", seed=seed)
     folders = make_adapters(base, table, out / "peft", first_seed=20)
-    first, *rest = folders
     export_bundle(
         InMemoryBase(base, save_tiny_tokenizer(out / "tokenizer"), source="tiny-llama"),
-        [(first, folders[first])],
+        list(folders.items()),
         out=out / "bundle",
         mode="runtime",
-        planners=[plan_lora_banks],
+        planners=[plan_lora_banks, plan_prompt_inputs],
         options={"max_rank": 4, "slots": slots},
     )
-    for name in rest:
-        add_adapter(out / "bundle", name, folders[name])
     return out / "bundle"
 
 
