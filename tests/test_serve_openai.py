@@ -63,7 +63,9 @@ def alone_raw(bundle_dir, prompt, adapter):
     from peft_export.runtime import load_bundle
 
     bundle = load_bundle(bundle_dir, threads=1)
-    result = bundle.generate(prompt, adapters=adapter, max_new_tokens=MAX_TOKENS, chat_template=False)
+    result = bundle.generate(
+        prompt, adapters=adapter, max_new_tokens=MAX_TOKENS, chat_template=False
+    )
     return result.texts[0]
 
 
@@ -127,19 +129,27 @@ def test_guards(server):
         no_key.models.list()
     big = json.dumps({"model": BASE, "prompt": "x" * 30000}).encode()
     assert _post(server, "/v1/completions", big)[0] == 413
-    status, body = _post(server, "/v1/adapters", json.dumps({"name": "x", "path": "../.."}).encode())
+    status, body = _post(
+        server, "/v1/adapters", json.dumps({"name": "x", "path": "../.."}).encode()
+    )
     assert status == 403 and "adapter-root" in body["error"]["message"]
 
 
 def test_metrics_count_tokens_and_latencies(client, server):
     client.completions.create(model="fr", prompt="metrics", max_tokens=3, temperature=0)
-    request = urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    request = urllib.request.Request(
+        f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"}
+    )
     text = urllib.request.urlopen(request, timeout=10).read().decode()
     values = _samples(text)
     assert values["peft_export_generated_tokens_total"] >= 3
     assert values["peft_export_time_to_first_token_seconds_count"] >= 1
     assert values["peft_export_inter_token_seconds_count"] >= 2
-    for name in ("peft_export_queue_depth", "peft_export_running_rows", "peft_export_tokens_per_second"):
+    for name in (
+        "peft_export_queue_depth",
+        "peft_export_running_rows",
+        "peft_export_tokens_per_second",
+    ):
         assert name in values
 
 
