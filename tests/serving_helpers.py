@@ -49,10 +49,9 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> Non
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            if r.status == 200:
+                return
         time.sleep(0.25)
     raise TimeoutError(f"{url} did not become healthy in {timeout} s")
 
