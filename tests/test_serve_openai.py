@@ -25,10 +25,10 @@ def bundle_dir(tmp_path_factory):
     return serving_bundle(tmp_path_factory.mktemp("serve"), ADAPTERS)
 
 
-@pytest.fixture(scope="module", params=["scheduler", "threads"])
-def server(request, bundle_dir):
+@pytest.fixture(scope="module")
+def server(bundle_dir):
     root = bundle_dir.parent / "peft"
-    args = ["--engine", request.param, "--api-key", KEY, "--threads", "1"]
+    args = ["--api-key", KEY, "--threads", "1"]
     args += ["--adapter-root", str(root), "--max-body-bytes", "20000"]
     with serve_process(bundle_dir, *args) as url:
         yield url

@@ -98,6 +98,10 @@ def command(
         max_prompt_tokens=max_prompt_tokens,
     )
     if use_ray:
+        if not os.environ.get("RAY_ADDRESS"):
+            # A local instance stays on loopback: Ray >= 2.5x replaces a 127.0.0.1 node address
+            # by the machine's own unless its cluster mode is off (read when ray is imported).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         from peft_export.runtime.serving.ray_app import run_ray
 
         run_ray(
