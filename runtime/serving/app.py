@@ -242,6 +242,7 @@ class OpenAIServer:
             top_p=body.top_p,
             seed=body.seed,
             stop_strings=body.stop_strings,
+            ignore_eos=body.ignore_eos,
         )
         arrived = time.monotonic()
         try:

@@ -28,6 +28,8 @@ class _Sampling(BaseModel):
     logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    """Extension (as vLLM and llama-server spell it): generate max_tokens whatever comes."""
 
     @field_validator("n")
     @classmethod
