@@ -120,3 +120,34 @@ def _call(url: str, method: str, path: str, body: dict | None = None) -> tuple[i
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+BLOCKED = """
+import importlib.abc, sys
+from pathlib import Path
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "peft"):
+            raise ImportError(f"{name} is blocked in this test")
+
+sys.meta_path.insert(0, Blocker())
+from peft_export.bundle.manifest import load_manifest
+from peft_export.runtime.serving import app, engine, ray_app, settings
+from peft_export.runtime.serving.peft_convert import convert_folder
+
+bundle, folder, out = map(Path, sys.argv[1:])
+print(convert_folder(bundle, load_manifest(bundle), "x", folder, out))
+"""
+
+
+def test_server_and_converter_import_without_torch(setup, tmp_path):
+    import subprocess
+    import sys
+
+    bundle, root = setup
+    out = tmp_path / "x.safetensors"
+    args = [sys.executable, "-c", BLOCKED, str(bundle), str(root / "do"), str(out)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "dora" and out.is_file()

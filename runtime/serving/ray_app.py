@@ -70,13 +70,14 @@ def build_application(
     replicas: int = 1,
     max_replicas: int | None = None,
     target_ongoing_requests: int = 16,
-    replica_cpus: float = 1.0,
+    replica_cpus: float | None = None,
 ):
     """The bound application. With `max_replicas` Ray Serve autoscales between `replicas`
-    and it, aiming at `target_ongoing_requests` per replica."""
+    and it, aiming at `target_ongoing_requests` per replica. A replica asks Ray for
+    `replica_cpus` (default: the settings' ORT threads, or 1)."""
     options: dict[str, Any] = {
         "name": "peft-export",
-        "ray_actor_options": {"num_cpus": replica_cpus},
+        "ray_actor_options": {"num_cpus": replica_cpus or settings.threads or 1},
         "max_ongoing_requests": settings.max_rows + settings.max_queue,
         "health_check_period_s": 2,
         "health_check_timeout_s": 10,
