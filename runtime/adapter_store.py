@@ -276,15 +276,23 @@ class AdapterStore:
         read again; its old slot is freed once no running request pins it. A copy read while
         a newer one replaced it is returned to its caller only, never kept.
         """
+        adapter, hit = self._load(name)
+        with self._lock:
+            self.counters["host_hits" if hit else "host_misses"] += 1
+        return adapter
+
+    def _load(self, name: str) -> tuple[HostAdapter, bool]:
+        """`load`, saying whether the host copy was there already (a host-tier hit)."""
         manifest = self._current_manifest()
         entry = manifest.adapters.installed.get(name)
         with self._lock:
             held = self._host.get(name)
             if held is not None and (entry is None or entry.sha256 in ("", held.sha256)):
                 self._host.move_to_end(name)
-                self.counters["host_hits"] += 1
-                return held
-            self.counters["host_misses"] += 1
+                return held, True
+        return self._read_new(manifest, name), False
+
+    def _read_new(self, manifest: Manifest, name: str) -> HostAdapter:
         adapter = self._read(manifest, name)
         self._regions(adapter)  # ready for a native slot copy before anyone can place it
         with self._lock:
@@ -372,7 +380,11 @@ class AdapterStore:
                 f"one request names {len(wanted)} different adapters but the banks hold "
                 f"{self.slots - 1}; split the batch or load the bundle with more slots"
             )
-        hosted = [self.load(name) for name in wanted]
+        if not wait and not self._may_place(wanted):
+            return None
+        loaded = [self._load(name) for name in wanted]
+        from_host = {adapter.name: hit for adapter, hit in loaded}
+        hosted = [adapter for adapter, _ in loaded]
         keys = [adapter.identity for adapter in hosted]
         deadline = time.monotonic() + self.wait_timeout_s
         with self._lock:
@@ -386,8 +398,12 @@ class AdapterStore:
                     )
             slot_of = {}
             for adapter in sorted(hosted, key=lambda a: a.identity not in self._slot_of):
-                placed = adapter.identity in self._slot_of
-                self.counters["slot_hits" if placed else "slot_misses"] += 1
+                if adapter.identity in self._slot_of:
+                    self.counters["slot_hits"] += 1
+                else:  # the host tier is consulted on a slot miss only
+                    self.counters["slot_misses"] += 1
+                    hit = from_host[adapter.name]
+                    self.counters["host_hits" if hit else "host_misses"] += 1
                 slot = self._place(adapter)
                 self._pins[slot] += 1
                 self._lru.move_to_end(slot)
@@ -396,6 +412,16 @@ class AdapterStore:
             self._leases.add(token)
         ids = np.array([0 if a is None else slot_of[a] for a in adapters], dtype=np.int64)
         return Lease(ids, tuple(slot_of.values()), token)
+
+    def _may_place(self, wanted: list[str]) -> bool:
+        """Whether slots for `wanted` are free now, judged by the manifest's file hashes
+        (so a request that must wait reads no file); True when a hash is not recorded."""
+        installed = self._current_manifest().adapters.installed
+        keys = [(name, getattr(installed.get(name), "sha256", "")) for name in wanted]
+        if any(not digest for _, digest in keys):
+            return True
+        with self._lock:
+            return self._can_place(keys)
 
     def release(self, lease: Lease) -> None:
         """Unpin the lease's slots; releasing it again (or a lease of another store) is a

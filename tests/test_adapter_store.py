@@ -303,17 +303,17 @@ def test_replace_between_two_requests_loads_never_serves_old_weights_later(
         "A": (threading.Event(), threading.Event()),
         "B": (threading.Event(), threading.Event()),
     }
-    real_load = store.load
+    real_load = store._load  # what acquire calls: (host copy, whether it was held already)
 
     def paused_load(name: str):
-        adapter = real_load(name)
+        loaded = real_load(name)
         gate = gates.get(threading.current_thread().name)
         if gate is not None:
             gate[0].set()  # read its copy of the file...
             assert gate[1].wait(60), "test gate never opened"  # ...and waits to place it
-        return adapter
+        return loaded
 
-    monkeypatch.setattr(store, "load", paused_load)
+    monkeypatch.setattr(store, "_load", paused_load)
     leases = {}
 
     def request(label: str) -> None:

@@ -33,8 +33,14 @@ BLOCKED_RUN = textwrap.dedent(
 
     bundle = load_bundle(sys.argv[1], threads=1)
     result = bundle.generate([[1, 70, 80, 90], "Hi"], max_new_tokens=6, ignore_eos=True)
+    from peft_export.runtime.scheduler import Scheduler, ServeRequest
+
+    with Scheduler(bundle) as scheduler:
+        request = ServeRequest([1, 70, 80, 90], max_tokens=6, ignore_eos=True)
+        served = scheduler.submit(request).result(timeout=60).token_ids
     loaded = sorted(n for n in sys.modules if n.split(".")[0] in BLOCKED)
-    print(json.dumps({"ids": result.token_ids, "texts": result.texts, "loaded": loaded}))
+    report = {"ids": result.token_ids, "texts": result.texts, "loaded": loaded, "served": served}
+    print(json.dumps(report))
     sys.stdout.flush()
     main(["run", sys.argv[1], "--prompt", "Hi", "--max-new-tokens", "3", "--json"])
     """
@@ -66,5 +72,6 @@ def test_generate_without_torch(tmp_path):
             expected.append(int(model(ids).logits[0, -1].argmax()))
             ids = torch.cat([ids, torch.tensor([[expected[-1]]])], dim=1)
     assert report["ids"][0] == expected
+    assert report["served"] == expected, "the scheduler (no torch) differs from generate"
     assert len(report["ids"][1]) == 6
     assert json.loads(cli_line)["token_ids"] == report["ids"][1][:3]

@@ -99,8 +99,11 @@ class BatchRunner:
         self._prompt_dtype = _kv_dtype(bundle)
         self._decode_prompt: tuple[tuple[int, ...], dict[str, np.ndarray]] | None = None
         self.adaption_of: dict[int, object] = {}
-        self.seconds = {"prefill": 0.0, "decode": 0.0}
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "kv_moves": 0.0}
+        """Time in prefill calls, decode calls (trims included), and rows joining/leaving."""
         self.calls = {"prefill": 0, "decode": 0}
+        self.decode_positions = {"used": 0, "layout": 0}
+        """Over all decode steps: positions rows attend to, and rows x (P + 1) computed."""
 
     # -- prefill ----------------------------------------------------------------------
 
@@ -182,6 +185,7 @@ class BatchRunner:
 
     def join_decode(self, group: PrefillGroup, b: int) -> None:
         """Move row `b` of a prefilled group into the decode pool (its kept columns only)."""
+        clock = time.perf_counter()
         total = group.past_len
         keep = np.flatnonzero(group.mask[b, :total])
         kv = {}
@@ -192,12 +196,15 @@ class BatchRunner:
         adapter = group.adapters[b]
         if adapter.prompt is not None and adapter.prompt.method == ADAPTION_PROMPT:
             self.adaption_of[group.row_ids[b]] = adapter.prompt
+        self.seconds["kv_moves"] += time.perf_counter() - clock
 
     # -- decode -----------------------------------------------------------------------
 
     def leave(self, row_id: int) -> None:
+        clock = time.perf_counter()
         self.pool.leave(row_id)
         self.adaption_of.pop(row_id, None)
+        self.seconds["kv_moves"] += time.perf_counter() - clock
 
     def decode(self, tokens: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """One token for every pool row (batch order = `pool.rows`): logits [rows, vocab]."""
@@ -206,6 +213,8 @@ class BatchRunner:
         if not pool.fits_step():
             pool.trim()
         rows = len(pool.rows)
+        self.decode_positions["used"] += sum(pool.lengths) + rows
+        self.decode_positions["layout"] += rows * (pool.past + 1)
         feeds: dict[str, Feed] = {name.past: pool.past_view(name) for name in pool.kv_names}
         if self.prompt_side:
             feeds.update(self._decode_prompt_feeds())

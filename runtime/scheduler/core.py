@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -371,7 +372,11 @@ class Scheduler:
                 continue
             adapter = None
             if self._fits_group(members, entry) and self.reservations.fits(entry.worst):
-                adapter = self.pager.try_pin(entry.request.adapter, entry.prompt)
+                try:
+                    adapter = self.pager.try_pin(entry.request.adapter, entry.prompt)
+                except InferenceError as exc:  # e.g. unregistered or replaced by a bad file
+                    self._drop_queued(entry, str(exc))
+                    continue
             if adapter is not None:
                 entry.adapter = adapter
                 self.reservations.add(entry.id, entry.worst)
@@ -404,6 +409,14 @@ class Scheduler:
             [e.adapter or RowAdapter(None) for e in admitted],
         )
         self._group = (group, admitted)
+
+    def _drop_queued(self, entry: _Entry, error: str) -> None:
+        with self._lock:
+            if entry not in self._queue:
+                return
+            self._queue.remove(entry)
+            entry.state = "done"
+        self._complete(entry, "error", error)
 
     def _fits_group(self, members: list[_Entry], entry: _Entry) -> bool:
         """The first row of a group may be long (chunked); more rows only while the whole
@@ -560,9 +573,12 @@ class Scheduler:
 
         queue_depth, running_rows, prefilling_rows;
         requests: submitted, admitted, completed, cancelled, timeout, error, rejected;
-        tokens: prompt, generated; steps: decode, prefill; step_seconds: decode, prefill;
-        kv_pool: capacity_tokens, reserved_tokens (admitted rows' worst cases), layout_tokens
-        (rows x positions of the current decode batch), rows;
+        tokens: prompt, generated; steps: decode, prefill; step_seconds: decode, prefill,
+        kv_moves (rows joining and leaving the decode pool);
+        kv_pool: capacity_tokens, reserved_tokens and reserved_rows (admitted rows' worst
+        cases), layout_tokens (rows x positions of the current decode batch), rows, trims,
+        widenings, decode_fill (positions attended / positions computed over all decode
+        steps: what the shared past length costs in padding);
         adapters: per tier ("host": LoRA-family host copies, "slots": bank slots,
         "prompt_host": prompt-side adapters) hits, misses, evictions, size (+ pinned for slots);
         samples: recent seconds per kind (ttft, inter_token, queue_wait, e2e).
@@ -595,6 +611,8 @@ class Scheduler:
                 "rows": len(runner.pool.rows),
                 "trims": runner.pool.trims,
                 "widenings": runner.pool.widenings,
+                "decode_fill": runner.decode_positions["used"]
+                / max(1, runner.decode_positions["layout"]),
             },
             "adapters": self.pager.stats(),
             "samples": samples,
@@ -610,7 +628,14 @@ class Scheduler:
         """Install a converted adapter file (a peft-export `.safetensors` made for this
         bundle, e.g. by `peft-export adapters add` or an in-process converter) into the bundle
         atomically, after checking it fits; returns its method. Requests may use it at once."""
-        return self.pager.register(name, path, replace=replace)
+        return self.pager.register({name: Path(path)}, replace=replace)[name]
+
+    def register_many(
+        self, files: Mapping[str, str | Path], *, replace: bool = False
+    ) -> dict[str, str]:
+        """`register` for many adapters in one bundle update (all or none; one manifest
+        write instead of one per adapter); returns each name's method."""
+        return self.pager.register({n: Path(p) for n, p in files.items()}, replace=replace)
 
     def unregister(self, name: str) -> None:
         """Remove an adapter from the bundle atomically. Running rows that use it finish;

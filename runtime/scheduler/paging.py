@@ -132,14 +132,14 @@ class AdapterPager:
             served |= {n for n, e in installed.items() if is_prompt_method(e.method)}
         return sorted(served)
 
-    def register(self, name: str, path: str | Path, *, replace: bool) -> str:
+    def register(self, files: dict[str, Path], *, replace: bool) -> dict[str, str]:
         accepted = set()
         if self.store is not None:
             accepted |= set(LORA_METHODS)
         if self.prompts is not None:
             accepted |= {m for m in self.prompts.manifest.adapters.methods if is_prompt_method(m)}
         return registry.install(
-            self.root, name, Path(path), replace=replace, accepted=accepted, store=self.store
+            self.root, files, replace=replace, accepted=accepted, store=self.store
         )
 
     def unregister(self, name: str) -> None:

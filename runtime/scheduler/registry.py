@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -41,36 +41,39 @@ def check_name(name: str) -> None:
 
 def install(
     root: Path,
-    name: str,
-    path: Path,
+    files: Mapping[str, Path],
     *,
     replace: bool,
     accepted: Collection[str],
     store: AdapterStore | None,
-) -> str:
-    """Install `path` as adapter `name` of the bundle at `root`; returns its method."""
-    check_name(name)
-    if not path.is_file():
-        raise InferenceError(f"{path}: not a file; pass a converted peft-export adapter file")
+) -> dict[str, str]:
+    """Install each `files[name]` as adapter `name` of the bundle at `root`, all in one
+    bundle update (all or none); returns each name's method."""
+    for name, path in files.items():
+        check_name(name)
+        if not Path(path).is_file():
+            raise InferenceError(f"{path}: not a file; pass a converted peft-export adapter file")
+    methods = {}
     try:
         with staged_update(root) as stage:
             manifest = load_manifest(stage)
-            if name in manifest.adapters.installed and not replace:
-                raise InferenceError(
-                    f"the bundle already has an adapter {name!r}; unregister it first, pass "
-                    "replace=True, or pick another name"
+            for name, path in files.items():
+                if name in manifest.adapters.installed and not replace:
+                    raise InferenceError(
+                        f"the bundle already has an adapter {name!r}; unregister it first, "
+                        "pass replace=True, or pick another name"
+                    )
+                with staged_file(stage / names.adapter_file(name)) as tmp:
+                    shutil.copyfile(path, tmp)
+                    method, rank, digest = _check_file(tmp, manifest, name, accepted, store)
+                manifest.adapters.installed[name] = InstalledAdapter(
+                    file=names.adapter_file(name), method=method, rank=rank, sha256=digest
                 )
-            target = stage / names.adapter_file(name)
-            with staged_file(target) as tmp:
-                shutil.copyfile(path, tmp)
-                method, rank, digest = _check_file(tmp, manifest, name, accepted, store)
-            manifest.adapters.installed[name] = InstalledAdapter(
-                file=names.adapter_file(name), method=method, rank=rank, sha256=digest
-            )
+                methods[name] = method
             write_text(stage / names.MANIFEST, manifest.to_json())
     except BundleError as exc:
-        raise InferenceError(f"adapter {name!r}: {exc}") from None
-    return method
+        raise InferenceError(str(exc)) from None
+    return methods
 
 
 def _check_file(path, manifest, name, accepted, store) -> tuple[str, int, str]:
