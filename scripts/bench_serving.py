@@ -77,6 +77,12 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=300.0, help="Seconds per side run.")
     parser.add_argument("--long-prompt", type=int, default=1000)
     parser.add_argument("--probe-rows", type=int, default=8)
+    parser.add_argument(
+        "--step-token-budget",
+        type=int,
+        default=64,
+        help="Scheduler: prompt tokens prefilled per step (chunked prefill).",
+    )
     parser.add_argument("--min-llama-agreement", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--setup-only", action="store_true")
@@ -214,6 +220,7 @@ def start_side(side: str, args, setup: dict, log: Path) -> tuple[subprocess.Pope
         cmd += ["serve", str(setup["bundle"]), "--port", str(port), "--engine", side]
         cmd += ["--threads", str(args.threads), "--max-rows", str(args.clients)]
         cmd += ["--kv-pool-tokens", str(args.clients * 1536), "--max-queue", "1024"]
+        cmd += ["--step-token-budget", str(args.step_token_budget)]
         models = {name: name for name in setup["adapters"]}
     else:
         loras = list(setup["gguf_loras"].values())
@@ -469,6 +476,7 @@ async def run(args, work: Path, sides: list[str], setup: dict) -> dict:
         "arrival_rate_per_s": args.rate,
         "max_tokens": args.max_tokens,
         "threads": args.threads,
+        "scheduler_step_token_budget": args.step_token_budget,
         "repeats": args.repeats,
         "machine": "shared with other agents (2 cores); compare ratios within this run only",
         "runs": {s: [] for s in sides},
