@@ -61,6 +61,8 @@ TOPICS = [
     "an old library",
 ]
 START_TIMEOUT_S = 300
+QUIET_TOKENS = 12
+"""Tokens every probe row decodes in the window without a long prompt."""
 
 
 def main() -> None:
@@ -413,7 +415,9 @@ async def interference(url: str, models: dict, args, prompt: str) -> dict:
         while min(len(s) for s in stamps) < 3:
             await asyncio.sleep(0.05)
         quiet_from = time.perf_counter()
-        await asyncio.sleep(3.0)
+        counts = [len(s) for s in stamps]
+        while any(len(s) < n + QUIET_TOKENS for s, n in zip(stamps, counts, strict=True)):
+            await asyncio.sleep(0.05)
         quiet_to = long_from = time.perf_counter()
         body = {"model": models[names[0]], "messages": [{"role": "user", "content": prompt}]}
         body |= {"max_tokens": 1, "temperature": 0, "stream": True}

@@ -39,7 +39,7 @@ fi
 
 if [ ! -f "$ROOT/.server_built" ]; then
     # llama-server (scripts/bench_serving.py): the same build folder, so only the server's own
-    # sources compile. Another build in progress would race with this one: wait for it.
+    # sources compile. A build in progress (here or elsewhere on the box) finishes first.
     while pgrep -f "cmake --build" >/dev/null; do sleep 15; done
     cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -DLLAMA_BUILD_SERVER=ON >&2
     cmake --build "$BUILD" --target llama-server -j "$(nproc)" >&2
