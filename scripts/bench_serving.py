@@ -201,7 +201,13 @@ def llama_files(args, work: Path, checkpoint: Path, adapters: dict[str, Path]) -
             convert = [python, source / "convert_lora_to_gguf.py", folder, "--base", checkpoint]
             run_logged([*convert, "--outtype", "f32", "--outfile", target], work / "setup.log")
         ggufs[name] = target
-    return {"llama_server": server, "gguf_model": Path(spec.config["model"]), "gguf_loras": ggufs}
+    out = {"llama_server": server, "gguf_model": Path(spec.config["model"]), "gguf_loras": ggufs}
+    preload = work / "ftz_preload.so"
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        source = HERE / "peers" / "ftz_preload.c"
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", preload, source], check=True)
+        out["ftz_preload"] = preload
+    return out
 
 
 # -- servers -----------------------------------------------------------------------------
@@ -233,6 +239,8 @@ def start_side(side: str, args, setup: dict, log: Path) -> tuple[subprocess.Pope
         for lora in loras:
             cmd += ["--lora", str(lora)]
         models = {name: i for i, name in enumerate(setup["gguf_loras"])}
+        if setup.get("ftz_preload"):  # ONNX Runtime flushes denormals (its default); same here
+            env["LD_PRELOAD"] = str(setup["ftz_preload"])
     out = open(log, "a")  # noqa: SIM115 (closed with the process by stop_side)
     proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, cwd="/tmp")
     proc.log = out  # type: ignore[attr-defined]
@@ -483,6 +491,17 @@ async def run(args, work: Path, sides: list[str], setup: dict) -> dict:
         "scheduler_step_token_budget": args.step_token_budget,
         "repeats": args.repeats,
         "machine": "shared with other agents (2 cores); compare ratios within this run only",
+        "denormals": "flushed: ONNX Runtime's session option (ours)"
+        + (
+            "; llama-server: scripts/peers/ftz_preload.c via LD_PRELOAD"
+            if setup.get("ftz_preload")
+            else ""
+        )
+        + (
+            "; llama-server: NOT flushed (no C compiler)"
+            if "llama" in sides and not setup.get("ftz_preload")
+            else ""
+        ),
         "runs": {s: [] for s in sides},
         "failures": [],
     }
