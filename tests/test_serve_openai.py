@@ -173,3 +173,11 @@ def _post(server: str, path: str, data: bytes) -> tuple[int, dict]:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def test_full_queue_is_503(bundle_dir):
+    with serve_process(bundle_dir, "--engine", "threads", "--max-queue", "0") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model=BASE, prompt="x", max_tokens=2)
+    assert err.value.status_code == 503 and "retry" in err.value.message

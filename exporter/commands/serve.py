@@ -38,18 +38,65 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
     show_default=True,
     help="scheduler: one batch across requests; threads: one request per thread (baseline).",
 )
-@click.option("--max-rows", default=16, show_default=True, type=click.IntRange(1))
-@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(0))
-@click.option("--kv-pool-tokens", default=8192, show_default=True, type=click.IntRange(1))
-@click.option("--step-token-budget", default=256, show_default=True, type=click.IntRange(1))
-@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1))
-@click.option("--max-prompt-tokens", default=None, type=click.IntRange(1))
+@click.option(
+    "--max-rows",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Rows decoding together (threads engine: requests running at once).",
+)
+@click.option(
+    "--max-queue",
+    default=256,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Requests waiting for a row; more are refused with 503.",
+)
+@click.option(
+    "--kv-pool-tokens",
+    default=8192,
+    show_default=True,
+    type=click.IntRange(1),
+    help="KV cache positions the running rows share (admission waits for room).",
+)
+@click.option(
+    "--step-token-budget",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Prompt tokens prefilled per step, so running rows keep decoding.",
+)
+@click.option(
+    "--max-body-bytes",
+    default=1 << 20,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Largest request body; larger ones get 413.",
+)
+@click.option(
+    "--max-prompt-tokens",
+    default=None,
+    type=click.IntRange(1),
+    help="Longest prompt accepted (default: the model's context).",
+)
 @click.option("--threads", default=None, type=click.IntRange(1), help="ORT intra-op threads.")
 @click.option("--allow-remote", is_flag=True, help="Allow a --host other than loopback.")
 @click.option("--ray", "use_ray", is_flag=True, help="Serve with Ray Serve replicas.")
-@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--replicas",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Ray Serve replicas (each loads the bundle); the autoscaling minimum.",
+)
 @click.option("--max-replicas", default=None, type=click.IntRange(1), help="Ray autoscaling.")
-@click.option("--target-ongoing-requests", default=16, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--target-ongoing-requests",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Ray autoscaling: requests per replica it aims at.",
+)
 def command(
     bundle: Path,
     host: str,
