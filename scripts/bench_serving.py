@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument(
         "--step-token-budget",
         type=int,
-        default=64,
+        default=16,
         help="Scheduler: prompt tokens prefilled per step (chunked prefill).",
     )
     parser.add_argument("--min-llama-agreement", type=float, default=0.5)
@@ -385,6 +385,7 @@ def summarise(run: dict) -> dict:
         "completed": len(ok),
         "failed": len(run["results"]) - len(ok),
         "tokens": tokens,
+        "tokens_note": "streamed chunks with text (a chunk may hold more than one token)",
         "wall_s": round(run["wall"], 3),
         "tokens_per_s": round(tokens / run["wall"], 2),
         "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
@@ -513,9 +514,14 @@ async def run(args, work: Path, sides: list[str], setup: dict) -> dict:
             texts = {}
             order = sides if rep % 2 == 0 else list(reversed(sides))
             for side in order:
-                _, url, models = servers[side]
+                proc, url, models = servers[side]
+                cpu = cpu_seconds(proc.pid)
                 outcome = await run_load(side, url, models, jobs, args)
-                report["runs"][side].append(summarise(outcome))
+                summary = summarise(outcome)
+                used = cpu_seconds(proc.pid) - cpu
+                summary["server_cpu_s"] = round(used, 2)
+                summary["tokens_per_cpu_s"] = round(summary["tokens"] / max(used, 1e-9), 2)
+                report["runs"][side].append(summary)
                 texts[side] = {i: r.get("text") for i, r in outcome["results"].items()}
             check_outputs(report, rep, texts, args)
         report["summary"] = {s: median_of(report["runs"][s]) for s in sides}
@@ -525,6 +531,15 @@ async def run(args, work: Path, sides: list[str], setup: dict) -> dict:
             ratios["scheduler_vs_threads"] = round(tps["scheduler"] / tps["threads"], 2)
         if "scheduler" in tps and "llama" in tps:
             ratios["scheduler_vs_llama_server"] = round(tps["scheduler"] / tps["llama"], 2)
+        per_cpu = {s: report["summary"][s]["tokens_per_cpu_s"] for s in sides}
+        if "scheduler" in per_cpu and "threads" in per_cpu:
+            ratios["scheduler_vs_threads_per_cpu_s"] = round(
+                per_cpu["scheduler"] / per_cpu["threads"], 2
+            )
+        if "scheduler" in per_cpu and "llama" in per_cpu:
+            ratios["scheduler_vs_llama_server_per_cpu_s"] = round(
+                per_cpu["scheduler"] / per_cpu["llama"], 2
+            )
         report["throughput_ratios"] = ratios
         if "scheduler" in servers:
             _, url, models = servers["scheduler"]
@@ -560,8 +575,16 @@ def check_outputs(report: dict, rep: int, texts: dict, args) -> None:
                 )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc): on a shared machine the
+    side with more runnable threads gets more of the CPU, so tokens per CPU-second is
+    reported beside tokens per second."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def median_of(runs: list[dict]) -> dict:
-    keys = ("tokens_per_s", "wall_s")
+    keys = ("tokens_per_s", "wall_s", "tokens_per_cpu_s")
     out = {k: round(float(np.median([r[k] for r in runs])), 2) for k in keys}
     for group in ("ttft_ms", "inter_token_ms"):
         out[group] = {
