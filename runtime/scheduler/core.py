@@ -403,11 +403,16 @@ class Scheduler:
             return
         for entry in admitted:
             self._observe("queue_wait", now - entry.handle.submitted)
-        group = self.runner.new_group(
-            [e.id for e in admitted],
-            [e.prompt_ids for e in admitted],
-            [e.adapter or RowAdapter(None) for e in admitted],
-        )
+        try:
+            group = self.runner.new_group(
+                [e.id for e in admitted],
+                [e.prompt_ids for e in admitted],
+                [e.adapter or RowAdapter(None) for e in admitted],
+            )
+        except InferenceError as exc:
+            for entry in admitted:
+                self._finish(entry, "error", str(exc))
+            return
         self._group = (group, admitted)
 
     def _drop_queued(self, entry: _Entry, error: str) -> None:
@@ -481,19 +486,15 @@ class Scheduler:
                 self._finish(entry, "error", str(exc))
             return
         now = time.monotonic()
-        finished = []
         for b, entry in enumerate(entries):
             token = choose(logits[b], entry.options, entry.decoder.rng)
             if entry.last_token_at is not None:
                 self._observe("inter_token", now - entry.last_token_at)
-            if self._emit(entry, token, now, finish=False):
-                finished.append(entry)
-        for entry in finished:
-            self._finish(entry, entry.decoder.reason or "length")
+            self._emit(entry, token, now)
 
-    def _emit(self, entry: _Entry, token: int, now: float, *, finish: bool = True) -> bool:
-        """Accept and stream one token; True when it ended the request (finished at once
-        unless `finish` is False, for rows the caller retires after the batch)."""
+    def _emit(self, entry: _Entry, token: int, now: float) -> bool:
+        """Accept and stream one token; True when it ended the request. A finished row
+        leaves the batch and frees its slot and KV room before its last event is sent."""
         decoder = entry.decoder
         index = len(decoder.tokens)
         need_text = self._need_text or bool(entry.options.stop_strings)
@@ -507,20 +508,20 @@ class Scheduler:
             entry.handle._push(ServeEvent(token, delta, None, index))
             return False
         result = self._result(entry, reason)
-        entry.handle._push(ServeEvent(token, delta, reason, index), result)
-        self._counts["completed"] += 1
+        self._release(entry)
+        with self._lock:
+            self._counts["completed"] += 1
         self._observe("e2e", now - entry.handle.submitted)
-        if finish:
-            self._release(entry)
+        entry.handle._push(ServeEvent(token, delta, reason, index), result)
         return True
 
     # -- ending requests --------------------------------------------------------------
 
     def _finish(self, entry: _Entry, reason: str, error: str | None = None) -> None:
-        """End an admitted request: stream its end (if not already) and free what it holds."""
+        """End an admitted request: free what it holds, then stream its end (if not sent)."""
+        self._release(entry)
         if not entry.handle.done():
             self._complete(entry, reason, error)
-        self._release(entry)
 
     def _release(self, entry: _Entry) -> None:
         if entry.state == "running" and entry.id in self.runner.pool.rows:
