@@ -11,6 +11,7 @@ from peft_export.exporter.commands import (
     inspect,
     methods,
     run,
+    serve,
     verify,
 )
 
@@ -22,4 +23,5 @@ COMMANDS: list[click.Command] = [
     methods.command,
     adapters.command,
     build_engine.command,
+    serve.command,
 ]

@@ -6,7 +6,8 @@
 # binding's own build compiles everything in one pip call (no progress, no reuse); building the
 # library once with cmake and pointing the binding at it (LLAMA_CPP_LIB_PATH) lets reruns and
 # the converters reuse it. Idempotent: each finished step leaves a marker and is skipped next
-# time. Takes ~10 minutes on 2 cores the first time; run it in the background and poll the log.
+# time. Takes ~10 minutes on 2 cores the first time (llama-server: a few more); run it in the
+# background and poll the log.
 #
 #     scripts/peers/setup_llama_cpp.sh WORKDIR          # prints the folder with libllama.so
 set -euo pipefail
@@ -34,6 +35,15 @@ if [ ! -f "$ROOT/.built" ]; then
         -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON >&2
     cmake --build "$BUILD" --target llama llama-quantize -j "$(nproc)" >&2
     touch "$ROOT/.built"
+fi
+
+if [ ! -f "$ROOT/.server_built" ]; then
+    # llama-server (scripts/bench_serving.py): the same build folder, so only the server's own
+    # sources compile. A build in progress (here or elsewhere on the box) finishes first.
+    while pgrep -f "cmake --build" >/dev/null; do sleep 15; done
+    cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -DLLAMA_BUILD_SERVER=ON >&2
+    cmake --build "$BUILD" --target llama-server -j "$(nproc)" >&2
+    touch "$ROOT/.server_built"
 fi
 
 if [ ! -f "$ROOT/.bound" ]; then
