@@ -10,7 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(scope="session")
 def cpu_kernel_library(tmp_path_factory) -> Path:
-    """libpeft_multilora_ort.so, built once per test process; skips where it cannot be built."""
-    from cpu_kernel import build_cpu_kernel
+    """libpeft_multilora_ort.so: install.sh's when current, else built once per test process;
+    skips where it cannot be built."""
+    from cpu_kernel import build_cpu_kernel, installed_cpu_kernel
 
-    return build_cpu_kernel(tmp_path_factory.mktemp("multilora-ort-build"))
+    installed = installed_cpu_kernel()
+    return installed or build_cpu_kernel(tmp_path_factory.mktemp("multilora-ort-build"))

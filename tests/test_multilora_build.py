@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cpu_kernel import cmake_build
 
 from peft_export import plugins
 from peft_export.plugins import _library
@@ -40,7 +41,7 @@ def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
          "-DCMAKE_CUDA_ARCHITECTURES=86", "-DCMAKE_BUILD_TYPE=Release"],
         check=True,
     )  # fmt: skip
-    subprocess.run(["cmake", "--build", str(build), "-j", "2"], check=True)
+    cmake_build(build)
     return build
 
 
