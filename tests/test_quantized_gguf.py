@@ -28,14 +28,14 @@ def llama_gguf(tmp_path_factory):
     return path, weights, load(path)
 
 
-def _export(llama_gguf, tmp_path, graph_format: str):
+def _export(llama_gguf, tmp_path, graph_format: str, head: str = "auto"):
     path, _, model = llama_gguf
     carried = read_gguf_blocks(path, model)
-    out = tmp_path / graph_format
+    out = tmp_path / f"{graph_format}-{head}"
     export_bundle(
         InMemoryBase(model),
         out=out,
-        quantize=QuantScheme.parse("int4", graph_format=graph_format),
+        quantize=QuantScheme.parse("int4", graph_format=graph_format, head=head),
         carried_blocks=carried.blocks,
     )
     return out, carried
@@ -82,3 +82,27 @@ def test_portable_graph_carries_symmetric_blocks_and_requantizes_q4_1(llama_gguf
             np.testing.assert_array_equal(graph[module], gguf_reference(reader, weight, "llama"))
         else:
             assert record.modules[module].source == "rtn", module
+
+
+@pytest.mark.parametrize(("head", "bits"), [("int8", 8), ("none", None)])
+def test_quant_head_overrides_the_files_own_head_blocks(llama_gguf, tmp_path, head, bits):
+    """The file's lm_head is Q4_0: --quant-head int8 requantizes it at 8 bits (the rest of the
+    file's blocks stay carried), none keeps it in float."""
+    path, weights, _ = llama_gguf
+    out, _ = _export(llama_gguf, tmp_path, "matmulnbits", head)
+    record = load_manifest(out).quantization
+    reader = gguf.GGUFReader(path)
+    by_name = {w.hf: w for w in weights}
+    reference = gguf_reference(reader, by_name["lm_head.weight"], "llama")
+    if bits is None:
+        assert "lm_head" not in record.modules
+        assert record.kept["lm_head"] == "--quant-head none"
+        return
+    assert (record.modules["lm_head"].source, record.modules["lm_head"].bits) == ("rtn", bits)
+    graph = ort_weights(out)
+    step = np.abs(reference).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(graph["lm_head"] - reference) <= step)
+    assert np.any(graph["lm_head"] != reference)
+    carried = [w for w in weights if w.qtype.name in CARRIED and w.hf != "lm_head.weight"]
+    for weight in carried:
+        assert record.modules[weight.hf.removesuffix(".weight")].source.startswith("gguf:")

@@ -24,6 +24,7 @@ from peft_export.exporter.quantize.scheme import (
     ACCURACY_FAST,
     BLOCK_SIZES,
     FORMATS,
+    HEADS,
     LEVELS,
     QuantScheme,
 )
@@ -110,6 +111,14 @@ def _with_contributed_options(command):
     help="Module paths kept at full precision (fnmatch, repeatable; e.g. lm_head).",
 )
 @click.option(
+    "--quant-head",
+    type=click.Choice(HEADS),
+    default="auto",
+    show_default=True,
+    help="The output head's width (and a tied token table's): auto keeps a GGUF's own "
+    "blocks where exact (e.g. SmolLM2's Q8_0 table), else --quantize's; none: full precision.",
+)
+@click.option(
     "--quant-format",
     type=click.Choice(FORMATS),
     default="auto",
@@ -139,6 +148,7 @@ def command(
     quantize: str,
     quant_block: str,
     quant_skip: tuple[str, ...],
+    quant_head: str,
     quant_format: str,
     quant_accuracy: int,
     out: str,
@@ -166,6 +176,7 @@ def command(
         block_size=int(quant_block),
         graph_format=quant_format,
         skip=quant_skip,
+        head=quant_head,
         engine=options.get("engine"),
         accuracy_level=quant_accuracy,
         ort_only=options.get("ort_fusions", "none") != "none",

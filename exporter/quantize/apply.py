@@ -66,18 +66,22 @@ def quantize_model(
     result = QuantizedModel(scheme)
     carried = carried or {}
     layers = linear_weights(model)
+    head = output_head(model, layers)
     for index, (path, module) in enumerate(layers.items()):
         if progress:
             progress(f"quantizing {path} ({index + 1}/{len(layers)})")
-        reason = _keep_reason(path, module, scheme)
+        reason = _keep_reason(path, module, scheme, is_head=path == head)
         if reason:
             result.kept[path] = reason
             continue
+        bits = (scheme.head_bits() if path == head else None) or scheme.bits
         weight = weight_matrix(module).to(torch.float32).numpy()
         block = _carried_block(carried.get(f"{path}.weight"), weight, scheme)
+        if block is not None and path == head and scheme.head_bits() not in (None, block.bits):
+            block = None  # --quant-head asks for another width than the GGUF's own
         if block is None:
-            block = quantize_rtn(weight, scheme.bits, scheme.block_size, scheme.symmetric)
-            if scheme.graph_format == "qdq" and scheme.bits == 8:
+            block = quantize_rtn(weight, bits, scheme.block_size, scheme.symmetric)
+            if scheme.graph_format == "qdq" and bits == 8:
                 block = block.with_positive_scales()
         dequantized = torch.from_numpy(block.dequantize())
         module.weight.copy_(dequantized.T if is_conv1d(module) else dequantized)
@@ -123,9 +127,19 @@ def _symmetric(block: BlockQuantized) -> bool:
     return not block.float_zero_points and bool(np.all(block.zero_points == 1 << (block.bits - 1)))
 
 
-def _keep_reason(path: str, module: nn.Module, scheme: QuantScheme) -> str | None:
+def output_head(model: nn.Module, layers: Mapping[str, nn.Module]) -> str | None:
+    """The module path of the model's output head (lm_head), if it is a linear layer."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((path for path, module in layers.items() if module is head), None)
+
+
+def _keep_reason(
+    path: str, module: nn.Module, scheme: QuantScheme, *, is_head: bool
+) -> str | None:
     if scheme.skips(path):
         return "--quant-skip"
+    if is_head and scheme.head == "none":
+        return "--quant-head none"
     in_features = weight_matrix(module).shape[1]
     if in_features % scheme.block_size:
         return f"in_features {in_features} is not a multiple of the block size"

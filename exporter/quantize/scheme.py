@@ -21,6 +21,11 @@ ACCURACY_EXACT = 1
 """ONNX Runtime's quantized MatMul computing in float32 on the dequantized weights."""
 ACCURACY_FAST = 4
 """ONNX Runtime's quantized MatMul quantizing activations to int8 per block (CPU)."""
+HEADS = ("auto", "int8", "int4", "none")
+"""The output head's width (`--quant-head`): auto = a GGUF's own blocks where they map exactly
+(SmolLM2's Q8_0 table, as llama.cpp and OpenVINO keep it), else --quantize's; none = full
+precision. The head is read for every token, so at int4 an 8-bit head is ~30% of SmolLM2's
+weight traffic per step."""
 QDQ_OPSET = 21
 """Block-wise DequantizeLinear and 4-bit integer types arrived in opset 21."""
 
@@ -34,6 +39,8 @@ class QuantScheme:
     graph_format: str = "matmulnbits"
     skip: tuple[str, ...] = ()
     """fnmatch patterns of module paths kept at full precision (e.g. "lm_head")."""
+    head: str = "auto"
+    """The output head's width, one of HEADS."""
     symmetric: bool = True
     embeddings: bool = False
     """Also quantize the token table (ONNX Runtime's GatherBlockQuantized: ORT-only graphs)."""
@@ -52,6 +59,7 @@ class QuantScheme:
         block_size: int = 32,
         graph_format: str = "auto",
         skip: tuple[str, ...] = (),
+        head: str = "auto",
         engine: str | None = None,
         accuracy_level: int = ACCURACY_FAST,
         ort_only: bool = False,
@@ -70,6 +78,8 @@ class QuantScheme:
             )
         if graph_format not in FORMATS:
             raise ExportError(f"unknown --quant-format {graph_format!r}; use {', '.join(FORMATS)}")
+        if head not in HEADS:
+            raise ExportError(f"unknown --quant-head {head!r}; use one of {', '.join(HEADS)}")
         if level == "none":
             return None
         zero_points = graph_format == "matmulnbits"
@@ -87,6 +97,7 @@ class QuantScheme:
             block_size=block_size,
             graph_format=graph_format,
             skip=tuple(skip),
+            head=head,
             accuracy_level=accuracy_level,
             embeddings=ort_only or graph_format == "matmulnbits",
             zero_points=zero_points,
@@ -95,6 +106,10 @@ class QuantScheme:
     @property
     def level(self) -> str:
         return f"int{self.bits}"
+
+    def head_bits(self) -> int | None:
+        """The head's bit width when --quant-head names one (None: auto or none)."""
+        return {"int8": 8, "int4": 4}.get(self.head)
 
     def skips(self, path: str) -> bool:
         return any(fnmatch.fnmatchcase(path, p) for p in self.skip)
