@@ -188,7 +188,7 @@ def llama_files(args, work: Path, checkpoint: Path, adapters: dict[str, Path]) -
 
     spec = setup_llama_cpp.setup("llama_cpp_f32", args.workdir, checkpoint, EXAMPLE, args.threads)
     root = args.workdir / "llama.cpp"
-    server = root / "build" / "bin" / "llama-server"
+    server = Path(spec.env["LLAMA_CPP_LIB_PATH"]) / "llama-server"
     if not server.is_file():
         raise SystemExit(f"error: {server} was not built; see {root / 'setup.log'}")
     source = root / f"llama_cpp_python-{setup_llama_cpp.VERSION}" / "vendor" / "llama.cpp"

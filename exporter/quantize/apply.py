@@ -133,9 +133,7 @@ def output_head(model: nn.Module, layers: Mapping[str, nn.Module]) -> str | None
     return next((path for path, module in layers.items() if module is head), None)
 
 
-def _keep_reason(
-    path: str, module: nn.Module, scheme: QuantScheme, *, is_head: bool
-) -> str | None:
+def _keep_reason(path: str, module: nn.Module, scheme: QuantScheme, *, is_head: bool) -> str | None:
     if scheme.skips(path):
         return "--quant-skip"
     if is_head and scheme.head == "none":

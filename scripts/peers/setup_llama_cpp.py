@@ -1,8 +1,8 @@
-"""llama.cpp: the native build and binding (setup_llama_cpp.sh), the base converted from the HF
-checkpoint to an F32 GGUF (convert_hf_to_gguf.py) and quantized to Q8_0 / Q4_0
-(llama-quantize), the PEFT LoRA converted to an F32 LoRA GGUF (convert_lora_to_gguf.py) and
-applied at runtime. Converters use the gguf-py vendored next to them. Cached under
-WORKDIR/llama.cpp.
+"""llama.cpp: the build (native CPU flags, AMX left out) and binding (setup_llama_cpp.sh),
+the base converted from the HF checkpoint to an F32 GGUF (convert_hf_to_gguf.py) and
+quantized to Q8_0 / Q4_0 (llama-quantize), the PEFT LoRA converted to an F32 LoRA GGUF
+(convert_lora_to_gguf.py) and applied at runtime. Converters use the gguf-py vendored next to
+them. Cached under WORKDIR/llama.cpp.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def setup(name: str, workdir: Path, checkpoint: Path, adapter: Path, threads: in
     root = workdir / "llama.cpp"
     log = root / "setup.log"
     run_logged(["bash", HERE / "setup_llama_cpp.sh", workdir], log)
-    lib = root / "build" / "bin"
+    lib = Path((root / "lib_dir").read_text().strip())
     source = root / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
     python = str(root / "venv" / "bin" / "python")
     models = root / "models"

@@ -9,7 +9,8 @@
 # time. Takes ~10 minutes on 2 cores the first time (llama-server: a few more); run it in the
 # background and poll the log.
 #
-#     scripts/peers/setup_llama_cpp.sh WORKDIR          # prints the folder with libllama.so
+#     scripts/peers/setup_llama_cpp.sh WORKDIR   # prints (and writes to WORKDIR/llama.cpp/lib_dir)
+#                                                # the folder with libllama.so
 set -euo pipefail
 
 WORKDIR=${1:?usage: setup_llama_cpp.sh WORKDIR}
@@ -17,9 +18,27 @@ VERSION=0.3.36
 PYTHON=${PYTHON:-python3}
 ROOT="$WORKDIR/llama.cpp"
 SRC="$ROOT/llama_cpp_python-$VERSION"
-BUILD="$ROOT/build"
 VENV="$ROOT/venv"
 mkdir -p "$ROOT"
+
+# CPU flags: native, except on CPUs with AMX. ggml's AMX matmul (compiled in by -march=native
+# there) dies with a general protection fault at its first `ldtilecfg` on Q8_0 / Q4_0 on this
+# project's benchmark machine (Xeon with AMX, llama.cpp of llama-cpp-python 0.3.36), so such a
+# CPU gets an explicit list of its AVX-512 / VNNI features instead: the same SIMD kernels and
+# weight repacking, without the AMX path.
+if grep -qw amx_tile /proc/cpuinfo; then
+    FLAVOR=noamx
+    CPU_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+        -DGGML_BMI2=ON)
+    for feature in avx512f:AVX512 avx512_vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI \
+        avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+        grep -qw "${feature%%:*}" /proc/cpuinfo && CPU_FLAGS+=("-DGGML_${feature##*:}=ON")
+    done
+else
+    FLAVOR=native
+    CPU_FLAGS=(-DGGML_NATIVE=ON)
+fi
+BUILD="$ROOT/build-$FLAVOR"
 
 if [ ! -f "$ROOT/.fetched" ]; then
     "$PYTHON" -m pip download --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d "$ROOT" >&2
@@ -27,23 +46,23 @@ if [ ! -f "$ROOT/.fetched" ]; then
     touch "$ROOT/.fetched"
 fi
 
-if [ ! -f "$ROOT/.built" ]; then
-    # Only the library and llama-quantize (Q4_0 has no Python converter); native CPU flags.
+if [ ! -f "$BUILD/.built" ]; then
+    # Only the library and llama-quantize (Q4_0 has no Python converter).
     cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+        -DBUILD_SHARED_LIBS=ON "${CPU_FLAGS[@]}" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
         -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON >&2
     cmake --build "$BUILD" --target llama llama-quantize -j "$(nproc)" >&2
-    touch "$ROOT/.built"
+    touch "$BUILD/.built"
 fi
 
-if [ ! -f "$ROOT/.server_built" ]; then
+if [ ! -f "$BUILD/.server_built" ]; then
     # llama-server (scripts/bench_serving.py): the same build folder, so only the server's own
     # sources compile. A build in progress (here or elsewhere on the box) finishes first.
     while pgrep -f "cmake --build" >/dev/null; do sleep 15; done
     cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -DLLAMA_BUILD_SERVER=ON >&2
     cmake --build "$BUILD" --target llama-server -j "$(nproc)" >&2
-    touch "$ROOT/.server_built"
+    touch "$BUILD/.server_built"
 fi
 
 if [ ! -f "$ROOT/.bound" ]; then
@@ -60,4 +79,5 @@ if [ ! -f "$ROOT/.bound" ]; then
     touch "$ROOT/.bound"
 fi
 
-echo "$BUILD/bin"
+# The folder with libllama.so, for the Python side of the set-up (setup_llama_cpp.py).
+echo "$BUILD/bin" | tee "$ROOT/lib_dir"

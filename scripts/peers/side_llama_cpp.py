@@ -62,7 +62,7 @@ class Runner:
 
         return {
             "llama_cpp_python": version("llama-cpp-python"),
-            "llama_cpp": "vendored in the llama-cpp-python sdist, built natively (GGML_NATIVE)",
+            "llama_cpp": "vendored in the llama-cpp-python sdist; build: setup_llama_cpp.sh",
             "kv_cache": self.kv,
             "lora_scale": 1.0,
             "denormals": "no runtime setting; FTZ/DAZ inherited from the worker's main thread",
