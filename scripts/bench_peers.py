@@ -42,6 +42,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 from bench_generate import EXAMPLE_ADAPTER  # noqa: E402
 from setup_common import (  # noqa: E402
+    HEAD_8BIT,
     OFFLINE_ENV,
     SideSkipped,
     SideSpec,
@@ -59,10 +60,13 @@ OURS_DEFAULT = [
     "ours_merged_int8_fused",
     "ours_runtime_int4_fused",
     "ours_merged_int4_fused",
+    "ours_runtime_int4h4_fused",
+    "ours_merged_int4h4_fused",
     "ours_merged_fp32_fused_cpp",
     "ours_merged_int8_fused_cpp",
     "ours_runtime_int4_fused_cpp",
     "ours_merged_int4_fused_cpp",
+    "ours_merged_int4h4_fused_cpp",
 ]
 PEERS = [
     "torch_peft_fp32",
@@ -78,7 +82,7 @@ PEERS = [
 OURS_ALL = [
     f"ours_{mode}_{precision}{fused}{runtime}"
     for mode in ("merged", "runtime")
-    for precision in ("fp32", "int8", "int4")
+    for precision in ("fp32", "int8", "int4", "int4h4")
     for fused in ("", "_fused")
     for runtime in ("", "_cpp")
 ]
@@ -479,13 +483,14 @@ def add_ratios(report: dict, runs: dict[str, list[dict]]) -> None:
 def add_goals(report: dict, runs: dict[str, list[dict]]) -> None:
     """The issue's goals, each with the numbers it rests on (None: a side it needs is absent).
 
-    Per weight precision and per runtime of ours (Python, C++): our fastest side against the
-    fastest peer (median decode tok/s), our lowest peak RSS and load-to-first-token against
-    the best peer's; our runtime-LoRA int4 decode step against our merged int4 step (median
-    of per-round ratios); the int4 bundle's bytes against the fp32 bundle's."""
+    Per precision class (int4 with a 4-bit or an 8-bit head apart) and per runtime of ours
+    (Python, C++): our fastest side against the fastest peer (median decode tok/s), our lowest
+    peak RSS and load-to-first-token against the best peer's; our runtime-LoRA int4 decode step
+    against our merged int4 step (median of per-round ratios); the int4 bundle's bytes against
+    the fp32 bundle's."""
     sides = {n: e for n, e in report["sides"].items() if e.get("decode_tokens_per_s")}
     goals: dict = {}
-    for precision in ("fp32", "int8", "int4"):
+    for precision in ("fp32", "int8", "int4", HEAD_8BIT):
         peers = {
             n: e
             for n, e in sides.items()

@@ -19,6 +19,20 @@ HERE = Path(__file__).resolve().parent
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "0"}
 
 
+HEAD_8BIT = "int4, 8-bit head"
+"""The precision class of an int4 side whose output head (SmolLM2's tied token table) is
+8-bit: llama.cpp's Q4_0 (llama-quantize keeps it Q8_0), OpenVINO's int4 (nncf's int8 backup
+precision) and our bundle from the GGUF (its own Q8_0 table). A 4-bit head (onnxruntime-genai's
+builder) reads ~14 MB less per token, so the two classes are compared apart."""
+
+
+def int4_class(head_bits: int) -> str:
+    """The precision class of an int4 side from its head's bit width."""
+    return (
+        "int4" if head_bits == 4 else HEAD_8BIT if head_bits == 8 else f"int4, {head_bits}-bit head"
+    )
+
+
 class SetupError(RuntimeError):
     """A peer could not be installed, built or converted (the side fails)."""
 

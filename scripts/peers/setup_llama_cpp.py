@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from setup_common import HERE, SetupError, SideSpec, file_digest, run_logged
+from setup_common import HERE, SetupError, SideSpec, file_digest, int4_class, run_logged
 
 VERSION = "0.3.36"
 PRECISIONS = {"llama_cpp_f32": "F32", "llama_cpp_q8_0": "Q8_0", "llama_cpp_q4_0": "Q4_0"}
@@ -47,10 +47,13 @@ def setup(name: str, workdir: Path, checkpoint: Path, adapter: Path, threads: in
             _stamp(model, base_key)
     if not model.is_file():
         raise SetupError(f"llama.cpp conversion left no {model}")
+    precision = CLASSES[kind]
+    if precision == "int4":
+        precision = int4_class(_head_bits(model))
     return SideSpec(
         name=name,
         peer="llama.cpp",
-        precision=CLASSES[kind],
+        precision=precision,
         python=python,
         module="side_llama_cpp",
         config={
@@ -71,6 +74,15 @@ def setup(name: str, workdir: Path, checkpoint: Path, adapter: Path, threads: in
         env={"LLAMA_CPP_LIB_PATH": str(lib)},
         ftz=True,  # ggml has no denormal setting
     )
+
+
+def _head_bits(model: Path) -> int:
+    """The bit width of the GGUF's output head (output.weight, else the tied token table)."""
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(model).tensors}
+    head = types.get("output.weight", types.get("token_embd.weight"))
+    return {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "F32": 32, "F16": 16}.get(head, 0)
 
 
 def _fresh(path: Path, key: str) -> bool:

@@ -12,7 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from setup_common import SideSpec, file_digest, run_logged, stamp_matches, venv_python, write_stamp
+from setup_common import (
+    SideSpec,
+    file_digest,
+    int4_class,
+    run_logged,
+    stamp_matches,
+    venv_python,
+    write_stamp,
+)
 
 VERSION = "2026.4.1"
 PRECISIONS = {"openvino_fp32": "fp32", "openvino_int8": "int8", "openvino_int4": "int4"}
@@ -42,7 +50,7 @@ def setup(name: str, workdir: Path, checkpoint: Path, adapter: Path, threads: in
     return SideSpec(
         name=name,
         peer="openvino-genai",
-        precision=precision,
+        precision=int4_class(_head_bits(model)) if precision == "int4" else precision,
         python=python,
         module="side_openvino",
         config={
@@ -61,3 +69,15 @@ def setup(name: str, workdir: Path, checkpoint: Path, adapter: Path, threads: in
             "eos": "ignore_eos (continues past EOS)",
         },
     )
+
+
+def _head_bits(model: Path) -> int:
+    """The bit width of the IR's token table / head (the constant of vocabulary rows)."""
+    import re
+
+    xml = (model / "openvino_model.xml").read_text()
+    config = json.loads((model / "config.json").read_text())
+    constant = re.compile(r'type="Const"[^>]*>\s*<data element_type="(\w+)" shape="(\d+), \d+"')
+    widths = {"u8": 8, "i8": 8, "u4": 4, "i4": 4, "f16": 16, "f32": 32}
+    rows = [kind for kind, first in constant.findall(xml) if int(first) == config["vocab_size"]]
+    return min((widths.get(kind, 32) for kind in rows), default=0)

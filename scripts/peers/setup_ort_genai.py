@@ -14,6 +14,7 @@ from setup_common import (
     HERE,
     SideSpec,
     file_digest,
+    int4_class,
     run_logged,
     stamp_matches,
     venv_python,
@@ -34,10 +35,13 @@ def setup(name: str, workdir: Path, checkpoint: Path, adapter: Path, threads: in
     model = fp32 if PRECISIONS[name] == "fp32" else None
     if model is None:
         model = _build(python, root, "int4", checkpoint, adapter, key, log, adapter_file)
+    precision = PRECISIONS[name]
+    if precision == "int4":
+        precision = int4_class(_head_bits(model))
     return SideSpec(
         name=name,
         peer="onnxruntime-genai",
-        precision=PRECISIONS[name],
+        precision=precision,
         python=python,
         module="side_ort_genai",
         config={"model_dir": str(model), "adapter_file": str(adapter_file), "threads": threads},
@@ -49,6 +53,17 @@ def setup(name: str, workdir: Path, checkpoint: Path, adapter: Path, threads: in
         },
         env={"ORT_DISABLE_TELEMETRY": "1"},
     )
+
+
+def _head_bits(model: Path) -> int:
+    """The bit width of the MatMulNBits that writes the logits (32: a float head)."""
+    import onnx
+
+    graph = onnx.load(model / "model.onnx", load_external_data=False).graph
+    head = next((n for n in graph.node if "logits" in n.output), None)
+    if head is None or head.op_type != "MatMulNBits":
+        return 32
+    return next(a.i for a in head.attribute if a.name == "bits")
 
 
 def _adapter_key(adapter: Path) -> str:

@@ -1,8 +1,10 @@
 """peft-export's sides: bundles written by the `peft-export export` CLI, one per side, and the
 PyTorch + PEFT reference (nothing to build). Both run in the project's own interpreter.
 
-Side names: ours_{merged|runtime}_{fp32|int8|int4}[_fused][_cpp] -> `export --mode
-merged|runtime [--quantize int8|int4] [--ort-fusions cpu]`; `_cpp` runs the same bundle through
+Side names: ours_{merged|runtime}_{fp32|int8|int4|int4h4}[_fused][_cpp] -> `export --mode
+merged|runtime [--quantize int8|int4] [--ort-fusions cpu]` (int4h4: `--quantize int4
+--quant-head int4`; plain int4 keeps the GGUF's own Q8_0 head, and the side's precision class
+says which head it has); `_cpp` runs the same bundle through
 the C++ runtime (runtime/cpp, built once under the workdir) instead of the Python one. A
 bundle is re-exported when the command differs from the one it was made with, or the
 exporter's code does (the git trees of the export-time folders plus their uncommitted changes,
@@ -21,9 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setup_common import SetupError, SideSkipped, SideSpec, run_logged, write_stamp
+from setup_common import SetupError, SideSkipped, SideSpec, int4_class, run_logged, write_stamp
 
-NAME = re.compile(r"^ours_(merged|runtime)_(fp32|int8|int4)(_fused)?(_cpp)?$")
+NAME = re.compile(r"^ours_(merged|runtime)_(fp32|int8|int4|int4h4)(_fused)?(_cpp)?$")
 CLI = [sys.executable, "-c", "from peft_export.exporter.cli import main; main()"]
 EXPORT_DIRS = ["exporter", "bundle", "models", "plugins", "peft_export"]
 """What a bundle's contents depend on (runtime/ is not baked into bundles)."""
@@ -44,7 +46,9 @@ def setup(name: str, workdir: Path, adapter: Path, threads: int, reuse: bool = F
     if precision != "fp32":
         if not quantize_available():
             raise SideSkipped("--quantize not available")
-        args += ["--quantize", precision]
+        args += ["--quantize", precision.removesuffix("h4")]
+        if precision == "int4h4":
+            args += ["--quant-head", "int4"]
     out = workdir / "ours" / name.removesuffix("_cpp")
     code = code_version()
     made = _made_with(out)
@@ -69,6 +73,8 @@ def setup(name: str, workdir: Path, adapter: Path, threads: int, reuse: bool = F
     if match.group(4):
         config["library"] = str(build_cpp_runtime(workdir) / "libpeft_export_runtime.so")
         settings["runtime"] = "C++ (runtime/cpp, Release build)"
+    if precision.startswith("int4"):
+        precision = int4_class(_head_bits(out))
     return SideSpec(
         name=name,
         peer="peft-export",
@@ -80,6 +86,12 @@ def setup(name: str, workdir: Path, adapter: Path, threads: int, reuse: bool = F
         settings=settings,
         env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
     )
+
+
+def _head_bits(bundle: Path) -> int:
+    """The bit width of the bundle's output head (32: kept in float)."""
+    record = json.loads((bundle / "manifest.json").read_text())["quantization"]
+    return record["modules"].get("lm_head", {}).get("bits", 32)
 
 
 def build_cpp_runtime(workdir: Path) -> Path:
