@@ -2,16 +2,18 @@
 
 The bundle's `adapters.bottleneck` layout (sites, width, activations) is all the conversion
 needs, so adding takes seconds and never re-exports; the bundle changes as one staged step,
-and every check runs before the first write.
+and every check runs before the first write. On an encoder bundle the adapter keeps the base's
+task head (slot 0 of the head banks) and records the base's labels.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from peft_export.bundle import names
 from peft_export.bundle.atomic import staged_update, write_text
-from peft_export.bundle.manifest import InstalledAdapter
+from peft_export.bundle.manifest import InstalledAdapter, Manifest
 from peft_export.exporter.adapter_source import check_new_adapter_name
 from peft_export.exporter.bottleneck.convert import convert_bottleneck, fit_layout
 from peft_export.exporter.bottleneck.folder import check_config, read_bottleneck
@@ -48,6 +50,16 @@ def add_bottleneck_adapter(
             fit_layout(converted, layout),
             weights_sha256=manifest.base_model.weights_sha256,
             precision=manifest.precision,
+            metadata=_encoder_labels(manifest),
         )
         write_text(stage / names.MANIFEST, manifest.to_json())
     return manifest.adapters.installed[name]
+
+
+def _encoder_labels(manifest: Manifest) -> dict[str, str] | None:
+    """Encoder bundles: the adapter serves the base's head, so its labels are the base's."""
+    if manifest.encoder is None:
+        return None
+    from peft_export.exporter.encoders.export import LABELS_METADATA
+
+    return {LABELS_METADATA: json.dumps(manifest.encoder.labels)}

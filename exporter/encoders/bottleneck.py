@@ -1,0 +1,124 @@
+"""Bottleneck adapters (AdapterHub `adapters`) on encoder bundles: the decoders' bottleneck
+banks (exporter/bottleneck) on the family's post-LN sites (models/encoders.py).
+
+The encoder's task model decides where the sites are: the family's paths name the base model
+attribute (`bert.encoder.layer...`), which the bare base model (feature extraction) lacks.
+Converted adapters join the encoder's other runtime adapters, so they get head-bank slots
+and a labels header like any other. The library's training switch trains a transformers task
+model's head with the adapter, and `save_adapter` saves it beside the adapter by default
+(`model_head.safetensors`, parameter paths as the task model names them): that head becomes
+the adapter's head-bank slot, as a PEFT `modules_to_save` head does; without one, the
+adapter serves the base's head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from peft_export.bundle import bottleneck as bn
+from peft_export.bundle import safetensors_io
+from peft_export.bundle.errors import BundleError
+from peft_export.exporter.adapter_source import AdapterSource
+from peft_export.exporter.bottleneck.banks import BottleneckBanks
+from peft_export.exporter.bottleneck.convert import convert_bottleneck, fit_layout
+from peft_export.exporter.bottleneck.folder import check_config
+from peft_export.exporter.bottleneck.planner import OPTION_KEYS, bank_layout
+from peft_export.exporter.encoders.heads import SplitAdapter
+from peft_export.exporter.errors import ExportError
+from peft_export.exporter.runtime_adapters.convert import SlotTensors
+from peft_export.models.encoders import EncoderSpec
+
+
+def rooted(spec: EncoderSpec, model: nn.Module) -> EncoderSpec:
+    """`spec` with its bottleneck paths relative to `model` (the task model or the bare base)."""
+    prefix = f"{model.base_model_prefix}."
+    if spec.bottleneck is None or isinstance(
+        getattr(model, model.base_model_prefix, None), nn.Module
+    ):
+        return spec
+
+    def strip(path: str | None) -> str | None:
+        return path[len(prefix) :] if path and path.startswith(prefix) else path
+
+    sites = {
+        location: dataclasses.replace(
+            attach,
+            output=strip(attach.output),
+            residual=strip(attach.residual),
+            norm=strip(attach.norm),
+        )
+        for location, attach in spec.bottleneck.items()
+    }
+    return dataclasses.replace(spec, bottleneck=sites)
+
+
+def plan_bottleneck(
+    model: nn.Module,
+    spec: EncoderSpec,
+    sources: Sequence[AdapterSource],
+    options: dict[str, Any],
+    slots: int,
+) -> tuple[BottleneckBanks | None, list[SlotTensors]]:
+    """Bottleneck banks for `sources` (or for the bank options asked) and their slot tensors."""
+    if not sources and not any(options.get(k) for k in OPTION_KEYS):
+        return None, []
+    if spec.bottleneck is None:
+        raise ExportError(
+            f"bottleneck adapters are not supported on {spec.model_type} encoders (supported: "
+            "bert, roberta, xlm-roberta); add its `bottleneck` sites in models/encoders.py"
+        )
+    spec = rooted(spec, model)
+    config = model.config
+    hidden, num_layers = spec.hidden_size(config), spec.num_layers(config)
+    for source in sources:
+        check_config(source.path, source.config, spec, config)
+    converted = [convert_bottleneck(s, spec, hidden, num_layers) for s in sources]
+    layout = bank_layout(options, converted, spec, hidden, num_layers)
+    banks = BottleneckBanks(spec, layout, slots=slots)
+    return banks, [fit_layout(adapter, layout) for adapter in converted]
+
+
+def is_bottleneck(source: AdapterSource) -> bool:
+    return source.method == bn.METHOD
+
+
+HEAD_WEIGHTS = "model_head.safetensors"
+PICKLED_HEAD = "pytorch_model_head.bin"
+_RESAVE = "save_adapter(DIR, NAME, use_safetensors=True)"
+
+
+def with_library_head(adapter: SplitAdapter, model: nn.Module) -> SplitAdapter:
+    """`adapter` with the task head the library saved beside it (none: the base's head)."""
+    source = adapter.source
+    path = source.path / HEAD_WEIGHTS
+    if not path.is_file():
+        if (source.path / PICKLED_HEAD).is_file():
+            raise ExportError(
+                f"adapter {source.name}: its head has only pickled weights ({PICKLED_HEAD}), "
+                f"which are never loaded; re-save it with {_RESAVE}"
+            )
+        return adapter
+    try:
+        tensors = safetensors_io.read_tensors(path)
+    except BundleError as exc:
+        raise ExportError(f"adapter {source.name}: {exc}") from None
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if key.startswith("heads."):
+            raise ExportError(
+                f"adapter {source.name}: its head is a flexible head ({key}) of the library's "
+                "AdapterModel classes, which encoder bundles do not read; train it on the "
+                "transformers task model, or save the adapter with with_head=False"
+            )
+        if key not in params or tuple(value.shape[1:]) != tuple(params[key].shape[1:]):
+            raise ExportError(
+                f"adapter {source.name}: head tensor {key} {list(value.shape)} does not fit "
+                f"the {type(model).__name__}; pass the base and --task it was trained with"
+            )
+    heads = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
+    return dataclasses.replace(adapter, heads=heads)
