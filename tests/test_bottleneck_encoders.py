@@ -11,6 +11,7 @@ bundle of the same checkpoint, mean-pooled hidden states.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from adapters_venv import run_in_venv
 from cli_run import run_cli
 from encoder_tiny import make_encoder_adapter, peft_outputs, tiny_tokenizer
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from peft_export.bundle import bottleneck as bn
 from peft_export.bundle.manifest import load_manifest
@@ -216,12 +217,13 @@ def test_roberta_mixed_batch_equals_library_forward(library, tmp_path):
         assert np.abs(got[row] - want).max() <= TOL, f"row {row} {name}"
 
 
-def test_adapter_added_after_export_serves_the_base_head(library, bert):
+def test_adapter_added_after_export_brings_its_head(library, bert):
     """`peft-export adapters add` on an encoder bundle: converted against the manifest, the
-    base's head and labels, mixed with the adapters exported with the bundle."""
+    head the library saved beside it in its head-bank slot, mixed with exported adapters."""
     _, _, _, tmp = library
     bundle, encoded, reference, _ = bert
     folder = tmp / "library" / "bert" / "pfeiffer"
+    assert (folder / "model_head.safetensors").is_file()
     assert run_cli("adapters", "add", str(bundle.root), f"late={folder}") == 0
     installed = load_manifest(bundle.root).adapters.installed["late"]
     assert installed.method == bn.METHOD
@@ -231,6 +233,16 @@ def test_adapter_added_after_export_serves_the_base_head(library, bert):
     assert np.abs(got[[0, 2], :2] - want[[0, 2]]).max() <= TOL
     assert np.abs(got[1, :2] - reference["bert.houlsby.logits"][1]).max() <= TOL
     assert again.labels("late") == ["LABEL_0", "LABEL_1"]
+
+
+def test_library_head_that_does_not_fit_is_refused(library, tmp_path):
+    bases, _, _, tmp = library
+    folder = shutil.copytree(tmp / "library" / "bert" / "houlsby", tmp_path / "flex")
+    head = load_file(folder / "model_head.safetensors")
+    save_file({f"heads.h.{k}": v for k, v in head.items()}, folder / "model_head.safetensors")
+    with pytest.raises(ExportError, match=r"flexible head \(heads\.h\..*with_head=False"):
+        export_encoder(bases["bert"], [("flex", folder)], out=tmp_path / "b", mode="runtime")
+    assert not (tmp_path / "b").exists()
 
 
 def test_merged_mode_refuses_a_bottleneck_adapter(library, tmp_path):

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
 from peft_export.bundle import bottleneck as bn
-from peft_export.bundle import safetensors_io
+from peft_export.bundle import names, safetensors_io
 from peft_export.bundle.errors import BundleError
+from peft_export.bundle.manifest import Manifest
 from peft_export.exporter.adapter_source import AdapterSource
 from peft_export.exporter.bottleneck.banks import BottleneckBanks
 from peft_export.exporter.bottleneck.convert import convert_bottleneck, fit_layout
@@ -31,7 +33,7 @@ from peft_export.exporter.bottleneck.planner import OPTION_KEYS, bank_layout
 from peft_export.exporter.encoders.heads import SplitAdapter
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.runtime_adapters.convert import SlotTensors
-from peft_export.models.encoders import EncoderSpec
+from peft_export.models.encoders import EncoderSpec, get_encoder
 
 
 def rooted(spec: EncoderSpec, model: nn.Module) -> EncoderSpec:
@@ -92,33 +94,65 @@ PICKLED_HEAD = "pytorch_model_head.bin"
 _RESAVE = "save_adapter(DIR, NAME, use_safetensors=True)"
 
 
-def with_library_head(adapter: SplitAdapter, model: nn.Module) -> SplitAdapter:
-    """`adapter` with the task head the library saved beside it (none: the base's head)."""
-    source = adapter.source
-    path = source.path / HEAD_WEIGHTS
+def read_library_head(name: str, folder: Path) -> dict[str, np.ndarray]:
+    """The task head the library saved beside an adapter, by parameter path ({}: none)."""
+    path = folder / HEAD_WEIGHTS
     if not path.is_file():
-        if (source.path / PICKLED_HEAD).is_file():
+        if (folder / PICKLED_HEAD).is_file():
             raise ExportError(
-                f"adapter {source.name}: its head has only pickled weights ({PICKLED_HEAD}), "
-                f"which are never loaded; re-save it with {_RESAVE}"
+                f"adapter {name}: its head has only pickled weights ({PICKLED_HEAD}), which are "
+                f"never loaded; re-save it with {_RESAVE}"
             )
-        return adapter
+        return {}
     try:
         tensors = safetensors_io.read_tensors(path)
     except BundleError as exc:
-        raise ExportError(f"adapter {source.name}: {exc}") from None
+        raise ExportError(f"adapter {name}: {exc}") from None
+    flexible = [k for k in tensors if k.startswith("heads.")]
+    if flexible:
+        raise ExportError(
+            f"adapter {name}: its head is a flexible head ({flexible[0]}) of the library's "
+            "AdapterModel classes, which encoder bundles do not read; train it on the "
+            "transformers task model, or save the adapter with with_head=False"
+        )
+    return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
+
+
+def with_library_head(adapter: SplitAdapter, model: nn.Module) -> SplitAdapter:
+    """`adapter` with the task head the library saved beside it (none: the base's head)."""
+    source = adapter.source
+    heads = read_library_head(source.name, source.path)
     params = dict(model.named_parameters())
-    for key, value in tensors.items():
-        if key.startswith("heads."):
-            raise ExportError(
-                f"adapter {source.name}: its head is a flexible head ({key}) of the library's "
-                "AdapterModel classes, which encoder bundles do not read; train it on the "
-                "transformers task model, or save the adapter with with_head=False"
-            )
-        if key not in params or tuple(value.shape[1:]) != tuple(params[key].shape[1:]):
+    for key, value in heads.items():
+        if key not in params or value.shape[1:] != tuple(params[key].shape[1:]):
             raise ExportError(
                 f"adapter {source.name}: head tensor {key} {list(value.shape)} does not fit "
                 f"the {type(model).__name__}; pass the base and --task it was trained with"
             )
-    heads = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
-    return dataclasses.replace(adapter, heads=heads)
+    return dataclasses.replace(adapter, heads=heads) if heads else adapter
+
+
+def added_head(name: str, folder: Path, manifest: Manifest) -> tuple[dict[str, np.ndarray], int]:
+    """`adapters add` on an encoder bundle: the library head's head-bank slot tensors (zero-
+    padded; a leaf it lacks keeps the base's) and its label count (0: the base head's)."""
+    info = manifest.encoder
+    if info is None or not info.max_labels:
+        return {}, 0
+    banks = {t.name: tuple(t.shape[1:]) for t in manifest.graph.inputs if t.name in info.heads}
+    head = read_library_head(name, folder)
+    tensors = {}
+    for key, value in head.items():
+        bank = names.head_input(*key.rsplit(".", 1))
+        shape = banks.get(bank)
+        fits = shape is not None and len(shape) == value.ndim
+        if not fits or any(n > m for n, m in zip(value.shape, shape, strict=True)):
+            raise ExportError(
+                f"adapter {name}: head tensor {key} {list(value.shape)} has no head bank that "
+                "holds it in this bundle; re-export the bundle with this adapter"
+            )
+        padded = np.zeros(shape, dtype=np.float32)
+        padded[tuple(slice(0, n) for n in value.shape)] = value
+        tensors[bank] = padded
+    label_head = get_encoder(manifest.base_model.architecture).label_head(info.task)
+    weight = head.get(f"{label_head}.weight")
+    return tensors, 0 if weight is None else int(weight.shape[0])
