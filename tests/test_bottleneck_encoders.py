@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from peft_export.bundle import bottleneck as bn
 from peft_export.bundle.manifest import load_manifest
 from peft_export.exporter.encoders.export import export_encoder
+from peft_export.exporter.encoders.verify import verify_encoder
 from peft_export.exporter.errors import ExportError
 from peft_export.runtime import load_bundle
 from peft_export.runtime.encoder import Encoded
@@ -251,3 +252,16 @@ def test_merged_mode_refuses_a_bottleneck_adapter(library, tmp_path):
         export_encoder(
             bases["bert"], [("h", tmp / "library" / "bert" / "houlsby")], out=tmp_path / "m"
         )
+
+
+def test_verify_checks_lora_and_names_bottleneck_adapters_it_cannot_reference(bert):
+    """`peft-export verify`: PEFT is no reference for library adapters, so they are listed as
+    not verified (their rows still join the mixed-batch check) instead of failing or passing."""
+    bundle, _, _, _ = bert
+    assert run_cli("verify", str(bundle.root)) == 0
+    report = json.loads((bundle.root / "reports" / "parity.json").read_text())
+    assert [r["adapter"] for r in report["adapters"]] == [None, "lora"]
+    assert set(BERT_ADAPTERS) <= set(report["not_verified"])
+    assert report["mixed_batch"]["identical"] and report["passed"]
+    with pytest.raises(ExportError, match="houlsby: a bottleneck adapter's reference"):
+        verify_encoder(bundle.root, load_manifest(bundle.root), adapters=["houlsby"])
