@@ -19,7 +19,7 @@ import pytest
 import torch
 from adapters_venv import run_in_venv
 from cli_run import run_cli
-from encoder_tiny import make_encoder_adapter, peft_outputs, tiny_tokenizer
+from encoder_tiny import make_encoder_adapter, peft_outputs, save_tiny_encoder, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
 from peft_export.bundle import bottleneck as bn
@@ -252,6 +252,16 @@ def test_merged_mode_refuses_a_bottleneck_adapter(library, tmp_path):
         export_encoder(
             bases["bert"], [("h", tmp / "library" / "bert" / "houlsby")], out=tmp_path / "m"
         )
+
+
+def test_family_without_bottleneck_sites_is_refused(library, tmp_path):
+    _, _, _, tmp = library
+    base = save_tiny_encoder("distilbert", TASK, tmp_path / "distil")
+    with pytest.raises(ExportError, match="not supported on distilbert.*bert, roberta"):
+        export_encoder(
+            base, [("h", tmp / "library" / "bert" / "houlsby")], out=tmp_path / "b", mode="runtime"
+        )
+    assert not (tmp_path / "b").exists()
 
 
 def test_verify_checks_lora_and_names_bottleneck_adapters_it_cannot_reference(bert):

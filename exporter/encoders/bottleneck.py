@@ -33,7 +33,7 @@ from peft_export.exporter.bottleneck.planner import OPTION_KEYS, bank_layout
 from peft_export.exporter.encoders.heads import SplitAdapter
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.runtime_adapters.convert import SlotTensors
-from peft_export.models.encoders import EncoderSpec, get_encoder
+from peft_export.models.encoders import ENCODERS, EncoderSpec, get_encoder
 
 
 def rooted(spec: EncoderSpec, model: nn.Module) -> EncoderSpec:
@@ -70,9 +70,10 @@ def plan_bottleneck(
     if not sources and not any(options.get(k) for k in OPTION_KEYS):
         return None, []
     if spec.bottleneck is None:
+        have = ", ".join(sorted(k for k, v in ENCODERS.items() if v.bottleneck))
         raise ExportError(
             f"bottleneck adapters are not supported on {spec.model_type} encoders (supported: "
-            "bert, roberta, xlm-roberta); add its `bottleneck` sites in models/encoders.py"
+            f"{have}); add its `bottleneck` sites in models/encoders.py"
         )
     spec = rooted(spec, model)
     config = model.config
