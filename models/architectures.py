@@ -328,20 +328,6 @@ _LLAMA_BOTTLENECK = {
     ),
 }
 
-BERT_BOTTLENECK = {
-    location: BottleneckAttach(
-        output=f"bert.encoder.layer.{{layer}}.{block}.dense",
-        residual=f"bert.encoder.layer.{{layer}}.{block}",
-        saved=f"encoder.layer.{{layer}}.{block}",
-        residual_arg=1,
-        norm=f"bert.encoder.layer.{{layer}}.{block}.LayerNorm",
-    )
-    for location, block in (("mh_adapter", "attention.output"), ("output_adapter", "output"))
-}
-"""BERT's sites (post-LN: BertSelfOutput / BertOutput compute LayerNorm(dense(x) + input_tensor))
-on the Bert*For* task models; for the BERT ArchSpec of the encoder graphs to use. Checked against
-the library in eager PyTorch by tests/test_bottleneck_parity.py."""
-
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peft_export.exporter.errors import ExportError
-from peft_export.models.architectures import ArchSpec
+from peft_export.models.architectures import ArchSpec, BottleneckAttach
 
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 TOKEN_CLASSIFICATION = "token-classification"
@@ -162,6 +162,25 @@ _BERT_LIKE: dict[str, Any] = {
     "mlp_modules": ("intermediate.dense", "output.dense"),
     "feedforward_modules": ("output.dense",),
 }
+
+
+def _post_ln_bottleneck(prefix: str) -> dict[str, BottleneckAttach]:
+    """Bottleneck sites of BERT-style layers on the task models (`prefix`: the base model's
+    attribute): BertSelfOutput / BertOutput (and RoBERTa's copies) compute
+    LayerNorm(dropout(dense(x)) + input_tensor), and the `adapters` library runs its adapter on
+    dense's output with that LayerNorm and residual, as the hooks here do."""
+    return {
+        location: BottleneckAttach(
+            output=f"{prefix}.encoder.layer.{{layer}}.{block}.dense",
+            residual=f"{prefix}.encoder.layer.{{layer}}.{block}",
+            saved=f"encoder.layer.{{layer}}.{block}",
+            residual_arg=1,
+            norm=f"{prefix}.encoder.layer.{{layer}}.{block}.LayerNorm",
+        )
+        for location, block in (("mh_adapter", "attention.output"), ("output_adapter", "output"))
+    }
+
+
 _HEADS = {
     SEQUENCE_CLASSIFICATION: "classifier",
     TOKEN_CLASSIFICATION: "classifier",
@@ -177,6 +196,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             embed_tokens="bert.embeddings.word_embeddings",
             token_type_ids=True,
             label_heads=_HEADS,
+            bottleneck=_post_ln_bottleneck("bert"),
             tiny_config=_tiny_bert,
         ),
         EncoderSpec(
@@ -185,6 +205,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             embed_tokens="roberta.embeddings.word_embeddings",
             label_heads={**_HEADS, SEQUENCE_CLASSIFICATION: "classifier.out_proj"},
             positions_after_padding=True,
+            bottleneck=_post_ln_bottleneck("roberta"),
             tiny_config=lambda **o: _tiny_bert(**{"type_vocab_size": 1, **o}),
         ),
         EncoderSpec(
@@ -193,6 +214,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             embed_tokens="roberta.embeddings.word_embeddings",
             label_heads={**_HEADS, SEQUENCE_CLASSIFICATION: "classifier.out_proj"},
             positions_after_padding=True,
+            bottleneck=_post_ln_bottleneck("roberta"),
             tiny_config=lambda **o: _tiny_bert(**{"type_vocab_size": 1, **o}),
         ),
         EncoderSpec(

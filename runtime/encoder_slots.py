@@ -1,9 +1,10 @@
 """Bank slots of an encoder runtime bundle: which adapter's deltas and head sit in which slot.
 
-Every bank input (`lora.*` deltas, `head.*` task heads) is one host array [slots, ...]; slot 0
-is the base model (zero deltas, unit scales, the base's own head), and adapters are copied
-into slots 1.. on first use, the least recently used one giving way when all are taken. The
-runtime feeds the arrays as they are, with `adapter_ids` choosing each row's slot.
+Every bank input (`lora.*` deltas, `bottleneck.*` adapter layers, `head.*` task heads) is one
+host array [slots, ...]; slot 0 is the base model (zero deltas and bottleneck parts, unit
+scales, the base's own head), and adapters are copied into slots 1.. on first use, the least
+recently used one giving way when all are taken. The runtime feeds the arrays as they are,
+with `adapter_ids` choosing each row's slot.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from peft_export.bundle import bottleneck as bn
 from peft_export.bundle import names, safetensors_io
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.manifest import Manifest
@@ -37,7 +39,8 @@ class EncoderSlots:
             if spec.name in (names.INPUT_IDS, names.ATTENTION_MASK, names.ADAPTER_IDS):
                 continue
             lora = names.split_lora_input(spec.name)
-            if lora is None and names.split_head_input(spec.name) is None:
+            head = names.split_head_input(spec.name)
+            if lora is None and head is None and bn.split_bank_input(spec.name) is None:
                 continue
             shape = tuple(self.slots if d == "slots" else d for d in spec.shape)
             if not all(isinstance(d, int) for d in shape):

@@ -2,9 +2,10 @@
 
     python bottleneck_reference.py JOB.json
 
-JOB: {"base_config": Llama config kwargs, "base_weights": safetensors of the base's state
-dict, "adapters": {name: {"class": BnConfig subclass name, "kwargs": {...}, "seed": int,
-"safetensors": bool}}, "prompts": [[ids], ...] (equal lengths), "steps": int, "out": dir}.
+JOB: {"out": dir, and for a Llama: "base_config": Llama config kwargs, "base_weights":
+safetensors of the base's state dict, "adapters": {name: {"class": BnConfig subclass name,
+"kwargs": {...}, "seed": int, "safetensors": bool}}, "prompts": [[ids], ...] (equal lengths),
+"steps": int}.
 
 For each adapter: add it with the library, perturb its initial weights (so that an adapter a
 graph forgets, or a zero-initialised up projection, cannot pass), train it a few steps with the
@@ -12,10 +13,11 @@ library's own training switch, save it with `save_adapter`, and record the libra
 the reference: prefill logits of every prompt, then a greedy loop over the full sequence (no
 cache) with each step's last logits and token. Writes OUT/NAME/ and OUT/reference.npz.
 
-Optional JOB["bert"]: {"config": BertConfig kwargs, "weights": safetensors of a
-BertForSequenceClassification, "adapters": {...as above}, "input_ids": [[ids], ...]}: the same
-for a post-LN encoder, saved under OUT/bert/NAME, reference "bert.NAME.hidden" (the last
-hidden states) and "bert.NAME.logits".
+Optional JOB["encoders"]: {FAMILY: {"config": config kwargs, "weights": safetensors of a
+FAMILY's *ForSequenceClassification, "adapters": {...as above}, "input_ids": [[ids], ...],
+"attention_mask": [[0/1], ...]}} (FAMILY: bert, roberta): the same for post-LN encoders,
+saved under OUT/FAMILY/NAME, references "FAMILY.NAME.hidden" (the last hidden states) and
+"FAMILY.NAME.logits".
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ import adapters
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 TRAIN_STEPS = 3
 
@@ -37,12 +46,20 @@ def main(job_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**job["base_config"])
-    model = LlamaForCausalLM(config)
+    results: dict[str, np.ndarray] = {}
+    if "base_config" in job:
+        results.update(_llama(job, out))
+    for family, encoder in job.get("encoders", {}).items():
+        results.update(_encoder(family, encoder, out / family))
+    np.savez(out / "reference.npz", **results)
+
+
+def _llama(job: dict, out: Path) -> dict[str, np.ndarray]:
+    model = LlamaForCausalLM(LlamaConfig(**job["base_config"]))
     model.load_state_dict(load_file(job["base_weights"]), strict=True)
     adapters.init(model)
     prompts = torch.tensor(job["prompts"], dtype=torch.int64)
-    results: dict[str, np.ndarray] = {}
+    results = {}
     for name, spec in job["adapters"].items():
         _add_trained(model, name, spec, prompts, out)
         model.set_active_adapters(name)
@@ -51,37 +68,48 @@ def main(job_file: str) -> None:
         results[f"{name}.steps"] = steps
         results[f"{name}.tokens"] = tokens
         model.set_active_adapters(None)
-    if "bert" in job:
-        results.update(_bert(job["bert"], out / "bert"))
-    np.savez(out / "reference.npz", **results)
+    return results
 
 
 def _add_trained(
     model: torch.nn.Module, name: str, spec: dict, inputs: torch.Tensor, out: Path
 ) -> None:
-    """Add, perturb, train and save one adapter; leaves the model in eval mode."""
+    """Add, perturb, train and save one adapter; leaves the model in eval mode. The library's
+    training switch trains an encoder's task head too, and `save_adapter` saves that head
+    beside the adapter (its default, `with_head=True`); the LM head stays frozen."""
     config_class = getattr(adapters, spec["class"])
     model.add_adapter(name, config=config_class(**spec["kwargs"]))
     _perturb(model, name, spec["seed"])
     _train(model, name, inputs, spec["seed"])
     out.mkdir(parents=True, exist_ok=True)
-    model.save_adapter(str(out / name), name, with_head=False, use_safetensors=spec["safetensors"])
+    causal = isinstance(model, LlamaForCausalLM)
+    model.save_adapter(
+        str(out / name), name, with_head=not causal, use_safetensors=spec["safetensors"]
+    )
     model.eval()
 
 
-def _bert(job: dict, out: Path) -> dict[str, np.ndarray]:
-    model = BertForSequenceClassification(BertConfig(**job["config"]))
+ENCODERS = {
+    "bert": (BertConfig, BertForSequenceClassification),
+    "roberta": (RobertaConfig, RobertaForSequenceClassification),
+}
+
+
+def _encoder(family: str, job: dict, out: Path) -> dict[str, np.ndarray]:
+    config_class, model_class = ENCODERS[family]
+    model = model_class(config_class(**job["config"]))
     model.load_state_dict(load_file(job["weights"]), strict=True)
     adapters.init(model)
     inputs = torch.tensor(job["input_ids"], dtype=torch.int64)
+    mask = torch.tensor(job["attention_mask"], dtype=torch.int64)
     results = {}
     for name, spec in job["adapters"].items():
         _add_trained(model, name, spec, inputs, out)
         model.set_active_adapters(name)
         with torch.no_grad():
-            output = model(input_ids=inputs, output_hidden_states=True)
-        results[f"bert.{name}.hidden"] = output.hidden_states[-1].numpy()
-        results[f"bert.{name}.logits"] = output.logits.numpy()
+            output = model(input_ids=inputs, attention_mask=mask, output_hidden_states=True)
+        results[f"{family}.{name}.hidden"] = output.hidden_states[-1].numpy()
+        results[f"{family}.{name}.logits"] = output.logits.numpy()
         model.set_active_adapters(None)
     return results
 

@@ -8,7 +8,6 @@ bottleneck banks, alone and in one batch with a PEFT LoRA row and a base-model r
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib.util
 import json
 import shutil
@@ -26,17 +25,13 @@ from tiny import make_adapter, tiny_config, tiny_model
 
 from peft_export.bundle import bottleneck as bn
 from peft_export.bundle import names
-from peft_export.bundle.manifest import BottleneckLayout, BottleneckSite, load_manifest
+from peft_export.bundle.manifest import load_manifest
 from peft_export.exporter.adapter_source import read_adapter
-from peft_export.exporter.bottleneck.banks import BottleneckBanks, sites_of
 from peft_export.exporter.bottleneck.bundle_adapters import add_bottleneck_adapter
-from peft_export.exporter.bottleneck.convert import convert_bottleneck, fit_layout
-from peft_export.exporter.bottleneck.folder import check_config, read_bottleneck
 from peft_export.exporter.bottleneck.planner import plan_bottleneck_banks
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.pipeline import InMemoryBase, export_bundle
 from peft_export.exporter.runtime_adapters.planner import plan_lora_banks
-from peft_export.models.architectures import BERT_BOTTLENECK, get_arch
 from peft_export.runtime.adapter_store import AdapterStore
 from peft_export.runtime.session import load_bundle
 
@@ -84,55 +79,9 @@ LATER = {
 }
 
 
-BERT_CONFIG = {
-    "vocab_size": 100,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-    "hidden_dropout_prob": 0.0,
-    "attention_probs_dropout_prob": 0.0,
-    "attn_implementation": "eager",
-}
-BERT_ADAPTERS = {
-    "houlsby": {"class": "DoubleSeqBnConfig", "kwargs": {"reduction_factor": 8}},
-    # reads N = LayerNorm(h + r), its residual h
-    "pfeiffer": {"class": "SeqBnConfig", "kwargs": {"reduction_factor": 8}},
-    "parallel": {"class": "ParBnConfig", "kwargs": {"reduction_factor": 8}},
-    # its residual is N too; "post_add": its residual is h + r
-    "res_n": {
-        "class": "SeqBnConfig",
-        "kwargs": {"reduction_factor": 8, "residual_before_ln": False, "mh_adapter": True},
-    },
-    "post_add": {
-        "class": "SeqBnConfig",
-        "kwargs": {"reduction_factor": 4, "residual_before_ln": "post_add", "scaling": "channel"},
-    },
-}
-
-
-def _bert_job(tmp):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(5)
-    bert = BertForSequenceClassification(BertConfig(**BERT_CONFIG)).eval()
-    save_file({k: v.contiguous() for k, v in bert.state_dict().items()}, tmp / "bert.safetensors")
-    job = {
-        "config": BERT_CONFIG,
-        "weights": str(tmp / "bert.safetensors"),
-        "adapters": {
-            name: {"safetensors": True, **spec, "seed": 200 + i}
-            for i, (name, spec) in enumerate(BERT_ADAPTERS.items())
-        },
-        "input_ids": np.random.default_rng(4).integers(1, 100, size=(3, 9)).tolist(),
-    }
-    return bert, job
-
-
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
-    """Tiny Llama and BERT bases, and the library's adapters and references on them."""
+    """A tiny Llama base, and the library's adapters and references on it."""
     tmp = tmp_path_factory.mktemp("bottleneck")
     base = tiny_model("llama")
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, tmp / "base.safetensors")
@@ -148,19 +97,18 @@ def library(tmp_path_factory):
         "steps": STEPS,
         "out": str(tmp / "library"),
     }
-    bert, job["bert"] = _bert_job(tmp)
     job["base_config"].pop("model_type", None)
     job["base_config"].pop("transformers_version", None)
     (tmp / "job.json").write_text(json.dumps(job))
     run_in_venv(Path(__file__).with_name(REFERENCE_SCRIPT), str(tmp / "job.json"))
     reference = dict(np.load(tmp / "library" / "reference.npz"))
-    return base, bert, prompts, reference, tmp
+    return base, prompts, reference, tmp
 
 
 @pytest.fixture(scope="module")
 def served(library):
     """Base, library adapters with references, a PEFT LoRA, and one runtime bundle of all."""
-    base, _, prompts, reference, tmp = library
+    base, prompts, reference, tmp = library
     lora = make_adapter(base, "lora", tmp, name="lora", seed=7)
     out = tmp / "bundle"
     export_bundle(
@@ -348,53 +296,6 @@ def test_bundle_builds_with_tensorrt_rtx(served, tmp_path, monkeypatch):
     assert (copy / record.file).stat().st_size > 10_000
 
 
-def test_bert_sites_equal_library_forward_in_eager_torch(library):
-    """The graph piece on a post-LN encoder: BERT's sites (models BERT_BOTTLENECK) with every
-    residual option, one adapter per row plus a base row, vs the library's forward. Eager
-    PyTorch through the same hooks the export traces; the ONNX encoder graph is not built here."""
-    _, base_bert, _, reference, tmp = library
-    bert = copy.deepcopy(base_bert)
-    spec = dataclasses.replace(get_arch("llama"), model_type="bert", bottleneck=BERT_BOTTLENECK)
-    hidden, layers = spec.hidden_size(bert.config), spec.num_layers(bert.config)
-    converted = []
-    for name in BERT_ADAPTERS:
-        source = read_bottleneck(tmp / "library" / "bert" / name, name=name)
-        check_config(source.path, source.config, spec, bert.config)
-        converted.append(convert_bottleneck(source, spec, hidden, layers))
-    layout = BottleneckLayout(
-        hidden=hidden,
-        size=max(c.size for c in converted),
-        activations=list(bn.ACTIVATIONS),
-        sites=[BottleneckSite(layer, loc) for layer, loc in sites_of(spec, layers)],
-    )
-    slots = len(converted) + 1
-    feeds = {
-        bn.bank_input(s.layer, s.location, part): torch.zeros(
-            slots, *bn.slot_shape(part, hidden, layout.size, len(layout.activations))
-        )
-        for s in layout.sites
-        for part in bn.PARTS
-    }
-    for slot, adapter in enumerate(converted, start=1):
-        for key, value in fit_layout(adapter, layout).tensors.items():
-            feeds[key][slot] = torch.from_numpy(value).float()
-    inputs = torch.tensor(json.loads((tmp / "job.json").read_text())["bert"]["input_ids"])
-    rows = [i % len(inputs) for i in range(slots)]
-    feeds[names.ADAPTER_IDS] = torch.tensor([*range(1, slots), 0])
-    rows = rows[1:] + rows[:1]
-    banks = BottleneckBanks(spec, layout, slots=slots)
-    with torch.no_grad():
-        plain = base_bert(input_ids=inputs[rows], output_hidden_states=True).hidden_states[-1]
-        banks.install(bert)
-        banks.bind(feeds)
-        got = bert(input_ids=inputs[rows], output_hidden_states=True).hidden_states[-1].numpy()
-    for row, name in enumerate(BERT_ADAPTERS):
-        want = reference[f"bert.{name}.hidden"][rows[row]]
-        assert np.abs(want - plain[row].numpy()).max() > 100 * TOL, f"{name} barely changes BERT"
-        assert np.abs(got[row] - want).max() <= TOL, f"BERT {name}"
-    assert np.abs(got[-1] - plain[-1].numpy()).max() <= TOL, "BERT base row"
-
-
 def test_runtime_generate_serves_bottleneck_and_lora_rows(served):
     """The runtime package's own generation loop (adapter store, KV buffers), one batch."""
     _, prompts, reference, _, bundle, _ = served
@@ -412,7 +313,7 @@ def test_runtime_generate_serves_bottleneck_and_lora_rows(served):
 
 def test_bottleneck_only_bundle_with_every_site(library, tmp_path):
     """No LoRA banks at all: the bottleneck plan alone, banks on every site, 3 slots."""
-    base, _, prompts, reference, tmp = library
+    base, prompts, reference, tmp = library
     out = tmp_path / "bundle"
     manifest = export_bundle(
         InMemoryBase(base),

@@ -14,11 +14,16 @@ from pathlib import Path
 from peft_export.bundle import bottleneck as bn
 from peft_export.bundle.manifest import AdapterLayout, BottleneckLayout, BottleneckSite
 from peft_export.exporter.bottleneck.banks import BottleneckBanks, sites_of
-from peft_export.exporter.bottleneck.convert import convert_bottleneck, fit_layout
+from peft_export.exporter.bottleneck.convert import (
+    ConvertedBottleneck,
+    convert_bottleneck,
+    fit_layout,
+)
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.pipeline import ExportContext, RuntimePlan
 from peft_export.exporter.runtime_adapters.bundle_adapters import install_converted
 from peft_export.exporter.runtime_adapters.planner import DEFAULT_SLOTS, _listed
+from peft_export.models.architectures import ArchSpec
 
 OPTION_KEYS = ("bottleneck_sites", "bottleneck_size", "bottleneck_activations")
 
@@ -33,13 +38,7 @@ def plan_bottleneck_banks(context: ExportContext) -> RuntimePlan | None:
     config = context.model.config
     hidden, num_layers = spec.hidden_size(config), spec.num_layers(config)
     converted = [convert_bottleneck(s, spec, hidden, num_layers) for s in sources]
-    sites = _sites(options.get("bottleneck_sites"), converted, spec, num_layers)
-    layout = BottleneckLayout(
-        hidden=hidden,
-        size=_size(options.get("bottleneck_size"), converted),
-        activations=_activations(options.get("bottleneck_activations"), converted),
-        sites=[BottleneckSite(layer, location) for layer, location in sites],
-    )
+    layout = bank_layout(options, converted, spec, hidden, num_layers)
     slots = int(options.get("slots") or DEFAULT_SLOTS)
     banks = BottleneckBanks(spec, layout, slots=slots, dtype=context.dtype)
     fitted = [fit_layout(adapter, layout) for adapter in converted]
@@ -55,6 +54,24 @@ def plan_bottleneck_banks(context: ExportContext) -> RuntimePlan | None:
             )
 
     return RuntimePlan(methods=(bn.METHOD,), extensions=[banks], write_adapters=write_adapters)
+
+
+def bank_layout(
+    options: dict,
+    converted: list[ConvertedBottleneck],
+    spec: ArchSpec,
+    hidden: int,
+    num_layers: int,
+) -> BottleneckLayout:
+    """The banks' sites, width and non-linearities from the options and the adapters (shared
+    with encoder exports, exporter/encoders/bottleneck.py)."""
+    sites = _sites(options.get("bottleneck_sites"), converted, spec, num_layers)
+    return BottleneckLayout(
+        hidden=hidden,
+        size=_size(options.get("bottleneck_size"), converted),
+        activations=_activations(options.get("bottleneck_activations"), converted),
+        sites=[BottleneckSite(layer, location) for layer, location in sites],
+    )
 
 
 def _size(option: object, converted: list) -> int:

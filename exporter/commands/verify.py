@@ -95,5 +95,7 @@ def command(
     )
     verdict = "passed" if report["passed"] else "FAILED"
     click.echo(f"parity {verdict}; report written to {bundle}/reports/parity.json")
+    for name, why in report.get("not_verified", {}).items():
+        click.echo(f"not verified: {name}: {why}")
     if not report["passed"]:
         sys.exit(1)

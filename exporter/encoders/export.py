@@ -39,6 +39,11 @@ from peft_export.exporter.encoders.base import (
     read_labels,
     read_pooling,
 )
+from peft_export.exporter.encoders.bottleneck import (
+    is_bottleneck,
+    plan_bottleneck,
+    with_library_head,
+)
 from peft_export.exporter.encoders.heads import (
     HeadBanks,
     SplitAdapter,
@@ -52,7 +57,7 @@ from peft_export.exporter.encoders.wrapper import EncoderWrapper
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.graph.extension import GraphExtension
 from peft_export.exporter.graph.onnx_export import OPSET, export_onnx
-from peft_export.exporter.merge import merge_adapter
+from peft_export.exporter.merge import check_mergeable, merge_adapter
 from peft_export.exporter.prompt_adapters.prompt_embeds import PromptEmbedsExtension
 from peft_export.exporter.runtime_adapters.banks import LoraBanks
 from peft_export.exporter.runtime_adapters.bundle_adapters import install_converted, plan_layout
@@ -196,6 +201,7 @@ def _merged(
     layout = AdapterLayout()
     labels = _base_labels(model, label_head)
     if adapter is not None:
+        check_mergeable(adapter.source)
         check_fits(adapter.deltas, model)
         with console.status(f"merging adapter {adapter.source.name} ({adapter.source.method})"):
             model = merge_adapter(copy.deepcopy(model), adapter.source)
@@ -228,8 +234,12 @@ def _runtime(
 ) -> _Plan:
     model, trained = load_task_model(folder, task_spec.name)
     base_sha = bundle_writer.weights_sha256(model)
-    prompts = _prompt_tensors(split, task_spec.name)
-    for adapter in split:
+    if label_head is not None:
+        split = [with_library_head(s, model) if is_bottleneck(s.source) else s for s in split]
+    bottleneck = [s.source for s in split if is_bottleneck(s.source)]
+    split_rest = [s for s in split if not is_bottleneck(s.source)]
+    prompts = _prompt_tensors(split_rest, task_spec.name)
+    for adapter in split_rest:
         check_fits(adapter.deltas, model)
     lora = [s for s in split if s.source.method in LORA_METHODS]
     extensions: list[GraphExtension] = []
@@ -255,12 +265,16 @@ def _runtime(
         )
     else:
         layout = AdapterLayout(slots=int(options.get("slots") or DEFAULT_SLOTS))
+    banks, fitted = plan_bottleneck(model, spec, bottleneck, options, layout.slots)
+    if banks is not None:
+        extensions.append(banks)
+        converted += fitted
     by_source = {s.source.name: s.source for s in split}
     params = sorted({p for s in split for p in s.heads})
     leaves = head_leaves(model, params, label_head) if params or label_head else []
     shapes = bank_shapes(model, leaves, split, label_head) if leaves else {}
     if shapes:
-        extensions.append(HeadBanks(shapes, declare_ids=not lora and not methods))
+        extensions.append(HeadBanks(shapes, declare_ids=not lora and not methods and not banks))
     if prompts:
         hidden = spec.hidden_size(model.config)
         extensions.append(PromptEmbedsExtension(hidden, max(len(p) for p in prompts.values())))

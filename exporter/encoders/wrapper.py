@@ -20,6 +20,7 @@ from peft_export.bundle import names
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.graph.extension import ExtraInput, GraphExtension
 from peft_export.exporter.graph.wrapper import GraphIO
+from peft_export.exporter.graph.wrapper import _shared_once as shared_once
 from peft_export.models.encoders import EncoderSpec, TaskSpec
 
 TOKEN_TYPE_IDS = "token_type_ids"
@@ -65,7 +66,7 @@ class EncoderWrapper(nn.Module):
         self._embeds = any(type(e).embed is not GraphExtension.embed for e in self.extensions)
 
     def graph_inputs(self, batch: int = 2, seq: int = 7, past: int = 0) -> list[GraphIO]:
-        extra = [i for ext in self.extensions for i in ext.inputs(batch, seq)]
+        extra = shared_once([i for ext in self.extensions for i in ext.inputs(batch, seq)])
         seen = [i.name for i in extra]
         duplicates = {n for n in seen if seen.count(n) > 1}
         if duplicates:
