@@ -7,7 +7,7 @@ banks. A bank holds the adapter's parameter minus the base's, so slot 0 (all zer
 base norm exactly, and a slot whose adapter leaves a norm alone keeps it; the graph computes the
 norm with base + bank[adapter_ids[row]]. The base parameters of every banked norm are kept in
 `adapters/_base_norms.safetensors`, so `adapters add` converts an adapter without re-export
-(see docs/bundle-format.md, "LN tuning").
+(see docs/bundle-format.md, "Runtime-mode LN tuning").
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from peft_export.bundle import norm_banks as nb
 from peft_export.bundle.manifest import load_manifest
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.pipeline import InMemoryBase, export_bundle
+from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
 from peft_export.exporter.runtime_adapters.norm_tuning import (
     add_ln_tuning_adapter,
     plan_norm_banks,
@@ -137,6 +138,29 @@ def test_adding_ln_tuning_to_a_bundle_without_norm_banks_is_refused(tmp_path, ll
     assert "--norm-targets all" in message and "\n" not in message
     assert sorted(p.name for p in (out / names.ADAPTERS_DIR).iterdir()) == before
     assert run_cli("adapters", "add", str(out), f"ln={dirs['ln']}") == 2
+
+
+def test_onnx_runtime_adapter_file_is_refused_for_a_graph_with_norm_banks(llama):
+    _, dirs, out = llama
+    with pytest.raises(ExportError, match=r"also takes norm\..*drop --onnx-adapter"):
+        add_adapter(out, "lora2", dirs["lora"], onnx_adapter=True)
+    assert "lora2" not in load_manifest(out).adapters.installed
+
+
+def test_cpp_runtime_refuses_norm_banks_at_the_first_step(llama):
+    """The C++ runtime (runtime/cpp) feeds no norm banks: it refuses the bundle's graph input
+    by name before running anything, and an LN-tuning adapter file as not fitting."""
+    from test_cpp_runtime import CppRuntime, build_cpp
+
+    _, _, out = llama
+    runtime = CppRuntime(build_cpp(), out)
+    try:
+        with pytest.raises(RuntimeError, match=r"graph input 'norm\..*' is fed by nothing"):
+            runtime.ids([[1, 17, 42]], ["lora"], max_new_tokens=2)
+        with pytest.raises(RuntimeError, match=r"ln\.safetensors: tensor 'norm\."):
+            runtime.ids([[1, 17, 42]], ["ln"], max_new_tokens=2)
+    finally:
+        runtime.close()
 
 
 def test_ln_tuning_of_a_layer_that_is_no_norm_is_refused(tmp_path, llama):
