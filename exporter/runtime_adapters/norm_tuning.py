@@ -164,14 +164,8 @@ def plan_norm_banks(context: ExportContext) -> RuntimePlan | None:
     option = _listed(context.options.get("norm_targets"))
     if not sources and option is None:
         return None
-    if option == ["all"]:
-        patterns = None
-    elif option is not None:
-        patterns = option
-    else:
-        patterns = sorted({p for s in sources for p in check_norm_targets(s, context.model)})
-    for source in sources:
-        check_norm_targets(source, context.model)
+    tuned = sorted({p for s in sources for p in check_norm_targets(s, context.model)})
+    patterns = tuned if option is None else None if option == ["all"] else option
     slots = norm_slots(context.model, patterns)
     if not slots:
         raise ExportError("the base model has no norm layers with a weight for norm banks")
