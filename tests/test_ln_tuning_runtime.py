@@ -175,3 +175,20 @@ def test_ln_tuning_of_a_layer_that_is_no_norm_is_refused(tmp_path, llama):
             planners=PLANNERS,
         )
     assert not (tmp_path / "bundle").exists()
+
+
+def test_norm_banks_with_ort_fusions_are_refused(tmp_path, llama):
+    """ONNX Runtime's norm fusion takes one weight per graph: it would fail at the first step."""
+    base, dirs, _ = llama
+    with pytest.raises(
+        ExportError, match="not combined with --ort-fusions yet.*drop --ort-fusions"
+    ):
+        export_bundle(
+            InMemoryBase(base),
+            [("ln", dirs["ln"])],
+            out=tmp_path / "bundle",
+            mode="runtime",
+            planners=PLANNERS,
+            options={"ort_fusions": "cpu"},
+        )
+    assert not (tmp_path / "bundle").exists()

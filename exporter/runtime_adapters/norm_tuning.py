@@ -164,6 +164,11 @@ def plan_norm_banks(context: ExportContext) -> RuntimePlan | None:
     option = _listed(context.options.get("norm_targets"))
     if not sources and option is None:
         return None
+    if context.options.get("ort_fusions", "none") != "none":
+        raise ExportError(
+            "LN-tuning norm banks are not combined with --ort-fusions yet (ONNX Runtime's fused "
+            "norms take one weight for every row, not one per row); drop --ort-fusions"
+        )
     tuned = sorted({p for s in sources for p in check_norm_targets(s, context.model)})
     patterns = tuned if option is None else None if option == ["all"] else option
     slots = norm_slots(context.model, patterns)
