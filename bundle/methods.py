@@ -29,6 +29,8 @@ TOKEN_BANKS = "token banks"
 """Per-slot embedding rows and an exact output-head delta (`tokens.*`, bundle/token_inputs.py)."""
 BOTTLENECK_BANKS = "bottleneck banks"
 """Per-slot down/up banks, the activation between them (`bottleneck.*`, bundle/bottleneck.py)."""
+NORM_BANKS = "norm banks"
+"""Per-slot norm weight/bias over the base's (`norm.*`, bundle/norm_banks.py)."""
 RUNTIME_INPUTS = (
     BANKS,
     BANKS_SCALES,
@@ -38,6 +40,7 @@ RUNTIME_INPUTS = (
     ADAPTION_KV,
     TOKEN_BANKS,
     BOTTLENECK_BANKS,
+    NORM_BANKS,
 )
 BANK_INPUTS = (BANKS, BANKS_SCALES, BANKS_FACTORED)
 """Runtime inputs that are LoRA banks: such adapters are served by the bank planner."""
@@ -188,10 +191,13 @@ METHODS: tuple[Method, ...] = (
     _factored("peanut", "PEANuT", base=True),
     _factored("deft", "DEFT", base=True),
     _factored("adamss", "AdaMSS (needs scikit-learn)", base=True),
-    _merged_only(
+    Method(
         "ln_tuning",
         "LN tuning",
-        "it retrains norm weights, which the bank inputs (linear deltas) do not carry",
+        "LN_TUNING",
+        True,
+        NORM_BANKS,
+        "per-slot norm weight (+ bias) banks (`norm.*`); slot 0 the base norm",
     ),
     _merged_only(
         "beft",

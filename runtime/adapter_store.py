@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peft_export.bundle import bottleneck, names, safetensors_io, token_inputs
+from peft_export.bundle import bottleneck, names, norm_banks, safetensors_io, token_inputs
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.lora_methods import LORA_METHODS, SCALE_PARTS
 from peft_export.bundle.manifest import InstalledAdapter, Manifest, load_manifest
@@ -44,9 +44,14 @@ from peft_export.runtime.errors import InferenceError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 _FILE_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int64): "I64"}
-SLOT_METHODS = (*LORA_METHODS, *token_inputs.TOKEN_METHODS, bottleneck.METHOD)
+SLOT_METHODS = (
+    *LORA_METHODS,
+    *token_inputs.TOKEN_METHODS,
+    bottleneck.METHOD,
+    norm_banks.METHOD,
+)
 """Methods whose adapters fill bank slots selected by adapter_ids: the LoRA family, trainable
-tokens and bottleneck adapters."""
+tokens, bottleneck adapters and LN tuning."""
 DEFAULT_WAIT_S = 60.0
 COUNTERS = (
     "host_hits",
@@ -106,13 +111,16 @@ class Lease:
 
 
 def bank_specs(manifest: Manifest) -> list[BankSpec]:
-    """The bank inputs the graph declares (`lora.P.part` and `tokens.*` of
-    docs/bundle-format.md)."""
+    """The bank inputs the graph declares (`lora.P.part`, `tokens.*`, `bottleneck.*` and
+    `norm.*` of docs/bundle-format.md)."""
     specs = []
     for tensor in manifest.graph.inputs:
         split = names.split_lora_input(tensor.name)
-        if split is None and bottleneck.split_bank_input(tensor.name) is not None:
-            split = (tensor.name, "A")  # every bottleneck part's slot 0 is zeros
+        if split is None and (
+            bottleneck.split_bank_input(tensor.name) is not None
+            or norm_banks.split_bank_input(tensor.name) is not None
+        ):
+            split = (tensor.name, "A")  # slot 0 of bottleneck and norm banks is zeros
         if split is None and not token_inputs.is_token_bank(tensor.name):
             continue
         if not all(isinstance(d, int) for d in tensor.shape[1:]):

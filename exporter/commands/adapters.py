@@ -42,6 +42,7 @@ def add(
     from peft_export.exporter.engines.refit_adapters import add_refit_adapter
     from peft_export.exporter.prompt_adapters.bundle_adapters import add_prompt_adapter
     from peft_export.exporter.runtime_adapters.bundle_adapters import add_adapter
+    from peft_export.exporter.runtime_adapters.norm_tuning import add_ln_tuning_adapter
 
     merged = _mode(bundle) == "merged"
     if merged and onnx_adapter:
@@ -61,6 +62,10 @@ def add(
             if onnx_adapter:
                 raise ExportError("--onnx-adapter takes LoRA-family adapters; drop it")
             entry = add_bottleneck_adapter(bundle, name, path, replace=replace)
+        elif source.method == "ln_tuning":
+            if onnx_adapter:
+                raise ExportError("--onnx-adapter takes LoRA-family adapters; drop it")
+            entry = add_ln_tuning_adapter(bundle, name, path, replace=replace)
         elif source.prompt_side:
             entry = add_prompt_adapter(bundle, name, path, replace=replace)
         else:

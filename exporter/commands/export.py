@@ -32,6 +32,7 @@ from peft_export.exporter.quantize.scheme import (
 OPTIONS: tuple[str, ...] = (
     "peft_export.exporter.runtime_adapters.cli_options:lora_bank_options",
     "peft_export.exporter.bottleneck.cli_options:bottleneck_bank_options",
+    "peft_export.exporter.runtime_adapters.cli_options:norm_bank_options",
     "peft_export.exporter.engines.build:export_engine_options",
     "peft_export.exporter.prompt_adapters.cli_options:prompt_input_options",
     "peft_export.exporter.graph.ort_fusions:ort_fusion_options",
@@ -40,6 +41,7 @@ OPTIONS: tuple[str, ...] = (
 PLANNERS: tuple[str, ...] = (
     "peft_export.exporter.runtime_adapters.planner:plan_lora_banks",
     "peft_export.exporter.bottleneck.planner:plan_bottleneck_banks",
+    "peft_export.exporter.runtime_adapters.norm_tuning:plan_norm_banks",
     "peft_export.exporter.prompt_adapters.planner:plan_prompt_inputs",
 )
 POST_STEPS: tuple[str, ...] = (

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from peft_export.bundle import names, safetensors_io, token_inputs
+from peft_export.bundle import names, norm_banks, safetensors_io, token_inputs
 from peft_export.bundle.atomic import staged_file, staged_update, write_text
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.lora_methods import (
@@ -394,7 +394,9 @@ def write_ort_adapter(root: Path, manifest: Manifest, name: str) -> Path:
     extra = [
         t.name
         for t in manifest.graph.inputs
-        if token_inputs.is_token_bank(t.name) or t.name == token_inputs.ALORA_START
+        if token_inputs.is_token_bank(t.name)
+        or t.name == token_inputs.ALORA_START
+        or norm_banks.split_bank_input(t.name) is not None
     ]
     if extra:
         raise ExportError(

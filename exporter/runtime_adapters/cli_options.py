@@ -68,3 +68,13 @@ def lora_bank_options(command: Callable) -> Callable:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def norm_bank_options(command: Callable) -> Callable:
+    """Add --norm-targets (LN-tuning norm banks) to `export`."""
+    return click.option(
+        "--norm-targets",
+        default=None,
+        help="Runtime mode: norm layers that get LN-tuning banks, comma-separated names or "
+        "paths, or 'all' (default: those the LN-tuning adapters tune).",
+    )(command)
