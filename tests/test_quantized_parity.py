@@ -39,7 +39,8 @@ def ort_weights(bundle_dir) -> dict[str, np.ndarray]:
     initializers = {t.name: t for t in model.graph.initializer}
     weights = {}
     for path, record in manifest.quantization.modules.items():
-        node = next(n for n in model.graph.node if record.weight in n.input)
+        linear = (n for n in model.graph.node if n.op_type != "GatherBlockQuantized")
+        node = next(n for n in linear if record.weight in n.input)
         k = _input_features(node, initializers, record.weight)
         if node.op_type == "MatMulNBits":
             inputs = ["x", *node.input[1:4]]
@@ -66,7 +67,8 @@ def ort_weights(bundle_dir) -> dict[str, np.ndarray]:
         feeds = {"x": np.eye(k, dtype=np.float32)} if nbits else {}
         weights[path] = session.run(None, feeds)[0].T  # [K, N] -> [out, in]
     for path, record in manifest.quantization.embedding.items():
-        node = next(n for n in model.graph.node if record.weight in n.input)
+        gathers = (n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+        node = next(n for n in gathers if record.weight in n.input)
         rows = initializers[record.weight].dims[0]
         probe = helper.make_node(
             node.op_type, [record.weight, "ids", record.scales], ["y"], domain=node.domain
@@ -83,7 +85,8 @@ def ort_weights(bundle_dir) -> dict[str, np.ndarray]:
         session = ort.InferenceSession(
             helper.make_model(graph, opset_imports=opsets).SerializeToString()
         )
-        weights[path] = session.run(None, {"ids": np.arange(rows, dtype=np.int64)})[0]
+        table = session.run(None, {"ids": np.arange(rows, dtype=np.int64)})[0]
+        weights[path] = table.reshape(rows, -1)  # a tied head's codes gather as [rows, blocks, 32]
     return weights
 
 
@@ -142,6 +145,16 @@ def test_manifest_records_every_linear_layer(quantized):
         assert {m.source for m in record.modules.values()} == {"rtn"}
         table = {n for n, m in base.named_modules() if m is base.get_input_embeddings()}
         assert set(record.embedding) == (table if embedding else set())
+
+
+def test_a_tied_table_is_stored_once(quantized):
+    """An ONNX Runtime-only graph gathers a tied table from its head's own codes."""
+    _, _, base, _, tmp, embedding = quantized
+    tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    record = load_manifest(tmp / "runtime").quantization
+    for table in record.embedding.values():
+        assert (table.weight == record.modules["lm_head"].weight) == tied
+    assert bool(record.embedding) == embedding
 
 
 def test_graph_holds_no_float_copy_of_a_quantized_weight(quantized):

@@ -91,7 +91,10 @@ def quantize_graph(model: onnx.ModelProto, quantized: QuantizedModel) -> dict[st
             records[match.path] = _add_tensors(graph, match.path, block, quantized.scheme)
         new_nodes.extend(_replace(node, match, block, records[match.path], quantized.scheme))
     if quantized.embedding is not None:
-        embedding_names = _quantize_gather(graph, new_nodes, initializers, *quantized.embedding)
+        path, block = quantized.embedding
+        head = next((p for p, b in quantized.blocks.items() if b is block), None)
+        shared = records.get(head) if quantized.scheme.graph_format == "matmulnbits" else None
+        embedding_names = _quantize_gather(graph, new_nodes, initializers, path, block, shared)
         replaced_extra = {embedding_names.pop("replaced")}
     else:
         embedding_names, replaced_extra = None, set()
@@ -122,11 +125,14 @@ def _quantize_gather(
     initializers: dict[str, onnx.TensorProto],
     path: str,
     block: BlockQuantized,
+    shared: dict[str, str] | None,
 ) -> dict[str, str]:
     """Turn the token table's Gather into ONNX Runtime's GatherBlockQuantized (rows on demand).
 
     Codes are INT4 (signed, zero point 0) or uint8 (zero point 128, the op's default), the
-    same values as `block`; the table is found by value like the linear weights.
+    same values as `block`; the table is found by value like the linear weights. `shared`:
+    the names of the tied head's MatMulNBits tensors, whose [N, blocks, bytes] codes the
+    gather reads too (one copy of the table in the file: 28 MB less for SmolLM2's Q8_0).
     """
     want = _digest(block.dequantize())
     table = next(
@@ -145,6 +151,8 @@ def _quantize_gather(
             f"quantization could not find the token table {path} in the traced graph; "
             "report this with the model used, or --quant-skip it"
         )
+    if shared is not None and not shared["zero_points"]:
+        return _gather_shared(graph, nodes, gathers, path, block, shared) | {"replaced": table}
     names = {"weight": f"{path}.qweight", "scales": f"{path}.scales", "zero_points": ""}
     attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": block.block_size}
     if block.bits == 4:
@@ -167,6 +175,48 @@ def _quantize_gather(
         )
         nodes[nodes.index(node)] = quantized
     return {**names, "replaced": table}
+
+
+def _gather_shared(
+    graph: onnx.GraphProto,
+    nodes: list[onnx.NodeProto],
+    gathers: list[onnx.NodeProto],
+    path: str,
+    block: BlockQuantized,
+    head: dict[str, str],
+) -> dict[str, str]:
+    """The table's gather over the head's own MatMulNBits codes ([N, blocks, bytes], packed
+    unsigned with the implicit zero point, which GatherBlockQuantized reads as uint8 data),
+    blocks along the last axis; scales get the matching [N, blocks, 1] shape (a small copy),
+    and the gathered [..., blocks, block] rows are reshaped to [..., hidden]."""
+    names = {"weight": head["weight"], "scales": f"{path}.scales", "zero_points": ""}
+    scales = block.scales.reshape(block.shape[0], -1, 1)
+    shape = f"{path}.row_shape"
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.ascontiguousarray(scales), names["scales"]),
+            numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), shape),
+        ]
+    )
+    for node in gathers:
+        if any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            raise ExportError(f"{path}: the table is gathered along axis != 0; report this bug")
+        rows = f"{node.output[0]}_blocks"
+        quantized = helper.make_node(
+            "GatherBlockQuantized",
+            [names["weight"], node.input[1], names["scales"]],
+            [rows],
+            name=f"{node.name or path}_Q{block.bits}",
+            domain=MS_DOMAIN,
+            gather_axis=0,
+            quantize_axis=2,
+            block_size=block.block_size,
+            bits=block.bits,
+        )
+        reshape = helper.make_node("Reshape", [rows, shape], list(node.output))
+        at = nodes.index(node)
+        nodes[at : at + 1] = [quantized, reshape]
+    return names
 
 
 def _is_2d_swap(node: onnx.NodeProto) -> bool:
@@ -304,6 +354,9 @@ def _read_gather_block(
     initializers: dict[str, onnx.TensorProto], record: QuantizedModule, block_size: int
 ) -> BlockQuantized:
     weight = initializers[record.weight]
+    if len(weight.dims) == 3:  # the tied head's MatMulNBits codes (_gather_shared)
+        names = {"weight": record.weight, "scales": record.scales}
+        return _read_block(initializers, names, record.bits, block_size, "matmulnbits")
     rows, cols = weight.dims
     half = 1 << (record.bits - 1)
     if record.bits == 4:
