@@ -241,7 +241,8 @@ void Encoder::run_chunk(const std::vector<EncoderRow>& rows, const std::vector<s
   AdapterStore::Lease lease = store_->acquire(names);
   const auto& hosts = lease.adapters();
   const std::int64_t batch = static_cast<std::int64_t>(chunk.size());
-  const std::int64_t prompt_len = hosts[0] ? hosts[0]->prompt_len() : 0;
+  std::int64_t prompt_len = 0;  // the same for every row of a chunk (run() groups them)
+  for (const auto& host : hosts) prompt_len = std::max(prompt_len, host ? host->prompt_len() : 0);
   std::int64_t width = 0;
   for (std::size_t i : chunk) width = std::max(width, static_cast<std::int64_t>(rows[i].input_ids.size()));
   const std::int64_t mask_width = prompt_len + width;
