@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <iterator>
+#include <nlohmann/json.hpp>
 
 #include "peft_export/errors.hpp"
 #include "peft_export/safetensors.hpp"
@@ -81,6 +82,33 @@ bool expected_lora(const Manifest& manifest, const std::string& name, Expected& 
   return false;
 }
 
+// An encoder's task head (`head.PATH.PARAM`): one slot of its head bank, [slots, ...fixed].
+bool expected_head(const Manifest& manifest, const std::string& name, Expected& out) {
+  if (!manifest.encoder || !starts_with(name, "head.")) return false;
+  const TensorSpec* input = manifest.graph.input(name);
+  if (input == nullptr || input->shape.empty()) return false;
+  out.dtype = input->dtype;
+  out.shape.clear();
+  for (std::size_t i = 1; i < input->shape.size(); ++i) {
+    if (!input->shape[i].is_fixed()) {
+      throw BundleError("manifest.json: head bank '" + name +
+                        "' has a dynamic dimension; re-export the bundle");
+    }
+    out.shape.push_back(input->shape[i].size);
+  }
+  return true;
+}
+
+// The `labels` metadata of an encoder adapter file: a JSON list of its head's labels.
+std::vector<std::string> parse_labels(const std::filesystem::path& file, const std::string& text) {
+  if (text.empty()) return {};
+  auto value = nlohmann::json::parse(text, nullptr, false);
+  bool list = !value.is_discarded() && value.is_array() &&
+              std::all_of(value.begin(), value.end(), [](const auto& v) { return v.is_string(); });
+  if (!list) refuse(file, "its labels metadata is not a JSON list of strings; re-export the bundle");
+  return value.template get<std::vector<std::string>>();
+}
+
 bool expected_prompt_side(const Manifest& manifest, const std::string& name, Expected& out) {
   const KVLayout& kv = manifest.kv;
   const AdapterLayout& layout = manifest.adapters;
@@ -156,6 +184,12 @@ bool HostAdapter::has_lora() const {
                      [](const auto& entry) { return starts_with(entry.first, "lora."); });
 }
 
+bool HostAdapter::has_banks() const {
+  return std::any_of(tensors.begin(), tensors.end(), [](const auto& entry) {
+    return starts_with(entry.first, "lora.") || starts_with(entry.first, "head.");
+  });
+}
+
 std::int64_t HostAdapter::prefix_len() const {
   auto it = tensors.find("prefix.0.key");
   return it == tensors.end() ? 0 : it->second.shape[1];
@@ -201,7 +235,7 @@ HostAdapter read_adapter(const Manifest& manifest, const std::string& name,
     refuse(file, "was made for other base weights (base_weights_sha256 differs from the bundle's); "
                  "re-create it with 'peft-export adapters add' for this bundle");
   }
-  HostAdapter adapter{name, value("method"), file, {}, {}};
+  HostAdapter adapter{name, value("method"), file, {}, {}, {}};
   // LoRA-family adapters are gated on the inputs they fill (the tensor loop below), not on the
   // method names the manifest lists: an rsLoRA file fills the same banks as a LoRA one.
   const auto& methods = manifest.adapters.methods;
@@ -215,6 +249,7 @@ HostAdapter read_adapter(const Manifest& manifest, const std::string& name,
   for (const auto& [tensor_name, info] : st.tensors()) {
     Expected expected{};
     if (!expected_lora(manifest, tensor_name, expected) &&
+        !expected_head(manifest, tensor_name, expected) &&
         !expected_prompt_side(manifest, tensor_name, expected)) {
       refuse(file, "tensor '" + tensor_name + "' has no input in this bundle's graph (a module "
                    "or scale it was not exported for); re-export with --target-modules or "
@@ -248,6 +283,7 @@ HostAdapter read_adapter(const Manifest& manifest, const std::string& name,
     }
   }
   if (adapter.tensors.empty()) refuse(file, "holds no tensors; re-create the adapter");
+  if (manifest.encoder) adapter.labels = parse_labels(file, value("labels"));
   adapter.sha256 = st.sha256();
   auto entry = manifest.adapters.installed.find(name);
   if (entry != manifest.adapters.installed.end() && !entry->second.sha256.empty() &&

@@ -12,6 +12,7 @@
 
 #include "huge_pages.hpp"
 #include "peft_export/errors.hpp"
+#include "peft_export/safetensors.hpp"
 
 namespace peft_export {
 namespace {
@@ -76,9 +77,27 @@ void check_bank_memory(int slots, std::size_t total) {
   }
 }
 
+// A head bank [slots, ...] of an encoder graph: every dimension but the slots is fixed.
+BankSpec head_spec(const TensorSpec& input, int slots) {
+  BankSpec spec{input.name, "head", input.dtype, {slots}};
+  for (std::size_t i = 1; i < input.shape.size(); ++i) {
+    if (!input.shape[i].is_fixed()) {
+      throw BundleError("manifest.json: head bank '" + input.name +
+                        "' has a dynamic dimension; re-export the bundle");
+    }
+    spec.shape.push_back(input.shape[i].size);
+  }
+  if (input.shape.empty()) {
+    throw BundleError("manifest.json: head bank '" + input.name + "' has no slot dimension; "
+                      "re-export the bundle");
+  }
+  return spec;
+}
+
 }  // namespace
 
-AdapterBanks::AdapterBanks(const Manifest& manifest, int slots)
+AdapterBanks::AdapterBanks(const Manifest& manifest, int slots,
+                           const std::filesystem::path& bundle_dir)
     : slots_(slots > 0 ? slots : (manifest.adapters.slots > 0 ? manifest.adapters.slots : 2)) {
   if (slots_ < 2) {
     throw InferenceError("an adapter store needs at least 2 slots (slot 0 is the base)");
@@ -87,6 +106,11 @@ AdapterBanks::AdapterBanks(const Manifest& manifest, int slots)
   for (const TensorSpec& input : manifest.graph.inputs) {
     std::string module_path;
     std::string part;
+    if (manifest.encoder && input.name.rfind("head.", 0) == 0) {
+      specs_.push_back(head_spec(input, slots_));
+      nbytes_.push_back(bank_bytes(specs_.back()));
+      continue;
+    }
     if (!split_bank(input.name, module_path, part)) continue;
     const ModuleSlot* module = layout.module(module_path);
     if (module == nullptr) {
@@ -103,6 +127,7 @@ AdapterBanks::AdapterBanks(const Manifest& manifest, int slots)
   }
   check_bank_memory(slots_, aligned_total(nbytes_));
   allocate_block();
+  if (manifest.encoder) read_base_heads(bundle_dir);
   for (int slot = 0; slot < slots_; ++slot) {
     for (std::size_t bank = 0; bank < specs_.size(); ++bank) reset_slot(bank, slot);
   }
@@ -142,6 +167,15 @@ std::size_t AdapterBanks::slot_bytes(std::size_t bank) const {
 void AdapterBanks::reset_slot(std::size_t bank, int slot) {
   const BankSpec& spec = specs_[bank];
   std::byte* base = base_ + offset_[bank] + slot_bytes(bank) * static_cast<std::size_t>(slot);
+  if (spec.part == "head") {
+    auto head = base_heads_.find(bank);
+    if (head == base_heads_.end()) {
+      std::memset(base, 0, slot_bytes(bank));
+    } else {
+      std::memcpy(base, head->second.data(), head->second.size());
+    }
+    return;
+  }
   if (spec.part == "A" || spec.part == "B") {
     std::memset(base, 0, slot_bytes(bank));
     return;
@@ -179,6 +213,33 @@ void AdapterBanks::write_slot(int slot, const HostAdapter* adapter) {
     }
   }
   if (listener_) listener_(slot);
+}
+
+// adapters/_base_heads.safetensors: the base's own task head, which slot 0 holds and which a
+// slot gets for each head tensor its adapter lacks (as the Python runtime does).
+void AdapterBanks::read_base_heads(const std::filesystem::path& bundle_dir) {
+  if (bundle_dir.empty()) return;
+  std::filesystem::path path = confined_path(bundle_dir, "adapters/_base_heads.safetensors");
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) return;
+  SafetensorsFile file(path);
+  for (std::size_t bank = 0; bank < specs_.size(); ++bank) {
+    const BankSpec& spec = specs_[bank];
+    const SafetensorInfo* info = spec.part == "head" ? file.find(spec.name) : nullptr;
+    if (info == nullptr) continue;
+    std::vector<std::int64_t> slot_shape(spec.shape.begin() + 1, spec.shape.end());
+    if (info->shape != slot_shape) {
+      throw BundleError(path.string() + ": " + spec.name + " does not fit the graph's head bank "
+                        "slot; re-export the bundle");
+    }
+    auto count = static_cast<std::size_t>(element_count(info->shape));
+    std::vector<float> values(count);
+    to_float(info->dtype, file.read(spec.name).data(), count, values.data());
+    std::vector<std::byte> bytes(count * dtype_size(spec.dtype));
+    from_float(spec.dtype, values.data(), count, bytes.data());
+    base_heads_[bank] = std::move(bytes);
+    reset_slot(bank, 0);
+  }
 }
 
 AdapterStore::Lease::Lease(Lease&& other) noexcept
@@ -414,7 +475,7 @@ AdapterStore::Lease AdapterStore::acquire(const std::vector<std::string>& row_ad
   std::vector<Identity> wanted;  // LoRA-family adapters: they need a slot
   for (const std::string& name : named) {
     hosted[name] = load(name);
-    if (hosted[name]->has_lora()) wanted.emplace_back(name, hosted[name]->sha256);
+    if (hosted[name]->has_banks()) wanted.emplace_back(name, hosted[name]->sha256);
   }
   if (!wanted.empty() && banks_ == nullptr) {
     throw InferenceError("adapter '" + wanted.front().first + "' has LoRA weights but this "

@@ -257,6 +257,28 @@ std::optional<Quantization> parse_quantization(const Json* value) {
   return quant;
 }
 
+std::optional<EncoderInfo> parse_encoder(const Json* value) {
+  if (value == nullptr || value->is_null()) return std::nullopt;
+  Fields fields(*value, "manifest.encoder", kFile);
+  EncoderInfo info;
+  info.task = one_of(fields, "task", {"sequence-classification", "token-classification",
+                                      "question-answering", "feature-extraction"});
+  info.outputs = string_list(fields, "outputs");
+  if (info.outputs.empty()) fields.fail("outputs", "must name the graph's outputs; re-export the bundle");
+  info.token_type_ids = fields.boolean("token_type_ids", false);
+  if (fields.find("max_length") != nullptr) info.max_length = positive(fields, "max_length");
+  if (const Json* pooling = fields.find("pooling"); pooling != nullptr && !pooling->is_null()) {
+    Fields pool(*pooling, fields.at("pooling"), kFile);
+    info.pooling = pool.opt_str("mode").value_or("");
+    info.normalize = pool.boolean("normalize", false);
+  }
+  info.max_labels = opt_size(fields, "max_labels");
+  info.labels = string_list(fields, "labels");
+  info.base_head = fields.boolean("base_head", true);
+  info.heads = string_list(fields, "heads");
+  return info;
+}
+
 void check_paths(const Manifest& manifest) {
   std::vector<std::string> files{manifest.graph.file};
   for (const auto& [name, adapter] : manifest.adapters.installed) files.push_back(adapter.file);
@@ -324,11 +346,6 @@ Manifest parse_manifest(const std::string& json_text) {
                       " is invalid; re-export");
   }
 
-  if (const Json* encoder = fields.find("encoder"); encoder != nullptr && !encoder->is_null()) {
-    throw BundleError(std::string(kFile) +
-                      ": an encoder (BERT-family) bundle, which the C++ runtime does not serve "
-                      "yet; use the Python runtime (peft_export.runtime.load_bundle)");
-  }
   Manifest manifest;
   manifest.schema_version = static_cast<int>(schema);
   manifest.base_model = parse_base(fields.required("base_model"));
@@ -364,6 +381,7 @@ Manifest parse_manifest(const std::string& json_text) {
     }
   }
   manifest.quantization = parse_quantization(fields.find("quantization"));
+  manifest.encoder = parse_encoder(fields.find("encoder"));
   check_paths(manifest);
   check_consistency(manifest);
   return manifest;

@@ -183,6 +183,11 @@ Batch::PromptSide::PromptSide(const Manifest& manifest,
 
 Runtime::Runtime(const std::filesystem::path& bundle_dir, RuntimeOptions options)
     : bundle_dir_(bundle_dir), manifest_(load_manifest(bundle_dir)) {
+  if (manifest_.encoder) {
+    throw InferenceError(bundle_dir.string() + " is an encoder (" + manifest_.encoder->task +
+                         ") bundle, which does not generate; open it with peft_export::Encoder "
+                         "(C ABI: peft_export_encode, program: peft-encode)");
+  }
   refuse_unfed_inputs(manifest_);
   if (manifest_.runtime_mode()) {
     banks_ = std::make_unique<AdapterBanks>(manifest_, options.slots);

@@ -5,7 +5,9 @@ OUT_DIR/expected.json: {"prompts", "max_new_tokens", "bundles": [{"name", "adapt
 "runs": [{"quant_accuracy", "token_ids"}]}]}, where a run's ids come from the Python runtime
 at that ONNX Runtime accuracy level (-1: the bundle's own). The bundles: "bundle" (float,
 runtime adapters LoRA and prefix tuning), "int4-runtime" (int4 base, two LoRA adapters) and
-"int8-merged" (int8 base with a LoRA merged in).
+"int8-merged" (int8 base with a LoRA merged in). "encoder" is a tiny BERT classifier with two
+LoRA adapters whose heads have different label sets; expected.json's "encoder" holds rows
+{"input_ids", "adapter", "labels", "logits"} with PyTorch/PEFT's logits for each row's adapter.
 
 Nothing is kept from an earlier run: a bundle or expected.json left in a reused build folder
 was made by older code, and comparing with it would hide a change in either runtime.
@@ -76,11 +78,60 @@ def main(out: Path) -> int:
             ids = python.generate(PROMPTS, adapters=adapters, max_new_tokens=MAX_NEW).token_ids
             runs.append({"quant_accuracy": level, "token_ids": ids})
         bundles.append({"name": name, "adapters": adapters, "runs": runs})
-    expected = {"prompts": PROMPTS, "max_new_tokens": MAX_NEW, "bundles": bundles}
+    expected = {
+        "prompts": PROMPTS,
+        "max_new_tokens": MAX_NEW,
+        "bundles": bundles,
+        "encoder": encoder_bundle(out / "encoder", work / "encoder"),
+    }
     staged = out / "expected.json.partial"
     staged.write_text(json.dumps(expected))
     staged.rename(out / "expected.json")
     return 0
+
+
+ENCODER_ADAPTERS = {"sentiment": ["negative", "positive"], "topic": ["sport", "food", "film"]}
+ENCODER_ROWS = ["sentiment", "topic", None, "topic"]
+
+
+def encoder_bundle(out: Path, work: Path) -> list[dict]:
+    """A runtime encoder bundle at `out` and, per row, PEFT's logits for the row's adapter."""
+    from encoder_tiny import SENTENCES, make_encoder_adapter, peft_outputs, save_tiny_encoder
+
+    from peft_export.exporter.encoders.export import export_encoder
+    from peft_export.runtime.session import load_bundle
+
+    task = "sequence-classification"
+    base = save_tiny_encoder("bert", task, work / "base")
+    dirs = {
+        name: make_encoder_adapter(
+            base, "bert", task, work / name, num_labels=len(labels), labels=labels, seed=seed
+        )
+        for seed, (name, labels) in enumerate(ENCODER_ADAPTERS.items(), start=1)
+    }
+    export_encoder(base, list(dirs.items()), out=out, mode="runtime")
+    encoded = load_bundle(out, threads=1).encode(SENTENCES[: len(ENCODER_ROWS)])
+    rows = []
+    for i, adapter in enumerate(ENCODER_ROWS):
+        labels = ENCODER_ADAPTERS[adapter] if adapter else None
+        logits = peft_outputs(
+            base,
+            "bert",
+            task,
+            dirs[adapter] if adapter else None,
+            encoded,
+            num_labels=len(labels) if labels else None,
+        )["logits"][i]
+        n = int(encoded.attention_mask[i].sum())
+        rows.append(
+            {
+                "input_ids": encoded.input_ids[i, :n].tolist(),
+                "adapter": adapter,
+                "labels": labels or ["LABEL_0", "LABEL_1"],
+                "logits": logits.tolist(),
+            }
+        )
+    return rows
 
 
 if __name__ == "__main__":

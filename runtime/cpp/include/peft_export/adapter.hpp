@@ -30,8 +30,11 @@ struct HostAdapter {
   std::filesystem::path file;
   std::map<std::string, HostTensor> tensors;
   std::string sha256;  // of the file's bytes as read: with `name`, the adapter's identity
+  std::vector<std::string> labels;  // encoder bundles: its head's id2label, in id order
 
   bool has_lora() const;
+  // LoRA-family banks or (encoder bundles) a task head: the adapter needs a bank slot.
+  bool has_banks() const;
   std::int64_t prefix_len() const;    // virtual tokens entering as past KV (0: none)
   std::int64_t prompt_len() const;    // prompt embeddings put before the text (0: none)
   std::int64_t adaption_len() const;  // AdaptionPrompt length (0: none)

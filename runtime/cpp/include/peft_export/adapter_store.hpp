@@ -33,10 +33,12 @@
 
 namespace peft_export {
 
-// One LoRA-family bank input of the graph: [slots, ...] in the graph's dtype.
+// One bank input of the graph: [slots, ...] in the graph's dtype. LoRA-family banks, and in
+// encoder bundles the task heads (`head.classifier.weight`: each slot an adapter's trained head,
+// slot 0 the base's own, zero-padded to the bundle's largest label count).
 struct BankSpec {
   std::string name;  // graph input, e.g. "lora.model.layers.0.self_attn.q_proj.A"
-  std::string part;  // "A", "B", "out_scale", "in_scale" or "bias_scale"
+  std::string part;  // "A", "B", "out_scale", "in_scale", "bias_scale" or "head""
   DType dtype = DType::kFloat32;
   std::vector<std::int64_t> shape;  // shape[0] == slots
 };
@@ -47,8 +49,11 @@ class AdapterBanks {
  public:
   using SlotListener = std::function<void(int slot)>;
 
-  // `slots` 0: the manifest's adapters.slots (at least 2: slot 0 is the base model).
-  explicit AdapterBanks(const Manifest& manifest, int slots = 0);
+  // `slots` 0: the manifest's adapters.slots (at least 2: slot 0 is the base model). Encoder
+  // bundles read their base heads from `bundle_dir`/adapters/_base_heads.safetensors (absent:
+  // zeros, for a base without a trained head).
+  explicit AdapterBanks(const Manifest& manifest, int slots = 0,
+                        const std::filesystem::path& bundle_dir = {});
 
   int slots() const { return slots_; }
   const std::vector<BankSpec>& specs() const { return specs_; }
@@ -64,6 +69,7 @@ class AdapterBanks {
  private:
   void allocate_block();
   void reset_slot(std::size_t bank, int slot);
+  void read_base_heads(const std::filesystem::path& bundle_dir);
 
   struct Unmap {
     std::size_t length;
@@ -77,6 +83,7 @@ class AdapterBanks {
   std::byte* base_ = nullptr;
   std::vector<std::size_t> offset_;
   std::vector<std::size_t> nbytes_;
+  std::map<std::size_t, std::vector<std::byte>> base_heads_;  // head bank -> slot 0's bytes
   SlotListener listener_;
 };
 

@@ -26,6 +26,17 @@ void peft_export_close(peft_export_runtime* runtime);
  *          "prefill_seconds", "decode_seconds", "steps"} */
 char* peft_export_generate(peft_export_runtime* runtime, const char* request_json);
 
+/* Encoder (BERT-family) bundles; peft_export_open opens either kind, as the manifest says.
+ * request_json: {"rows": [{"input_ids": [..], "attention_mask": [..] (optional),
+ * "token_type_ids": [..] (optional), "adapter": "name" | null, "context_mask": [..] (question
+ * answering, optional: positions an answer may use)}], "max_answer_tokens": 30}
+ * result: {"task", "seconds", "rows": [{"adapter", "labels", "outputs": {name: {"shape",
+ * "values"}}, and per task: "label", "score", "scores" {label: p} (sequence classification);
+ * "tags" [{"position", "label", "score"}] (token classification); "answer" {"start", "end",
+ * "score"} (question answering); "embedding" [..] (feature extraction)}]}
+ * Outputs are cut to each row's tokens and its adapter's own labels. */
+char* peft_export_encode(peft_export_runtime* runtime, const char* request_json);
+
 /* op: "load", "drop" (adds "dropped": false while a request uses it) or "status" (name
  * ignored). Returns the store's state: {"held": [names], "resident": {name: slot},
  * "swaps": n, "slots": n}. */

@@ -112,6 +112,25 @@ struct Quantization {
   std::map<std::string, std::string> kept;  // layers left at full precision, and why
 };
 
+// Encoder (BERT-family) bundles: the task the graph computes and what turns its outputs into
+// labels, spans or vectors (docs/bundle-format.md "Encoder bundles").
+struct EncoderInfo {
+  // "sequence-classification", "token-classification", "question-answering" or
+  // "feature-extraction"
+  std::string task;
+  std::vector<std::string> outputs;  // graph outputs the runtime reads, in order
+  bool token_type_ids = false;
+  std::int64_t max_length = 512;  // longest input in tokens, prompt tokens included
+  std::string pooling;            // feature-extraction: "mean", "cls" or "max" (in the graph)
+  bool normalize = false;         // feature-extraction: embeddings are unit length
+  std::int64_t max_labels = 0;    // labelled tasks: last dim of the logits (heads zero-padded)
+  std::vector<std::string> labels;  // the base head's labels (merged: the merged adapter's)
+  bool base_head = true;  // false: the base has no trained head, rows need an adapter's
+  std::vector<std::string> heads;  // runtime mode: head-bank graph inputs (head.PATH.PARAM)
+
+  bool labelled() const { return task == "sequence-classification" || task == "token-classification"; }
+};
+
 struct BaseModelInfo {
   std::string source;
   std::string architecture;
@@ -135,6 +154,7 @@ struct Manifest {
   std::vector<EngineRecord> engines;
   std::map<std::string, std::string> producer;
   std::optional<Quantization> quantization;  // absent: the base weights are float
+  std::optional<EncoderInfo> encoder;  // set for encoder bundles (no KV cache, no generation)
 
   bool runtime_mode() const { return mode == "runtime"; }
 };
