@@ -39,6 +39,7 @@ from peft_export.exporter.encoders.base import (
     read_labels,
     read_pooling,
 )
+from peft_export.exporter.encoders.fusions import fuse_encoder_graph
 from peft_export.exporter.encoders.heads import (
     HeadBanks,
     SplitAdapter,
@@ -166,6 +167,7 @@ def export_encoder(
                 tokenizer=bundle_writer.tokenizer_info(stage, model),
             )
             manifest.encoder = info
+            fuse_encoder_graph(stage, manifest, options.get("ort_fusions", "none"))
             bundle_writer.write_manifest(stage, manifest)
     except BundleError as exc:
         raise ExportError(str(exc)) from None
