@@ -8,13 +8,15 @@ interleaved (order reversed every other repeat):
   into its own virtualenv under --work and only the export runs there;
 - ours-merged: our merged bundle (sentiment folded in);
 - ours-runtime: our runtime bundle serving both adapters, every row on sentiment;
+  both exported with `--ort-fusions cpu` (ONNX Runtime's fused CPU ops) unless
+  `--ort-fusions none` asks for the portable graphs;
 - ours-mixed (batch 32): the same runtime bundle, rows alternating sentiment / topic.
 Every side's logits are checked against PyTorch/PEFT's on every repeat (labels identical,
 values within 1e-3 of the largest logit; mixed rows against each row's own adapter); the
 script exits 1 on any mismatch. Denormals are flushed on every side (torch.set_flush_denormal,
 ONNX Runtime's session.set_denormal_as_zero).
 
-    python scripts/bench_encoders.py --repeats 5 --threads 2
+    python scripts/bench_encoders.py --repeats 5 --threads 2 [--ort-fusions cpu|none]
 """
 
 from __future__ import annotations
@@ -59,14 +61,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache/peft-export/bench-enc")
+    parser.add_argument("--ort-fusions", choices=("cpu", "none"), default="cpu")
     args = parser.parse_args()
 
     import torch
 
+    load = list(os.getloadavg())
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     args.work.mkdir(parents=True, exist_ok=True)
-    setup = prepare(args.work, args.threads)
+    setup = prepare(args.work, args.threads, args.ort_fusions)
     check = OutputCheck(
         "each side's logits vs PyTorch/PEFT on every repeat: argmax identical, |diff| <= 1e-3 x "
         "max |logit|; mixed rows vs their own adapter's PyTorch/PEFT logits"
@@ -81,6 +85,8 @@ def main() -> int:
         "threads": args.threads,
         "repeats": args.repeats,
         "denormals": "flushed on every side",
+        "ours_ort_fusions": args.ort_fusions,
+        "load_average": {"start": load, "end": list(os.getloadavg())},
         "host": platform.platform(),
         "cpus": os.cpu_count(),
         "note": "machine shared with other jobs; compare ratios within this run only",
@@ -90,8 +96,9 @@ def main() -> int:
     return finish(report, check)
 
 
-def prepare(work: Path, threads: int) -> dict[str, Any]:
-    """Export our bundles, the merged checkpoint and optimum's ONNX once (cached in `work`)."""
+def prepare(work: Path, threads: int, fusions: str) -> dict[str, Any]:
+    """Export our bundles, the merged checkpoint and optimum's ONNX once (cached in `work`,
+    one pair of bundles per `fusions` setting)."""
     import json
 
     from peft import PeftModel
@@ -101,17 +108,23 @@ def prepare(work: Path, threads: int) -> dict[str, Any]:
     from peft_export.runtime import load_bundle
 
     folder = encoder_checkpoint(BASE)
-    merged_bundle = work / "ours-merged"
-    runtime_bundle = work / "ours-runtime"
+    merged_bundle = work / f"ours-merged-{fusions}"
+    runtime_bundle = work / f"ours-runtime-{fusions}"
     if not (merged_bundle / "manifest.json").is_file():
-        export_encoder(BASE, [("sentiment", ADAPTERS["sentiment"])], out=merged_bundle, force=True)
+        export_encoder(
+            BASE,
+            [("sentiment", ADAPTERS["sentiment"])],
+            out=merged_bundle,
+            options={"ort_fusions": fusions},
+            force=True,
+        )
     if not (runtime_bundle / "manifest.json").is_file():
         export_encoder(
             BASE,
             list(ADAPTERS.items()),
             out=runtime_bundle,
             mode="runtime",
-            options={"methods": "lora"},
+            options={"methods": "lora", "ort_fusions": fusions},
             force=True,
         )
     references = {}

@@ -234,9 +234,7 @@ def _export_encoder(base, adapters, method, mode, precision, scheme, out, force,
     if scheme is not None:
         raise ExportError("--quantize is for decoder bases; drop it for this encoder")
     unsupported = [k for k in ("prefix_max_len", "prompt_max_len") if options.get(k)]
-    unsupported += [
-        k for k, off in (("engine", "onnx"), ("ort_fusions", "none")) if options.get(k, off) != off
-    ]
+    unsupported += [k for k, off in (("engine", "onnx"),) if options.get(k, off) != off]
     if unsupported:
         flag = "--" + unsupported[0].replace("_", "-")
         raise ExportError(f"{flag} is not available for encoder bases yet; drop it")

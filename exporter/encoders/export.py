@@ -44,6 +44,7 @@ from peft_export.exporter.encoders.bottleneck import (
     plan_bottleneck,
     with_library_head,
 )
+from peft_export.exporter.encoders.fusions import fuse_encoder_graph
 from peft_export.exporter.encoders.heads import (
     HeadBanks,
     SplitAdapter,
@@ -171,6 +172,7 @@ def export_encoder(
                 tokenizer=bundle_writer.tokenizer_info(stage, model),
             )
             manifest.encoder = info
+            fuse_encoder_graph(stage, manifest, options.get("ort_fusions", "none"))
             bundle_writer.write_manifest(stage, manifest)
     except BundleError as exc:
         raise ExportError(str(exc)) from None
