@@ -275,3 +275,30 @@ def test_verify_checks_lora_and_names_bottleneck_adapters_it_cannot_reference(be
     assert report["mixed_batch"]["identical"] and report["passed"]
     with pytest.raises(ExportError, match="houlsby: a bottleneck adapter's reference"):
         verify_encoder(bundle.root, load_manifest(bundle.root), adapters=["houlsby"])
+
+
+def test_fused_bundle_keeps_every_adapter_exact(library, bert, tmp_path):
+    """--ort-fusions cpu (SkipLayerNormalization / Attention fusions) around bottleneck sites."""
+    bases, jobs, reference, _ = library
+    _, _, _, lora = bert
+    adapters = [("lora", lora), *((n, library[3] / "library" / "bert" / n) for n in BERT_ADAPTERS)]
+    export_encoder(
+        bases["bert"],
+        adapters,
+        out=tmp_path / "fused",
+        mode="runtime",
+        options={"slots": 8, "ort_fusions": "cpu"},
+    )
+    bundle = load_bundle(tmp_path / "fused", threads=1)
+    names = [None, "lora", *BERT_ADAPTERS]
+    picks = [i % 3 for i in range(len(names))]
+    got = bundle.run(_encoded(jobs["bert"], picks), names)["logits"]
+    for row, (name, pick) in enumerate(zip(names, picks, strict=True)):
+        one = _encoded(jobs["bert"], [pick])
+        if name is None:
+            want = _base_logits(bases["bert"], one)
+        elif name == "lora":
+            want = peft_outputs(bases["bert"], "bert", TASK, lora, one)["logits"]
+        else:
+            want = reference[f"bert.{name}.logits"][pick : pick + 1]
+        assert np.abs(got[row : row + 1, : want.shape[1]] - want).max() <= TOL, f"row {row} {name}"
