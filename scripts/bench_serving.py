@@ -82,8 +82,14 @@ def main() -> None:
     parser.add_argument(
         "--step-token-budget",
         type=int,
-        default=16,
-        help="Scheduler: prompt tokens prefilled per step (chunked prefill).",
+        default=512,
+        help="Scheduler: most prompt tokens one step prefills (while no row decodes).",
+    )
+    parser.add_argument(
+        "--prefill-share",
+        type=float,
+        default=0.75,
+        help="Scheduler: while rows decode, a prefill chunk's share of a decode call's time.",
     )
     parser.add_argument("--min-llama-agreement", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
@@ -229,6 +235,7 @@ def start_side(side: str, args, setup: dict, log: Path) -> tuple[subprocess.Pope
         cmd += ["--threads", str(args.threads), "--max-rows", str(args.clients)]
         cmd += ["--kv-pool-tokens", str(args.clients * 1536), "--max-queue", "1024"]
         cmd += ["--step-token-budget", str(args.step_token_budget)]
+        cmd += ["--prefill-share", str(args.prefill_share)]
         models = {name: name for name in setup["adapters"]}
     else:
         loras = list(setup["gguf_loras"].values())
@@ -490,6 +497,7 @@ async def run(args, work: Path, sides: list[str], setup: dict) -> dict:
         "max_tokens": args.max_tokens,
         "threads": args.threads,
         "scheduler_step_token_budget": args.step_token_budget,
+        "scheduler_prefill_share": args.prefill_share,
         "repeats": args.repeats,
         "machine": "shared with other agents (2 cores); compare ratios within this run only",
         "denormals": "flushed: ONNX Runtime's session option (ours)"

@@ -125,7 +125,7 @@ class SchedulerConfig:
     """While rows decode, a step's prefill chunk is sized (from measured call times) to take
     at most this share of a decode call's time, so a long prompt adds at most about that
     much to running rows' inter-token latency; never fewer than `min_prefill_tokens`."""
-    min_prefill_tokens: int = 32
+    min_prefill_tokens: int = 16
     max_queue: int = 256
     """Requests waiting for admission; `submit` raises QueueFullError beyond it."""
     max_wait_s: float = 5.0

@@ -71,7 +71,7 @@ class BatchRunner:
         prefill_pool_tokens: int,
         step_token_budget: int,
         prefill_share: float = 0.75,
-        min_prefill_tokens: int = 32,
+        min_prefill_tokens: int = 16,
     ) -> None:
         self.bundle = bundle
         manifest = bundle.manifest
@@ -160,7 +160,8 @@ class BatchRunner:
         clock = time.perf_counter()
         rows = len(group.row_ids)
         prompt = group.prompt_len if group.index == 0 else 0
-        chunk = max(1, min(self.step_tokens(), self.budget.cap) // rows - prompt)
+        decoding = bool(self.pool.rows)
+        chunk = max(1, self.budget.tokens(decoding) // rows - prompt)
         start = group.done_tokens
         ids = group.input_ids[:, start : start + chunk]
         step_len = ids.shape[1] + prompt
@@ -188,7 +189,8 @@ class BatchRunner:
         group.past_len = total
         group.done_tokens += ids.shape[1]
         group.index += 1
-        self.budget.observe_prefill(rows * step_len, self._account("prefill", clock))
+        seconds = self._account("prefill", clock)
+        self.budget.observe_prefill(rows * step_len, seconds, decoding)
         if not group.finished:
             return None
         return logits.numpy()[:, -1, :].copy()

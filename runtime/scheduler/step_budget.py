@@ -12,6 +12,9 @@ and first tokens come late. So the budget follows the clock:
   decode calls' time (an exponential average), i.e. it adds at most `share` to each running
   row's inter-token gap. Prefill time is modelled as `fixed + per_token * tokens`, fitted by
   least squares with forgetting over the calls so far, so it follows the machine's load.
+  A chunk is at most twice the last ones run beside decoding rows (from `floor` up): calls
+  of one size alone cannot tell the fixed part from the per-token part, so a first fit
+  (e.g. from one large call while nothing decoded) could badly overestimate what fits.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class StepBudget:
         self.decode_s: float | None = None
         self._sums = [0.0] * 5
         """Weighted sums of 1, n, n^2, seconds, n * seconds over prefill calls."""
+        self._last_beside_decode = 0
+        """Size of the last prefill calls run while rows decoded (halving per call)."""
 
     def observe_decode(self, seconds: float) -> None:
         if self.decode_s is None:
@@ -39,7 +44,9 @@ class StepBudget:
         else:
             self.decode_s += _DECODE_ALPHA * (seconds - self.decode_s)
 
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
+    def observe_prefill(self, tokens: int, seconds: float, decoding: bool) -> None:
+        if decoding:  # a prompt's short last chunk does not set the growth back
+            self._last_beside_decode = max(tokens, self._last_beside_decode // 2)
         s = self._sums
         for i, value in enumerate((1.0, tokens, tokens * tokens, seconds, tokens * seconds)):
             s[i] = _DECAY * s[i] + value
@@ -66,4 +73,5 @@ class StepBudget:
             return self.floor
         fixed, per_token = fit
         room = self.share * self.decode_s - fixed
-        return max(self.floor, min(self.cap, int(room / per_token)))
+        grown = max(self.floor, 2 * self._last_beside_decode)
+        return max(self.floor, min(self.cap, grown, int(room / per_token)))
