@@ -72,11 +72,14 @@ class BatchRunner:
         step_token_budget: int,
         prefill_share: float = 0.75,
         min_prefill_tokens: int = 16,
+        whole_prefill_tokens: int = 256,
     ) -> None:
         self.bundle = bundle
         manifest = bundle.manifest
         self.vocab = manifest.vocab_size
         self.budget = StepBudget(step_token_budget, prefill_share, min_prefill_tokens)
+        self.whole_tokens = min(whole_prefill_tokens, step_token_budget)
+        """Groups up to this many prompt tokens are prefilled in one call, rows decoding or not."""
         self.prefill_pool_tokens = prefill_pool_tokens
         self.workspace = Workspace(
             bundle.backend, manifest.kv, _kv_dtype(bundle), _logits_dtype(bundle)
@@ -150,18 +153,23 @@ class BatchRunner:
             past_len=prefix,
         )
 
-    def step_tokens(self) -> int:
-        """Prompt tokens (rows x padded length) the next prefill call may take."""
-        return self.budget.tokens(decoding=bool(self.pool.rows))
+    def group_tokens(self) -> int:
+        """Prompt tokens (rows x padded length) a new group of several rows may hold: one
+        call's worth, so it is prefilled in one call."""
+        return max(self.whole_tokens, self.budget.tokens(decoding=bool(self.pool.rows)))
 
     def prefill(self, group: PrefillGroup) -> np.ndarray | None:
-        """Run the group's next chunk (sized by `step_tokens`); the rows' last logits
-        [rows, vocab] after the last."""
+        """Run the group's next chunk (all of it when the group is short, else sized by
+        `StepBudget`); the rows' last logits [rows, vocab] after the last."""
         clock = time.perf_counter()
         rows = len(group.row_ids)
         prompt = group.prompt_len if group.index == 0 else 0
         decoding = bool(self.pool.rows)
-        chunk = max(1, self.budget.tokens(decoding) // rows - prompt)
+        left = group.text_len - group.done_tokens
+        if group.index == 0 and rows * (prompt + left) <= self.whole_tokens:
+            chunk = left
+        else:
+            chunk = max(1, self.budget.tokens(decoding) // rows - prompt)
         start = group.done_tokens
         ids = group.input_ids[:, start : start + chunk]
         step_len = ids.shape[1] + prompt

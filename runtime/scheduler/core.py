@@ -4,8 +4,9 @@ Each step (1) ends cancelled and timed-out requests, (2) admits queued requests 
 their worst-case KV need fits the pool and their adapter can be pinned (later requests may
 pass one that does not fit until it has waited `max_wait_s`), (3) prefills one chunk of the
 admitted group within the step's token budget (`StepBudget`: large while no row decodes, else
-a measured share of a decode call's time; short prompts that fit it together are prefilled in
-one call), (4) decodes one token for every running row in
+a measured share of a decode call's time; a group of short prompts, up to
+`whole_prefill_tokens` together, goes in one call), (4) decodes one token for every running
+row in
 one batch, and (5) streams each row's token and retires finished rows at once, freeing their
 slot and KV room. Model execution lives in `batch_runner.py`, adapter paging in `paging.py`.
 """
@@ -121,6 +122,7 @@ class Scheduler:
             step_token_budget=config.step_token_budget,
             prefill_share=config.prefill_share,
             min_prefill_tokens=config.min_prefill_tokens,
+            whole_prefill_tokens=config.whole_prefill_tokens,
         )
         self.reservations = Reservations(config.max_rows, config.kv_pool_tokens)
         self._observer = observer
@@ -371,7 +373,7 @@ class Scheduler:
         with self._lock:
             queue = list(self._queue)
         members: list[_Entry] = []
-        budget = self.runner.step_tokens()
+        budget = self.runner.group_tokens()
         for entry in queue:
             if entry.stop is not None:
                 continue
