@@ -82,8 +82,14 @@ def main() -> None:
     parser.add_argument(
         "--step-token-budget",
         type=int,
-        default=16,
-        help="Scheduler: prompt tokens prefilled per step (chunked prefill).",
+        default=512,
+        help="Scheduler: most prompt tokens one step prefills (while no row decodes).",
+    )
+    parser.add_argument(
+        "--prefill-share",
+        type=float,
+        default=0.75,
+        help="Scheduler: while rows decode, a prefill chunk's share of a decode call's time.",
     )
     parser.add_argument("--min-llama-agreement", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
@@ -229,6 +235,7 @@ def start_side(side: str, args, setup: dict, log: Path) -> tuple[subprocess.Pope
         cmd += ["--threads", str(args.threads), "--max-rows", str(args.clients)]
         cmd += ["--kv-pool-tokens", str(args.clients * 1536), "--max-queue", "1024"]
         cmd += ["--step-token-budget", str(args.step_token_budget)]
+        cmd += ["--prefill-share", str(args.prefill_share)]
         models = {name: name for name in setup["adapters"]}
     else:
         loras = list(setup["gguf_loras"].values())
@@ -305,12 +312,15 @@ def workload(args) -> list[dict]:
     return jobs
 
 
-async def one_request(client, body: dict) -> dict:
-    """Stream one chat completion; returns text, token arrival times, or the error."""
+async def one_request(client, body: dict, record: dict | None = None) -> dict:
+    """Stream one chat completion; returns text, token arrival times, or the error. Token
+    times go into `record["stamps"]` as they arrive, so a run cut by its time limit still
+    counts what was streamed."""
     import openai
 
     sent = time.perf_counter()
-    stamps: list[float] = []
+    record = {} if record is None else record
+    stamps: list[float] = record.setdefault("stamps", [])
     pieces: list[str] = []
     standard = ("model", "messages", "max_tokens", "temperature", "stream")
     extra = {k: v for k, v in body.items() if k not in standard}
@@ -358,14 +368,25 @@ async def run_load(side: str, url: str, models: dict, jobs: list[dict], args) ->
     started = time.perf_counter()
     client = make_client(url, args)
 
+    partial: dict[int, dict] = {}
+
     async def go(job: dict) -> None:
         await asyncio.sleep(max(0.0, started + job["at"] - time.perf_counter()))
         async with limit:
             body = request_body(side, job, models, args.max_tokens)
-            results[job["i"]] = await one_request(client, body)
+            partial[job["i"]] = record = {}
+            results[job["i"]] = await one_request(client, body, record)
 
     try:
         await asyncio.wait_for(asyncio.gather(*(go(j) for j in jobs)), args.time_limit)
+    except TimeoutError:  # a side too slow for the limit: what it streamed still counts
+        for job in jobs:
+            if job["i"] not in results:
+                stamps = partial.get(job["i"], {}).get("stamps", [])
+                results[job["i"]] = {
+                    "error": f"not finished within --time-limit {args.time_limit} s",
+                    "tokens": len(stamps),
+                }
     finally:
         await client.close()
     wall = time.perf_counter() - started
@@ -376,7 +397,7 @@ def summarise(run: dict) -> dict:
     ok = [r for r in run["results"].values() if "error" not in r]
     ttft = [r["stamps"][0] - r["sent"] for r in ok if r["stamps"]]
     gaps = [b - a for r in ok for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
-    tokens = sum(r["tokens"] for r in ok)
+    tokens = sum(r.get("tokens", 0) for r in run["results"].values())
 
     def pct(values, q):
         return round(float(np.percentile(values, q)) * 1000, 2) if values else None
@@ -385,7 +406,8 @@ def summarise(run: dict) -> dict:
         "completed": len(ok),
         "failed": len(run["results"]) - len(ok),
         "tokens": tokens,
-        "tokens_note": "streamed chunks with text (a chunk may hold more than one token)",
+        "tokens_note": "streamed chunks with text (a chunk may hold more than one token), "
+        "unfinished requests' included; latencies over completed requests",
         "wall_s": round(run["wall"], 3),
         "tokens_per_s": round(tokens / run["wall"], 2),
         "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
@@ -490,6 +512,7 @@ async def run(args, work: Path, sides: list[str], setup: dict) -> dict:
         "max_tokens": args.max_tokens,
         "threads": args.threads,
         "scheduler_step_token_budget": args.step_token_budget,
+        "scheduler_prefill_share": args.prefill_share,
         "repeats": args.repeats,
         "machine": "shared with other agents (2 cores); compare ratios within this run only",
         "denormals": "flushed: ONNX Runtime's session option (ours)"

@@ -61,10 +61,18 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 )
 @click.option(
     "--step-token-budget",
-    default=256,
+    default=512,
     show_default=True,
     type=click.IntRange(1),
-    help="Prompt tokens prefilled per step, so running rows keep decoding.",
+    help="Most prompt tokens one step prefills (while no row decodes); longer prompts are chunked.",
+)
+@click.option(
+    "--prefill-share",
+    default=0.75,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="While rows decode, a step's prefill chunk takes at most this share of a decode call's "
+    "time (measured), bounding what a long prompt adds to their inter-token latency.",
 )
 @click.option(
     "--max-body-bytes",
@@ -109,6 +117,7 @@ def command(
     max_queue: int,
     kv_pool_tokens: int,
     step_token_budget: int,
+    prefill_share: float,
     max_body_bytes: int,
     max_prompt_tokens: int | None,
     threads: int | None,
@@ -138,6 +147,7 @@ def command(
         max_queue=max_queue,
         kv_pool_tokens=kv_pool_tokens,
         step_token_budget=step_token_budget,
+        prefill_share=prefill_share,
         api_key=api_key,
         adapter_root=str(adapter_root.resolve()) if adapter_root else None,
         model_name=model_name,

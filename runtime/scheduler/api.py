@@ -118,9 +118,19 @@ class SchedulerConfig:
     """Positions in the decode cache (rows x longest row's worst case must fit)."""
     prefill_pool_tokens: int = 4096
     """Positions in the prefill cache: the longest prompt (with adapter positions) it takes."""
-    step_token_budget: int = 256
-    """Prompt tokens prefilled per step (padding included), so running rows keep decoding
-    while a long prompt is prefilled in chunks."""
+    step_token_budget: int = 512
+    """Most prompt tokens (padding included) one step prefills: what a step takes while no
+    row decodes. Longer prompts are prefilled in chunks over several steps."""
+    prefill_share: float = 0.75
+    """While rows decode, a step's prefill chunk is sized (from measured call times) to take
+    at most this share of a decode call's time, so a long prompt adds at most about that
+    much to running rows' inter-token latency; never fewer than `min_prefill_tokens`."""
+    min_prefill_tokens: int = 16
+    whole_prefill_tokens: int = 256
+    """A group whose prompt tokens (rows x padded length, at most `step_token_budget`) are at
+    most this is prefilled in one call even while rows decode: a short prompt then pays one
+    call's fixed cost (streaming the weights) instead of several, for a one-off gap in the
+    running rows' tokens; only longer prompts are chunked by `prefill_share`."""
     max_queue: int = 256
     """Requests waiting for admission; `submit` raises QueueFullError beyond it."""
     max_wait_s: float = 5.0
@@ -135,6 +145,12 @@ class SchedulerConfig:
         for name in ("max_rows", "kv_pool_tokens", "prefill_pool_tokens", "step_token_budget"):
             if getattr(self, name) < 1:
                 raise InferenceError(f"SchedulerConfig.{name} must be at least 1")
+        if self.min_prefill_tokens < 1 or self.whole_prefill_tokens < 0:
+            raise InferenceError(
+                "SchedulerConfig.min_prefill_tokens must be >= 1 and whole_prefill_tokens >= 0"
+            )
+        if not self.prefill_share > 0:
+            raise InferenceError("SchedulerConfig.prefill_share must be > 0")
         if self.max_queue < 0 or self.max_wait_s < 0 or self.host_cache_adapters < 0:
             raise InferenceError(
                 "SchedulerConfig max_queue, max_wait_s and host_cache_adapters must be >= 0"

@@ -3,9 +3,10 @@
 The graph has one sequence dimension per call, so a step runs up to two calls:
 
 - a **prefill** call for the group of newly admitted rows (left-padded like `generate`, with
-  their prefix KV, prompt embeddings and adapters), `step_token_budget` tokens at most
-  (padding included); when its last chunk ran, each row's cache (the columns its mask kept)
-  joins the decode pool;
+  their prefix KV, prompt embeddings and adapters), as many tokens (padding included) as
+  `StepBudget` allows: `step_token_budget` when no row decodes, else what fits in a share of
+  a decode call's time; when its last chunk ran, each row's cache (the columns its mask
+  kept) joins the decode pool;
 - a **decode** call with one token for every running row, each with its own adapter slot.
 
 Putting a prefill chunk into the decode call instead would make every decoding row compute
@@ -24,6 +25,7 @@ from peft_export.bundle import names
 from peft_export.runtime.errors import InferenceError
 from peft_export.runtime.prompt_inputs import ADAPTION_PROMPT, PromptBatch
 from peft_export.runtime.scheduler.kv_pool import DecodePool
+from peft_export.runtime.scheduler.step_budget import StepBudget
 from peft_export.runtime.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class PrefillGroup:
-    """Rows prefilled together: one left-padded batch, `chunk` text tokens per call."""
+    """Rows prefilled together: one left-padded batch, a chunk of text tokens per call."""
 
     row_ids: list[int]
     adapters: list[RowAdapter]
@@ -42,7 +44,6 @@ class PrefillGroup:
     mask: np.ndarray
     """[rows, prefix + prompt + text], as `generate` builds it."""
     input_ids: np.ndarray
-    chunk: int
     prefix_len: int
     prompt_len: int
     done_tokens: int = 0
@@ -69,11 +70,16 @@ class BatchRunner:
         kv_pool_tokens: int,
         prefill_pool_tokens: int,
         step_token_budget: int,
+        prefill_share: float = 0.75,
+        min_prefill_tokens: int = 16,
+        whole_prefill_tokens: int = 256,
     ) -> None:
         self.bundle = bundle
         manifest = bundle.manifest
         self.vocab = manifest.vocab_size
-        self.budget = step_token_budget
+        self.budget = StepBudget(step_token_budget, prefill_share, min_prefill_tokens)
+        self.whole_tokens = min(whole_prefill_tokens, step_token_budget)
+        """Groups up to this many prompt tokens are prefilled in one call, rows decoding or not."""
         self.prefill_pool_tokens = prefill_pool_tokens
         self.workspace = Workspace(
             bundle.backend, manifest.kv, _kv_dtype(bundle), _logits_dtype(bundle)
@@ -128,11 +134,11 @@ class BatchRunner:
         for b, ids in enumerate(prompt_ids):
             input_ids[b, text_len - len(ids) :] = ids
             mask[b, capacity - len(ids) :] = 1
-        chunk = self.budget // rows - prompt
+        chunk = self.budget.cap // rows - prompt
         if chunk < 1 or rows * capacity > self.prefill_pool_tokens:
             raise InferenceError(
                 f"a prefill group of {rows} rows x {capacity} positions does not fit the "
-                f"step budget ({self.budget}) or prefill pool ({self.prefill_pool_tokens})"
+                f"step budget ({self.budget.cap}) or prefill pool ({self.prefill_pool_tokens})"
             )
         step = prompt + min(chunk, text_len)
         self.workspace.reserve(rows, capacity, step, self.vocab)
@@ -142,18 +148,31 @@ class BatchRunner:
             prompts=prompts,
             mask=mask,
             input_ids=input_ids,
-            chunk=chunk,
             prefix_len=prefix,
             prompt_len=prompt,
             past_len=prefix,
         )
 
+    def group_tokens(self) -> int:
+        """Prompt tokens (rows x padded length) a new group of several rows may hold: one
+        call's worth, so it is prefilled in one call."""
+        return max(self.whole_tokens, self.budget.tokens(decoding=bool(self.pool.rows)))
+
     def prefill(self, group: PrefillGroup) -> np.ndarray | None:
-        """Run the group's next chunk; the rows' last logits [rows, vocab] after the last."""
+        """Run the group's next chunk (all of it when the group is short, else sized by
+        `StepBudget`); the rows' last logits [rows, vocab] after the last."""
         clock = time.perf_counter()
+        rows = len(group.row_ids)
+        prompt = group.prompt_len if group.index == 0 else 0
+        decoding = bool(self.pool.rows)
+        left = group.text_len - group.done_tokens
+        if group.index == 0 and rows * (prompt + left) <= self.whole_tokens:
+            chunk = left
+        else:
+            chunk = max(1, self.budget.tokens(decoding) // rows - prompt)
         start = group.done_tokens
-        ids = group.input_ids[:, start : start + group.chunk]
-        step_len = ids.shape[1] + (group.prompt_len if group.index == 0 else 0)
+        ids = group.input_ids[:, start : start + chunk]
+        step_len = ids.shape[1] + prompt
         past_len = group.past_len
         total = past_len + step_len
         step_mask = np.ascontiguousarray(group.mask[:, :total])
@@ -178,7 +197,8 @@ class BatchRunner:
         group.past_len = total
         group.done_tokens += ids.shape[1]
         group.index += 1
-        self._account("prefill", clock)
+        seconds = self._account("prefill", clock)
+        self.budget.observe_prefill(rows * step_len, seconds, decoding)
         if not group.finished:
             return None
         return logits.numpy()[:, -1, :].copy()
@@ -229,7 +249,7 @@ class BatchRunner:
         outputs[names.LOGITS] = logits
         self._run(self._binding, feeds, outputs, own_binding=True)
         pool.advance()
-        self._account("decode", clock)
+        self.budget.observe_decode(self._account("decode", clock))
         return logits.numpy()[:, 0, :]
 
     def _decode_prompt_feeds(self) -> dict[str, np.ndarray]:
@@ -262,9 +282,11 @@ class BatchRunner:
         else:
             self.workspace.fixed_bound = retained
 
-    def _account(self, kind: str, clock: float) -> None:
-        self.seconds[kind] += time.perf_counter() - clock
+    def _account(self, kind: str, clock: float) -> float:
+        seconds = time.perf_counter() - clock
+        self.seconds[kind] += seconds
         self.calls[kind] += 1
+        return seconds
 
 
 def _kv_dtype(bundle: Bundle) -> np.dtype:

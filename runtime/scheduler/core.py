@@ -3,7 +3,10 @@
 Each step (1) ends cancelled and timed-out requests, (2) admits queued requests FCFS while
 their worst-case KV need fits the pool and their adapter can be pinned (later requests may
 pass one that does not fit until it has waited `max_wait_s`), (3) prefills one chunk of the
-admitted group within the step token budget, (4) decodes one token for every running row in
+admitted group within the step's token budget (`StepBudget`: large while no row decodes, else
+a measured share of a decode call's time; a group of short prompts, up to
+`whole_prefill_tokens` together, goes in one call), (4) decodes one token for every running
+row in
 one batch, and (5) streams each row's token and retires finished rows at once, freeing their
 slot and KV room. Model execution lives in `batch_runner.py`, adapter paging in `paging.py`.
 """
@@ -117,6 +120,9 @@ class Scheduler:
             kv_pool_tokens=config.kv_pool_tokens,
             prefill_pool_tokens=config.prefill_pool_tokens,
             step_token_budget=config.step_token_budget,
+            prefill_share=config.prefill_share,
+            min_prefill_tokens=config.min_prefill_tokens,
+            whole_prefill_tokens=config.whole_prefill_tokens,
         )
         self.reservations = Reservations(config.max_rows, config.kv_pool_tokens)
         self._observer = observer
@@ -367,11 +373,12 @@ class Scheduler:
         with self._lock:
             queue = list(self._queue)
         members: list[_Entry] = []
+        budget = self.runner.group_tokens()
         for entry in queue:
             if entry.stop is not None:
                 continue
             adapter = None
-            if self._fits_group(members, entry) and self.reservations.fits(entry.worst):
+            if self._fits_group(members, entry, budget) and self.reservations.fits(entry.worst):
                 try:
                     adapter = self.pager.try_pin(entry.request.adapter, entry.prompt)
                 except InferenceError as exc:  # e.g. unregistered or replaced by a bad file
@@ -423,9 +430,9 @@ class Scheduler:
             entry.state = "done"
         self._complete(entry, "error", error)
 
-    def _fits_group(self, members: list[_Entry], entry: _Entry) -> bool:
+    def _fits_group(self, members: list[_Entry], entry: _Entry, budget: int) -> bool:
         """The first row of a group may be long (chunked); more rows only while the whole
-        group prefills in one step and fits the prefill pool."""
+        group prefills in one step of `budget` tokens and fits the prefill pool."""
         if not members:
             return True
         rows = [*members, entry]
@@ -435,7 +442,7 @@ class Scheduler:
         config = self.config
         return (
             len(rows) <= config.max_rows
-            and len(rows) * (embed + text) <= config.step_token_budget
+            and len(rows) * (embed + text) <= budget
             and len(rows) * (prefix + embed + text) <= config.prefill_pool_tokens
         )
 

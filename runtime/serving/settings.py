@@ -19,7 +19,8 @@ class ServeSettings:
     max_rows: int = 16
     max_queue: int = 256
     kv_pool_tokens: int = 8192
-    step_token_budget: int = 256
+    step_token_budget: int = 512
+    prefill_share: float = 0.75
     api_key: str | None = None
     adapter_root: str | None = None
     model_name: str | None = None
@@ -39,6 +40,7 @@ class ServeSettings:
             max_queue=self.max_queue,
             kv_pool_tokens=self.kv_pool_tokens,
             step_token_budget=self.step_token_budget,
+            prefill_share=self.prefill_share,
         )
         return SchedulerEngine(bundle, config)
 
