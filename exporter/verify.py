@@ -22,12 +22,14 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from peft_export.bundle import bottleneck as bn
 from peft_export.bundle import names
 from peft_export.bundle.atomic import write_text
 from peft_export.bundle.manifest import Manifest, load_manifest
 from peft_export.bundle.paths import confined
 from peft_export.bundle.safetensors_io import read_header
 from peft_export.exporter.adapter_source import read_adapter
+from peft_export.exporter.bottleneck import NO_LIBRARY_REFERENCE
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.quantize.blocks import BlockQuantized
 from peft_export.exporter.quantize.reference import (
@@ -170,7 +172,13 @@ def verify_bundle(
                 del full
             console.print(f"quantization vs unquantized: {effects[target.name or 'base']}")
         del reference
-    mixed = _mixed_batch_check(bundle, targets, prompt_ids, max_new_tokens)
+    unverified = [
+        name
+        for name, record in manifest.adapters.installed.items()
+        if record.method == bn.METHOD and not adapters
+    ]
+    rows = [t.name for t in targets] + unverified
+    mixed = _mixed_batch_check(bundle, rows, prompt_ids, max_new_tokens)
     passed = all(r.passed for r in reports) and mixed.get("identical", True)
     result = {
         "bundle": str(root),
@@ -183,6 +191,7 @@ def verify_bundle(
         "prompts": list(prompts),
         "adapters": [asdict(r) for r in reports],
         "mixed_batch": mixed,
+        "not_verified": {name: NO_LIBRARY_REFERENCE for name in unverified},
         "quantization": _quantization_report(manifest, effects),
         "passed": passed,
         "host": platform.platform(),
@@ -204,6 +213,10 @@ def _targets(
     targets = [Target(None, "base", None)]
     for name, record in layout.installed.items():
         if only and name not in only:
+            continue
+        if record.method == bn.METHOD:
+            if only:
+                raise ExportError(f"adapter {name}: {NO_LIBRARY_REFERENCE}; verify the others")
             continue
         header = read_header(confined(root, record.file))
         path = sources.get(name, header.metadata.get("source"))
@@ -351,12 +364,12 @@ def _compare(
 
 
 def _mixed_batch_check(
-    bundle: Any, targets: list[Target], prompt_ids: list[list[int]], new_tokens: int
+    bundle: Any, adapters: list[str | None], prompt_ids: list[list[int]], new_tokens: int
 ) -> dict[str, Any]:
     """Runtime bundles: all adapters side by side in one batch equal each row run alone."""
-    if bundle.manifest.mode != "runtime" or len(targets) < 2:
+    if bundle.manifest.mode != "runtime" or len(adapters) < 2:
         return {}
-    rows = [(t.name, prompt_ids[i % len(prompt_ids)]) for i, t in enumerate(targets)]
+    rows = [(name, prompt_ids[i % len(prompt_ids)]) for i, name in enumerate(adapters)]
     together = bundle.generate(
         [p for _, p in rows],
         adapters=[a for a, _ in rows],

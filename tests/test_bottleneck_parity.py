@@ -334,3 +334,18 @@ def test_bottleneck_only_bundle_with_every_site(library, tmp_path):
         [list(map(int, p)) for p in prompts[:2]], adapters=rows, max_new_tokens=STEPS
     )
     assert np.array_equal(np.array(generated.token_ids), got[2])
+
+
+def test_verify_names_bottleneck_adapters_it_cannot_reference(served):
+    """verify has PEFT as its reference: a bottleneck adapter is left out of the targets (its
+    rows join the mixed-batch check) and naming one is refused with the reason."""
+    from peft_export.bundle.manifest import load_manifest
+    from peft_export.exporter.errors import ExportError
+    from peft_export.exporter.verify import _targets, verify_bundle
+
+    *_, out, _ = served
+    name = next(iter(ADAPTERS))
+    with pytest.raises(ExportError, match=f"adapter {name}: .*adapters library"):
+        verify_bundle(out, adapters=[name])
+    targets = _targets(out, load_manifest(out), None, {})
+    assert [t.name for t in targets] == [None, "lora"]

@@ -26,6 +26,7 @@ from peft_export.bundle.atomic import write_text
 from peft_export.bundle.manifest import Manifest
 from peft_export.bundle.paths import confined
 from peft_export.bundle.safetensors_io import read_header
+from peft_export.exporter.bottleneck import NO_LIBRARY_REFERENCE
 from peft_export.exporter.encoders.base import load_task_model
 from peft_export.exporter.encoders.export import encoder_checkpoint
 from peft_export.exporter.encoders.wrapper import pool
@@ -37,11 +38,6 @@ DEFAULT_TEXTS = (
     "Service was slow and the food arrived cold.",
     "Parliament passed the new budget late on Tuesday.",
     "The home team won the final in extra time.",
-)
-NO_LIBRARY_REFERENCE = (
-    "a bottleneck adapter's reference is the adapters library's forward, which peft-export "
-    "does not install (it pins transformers 4.57); only its rows' mixed-batch consistency is "
-    "checked here (CI compares it with the library: tests/test_bottleneck_encoders.py)"
 )
 DEFAULT_CONTEXT = "Paris is the capital and largest city of France, on the river Seine."
 
