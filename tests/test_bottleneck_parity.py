@@ -349,3 +349,20 @@ def test_verify_names_bottleneck_adapters_it_cannot_reference(served):
         verify_bundle(out, adapters=[name])
     targets = _targets(out, load_manifest(out), None, {})
     assert [t.name for t in targets] == [None, "lora"]
+
+
+def test_folder_with_a_saved_head_is_refused_by_a_decoder_bundle(served, tmp_path, capsys):
+    """A head saved beside the adapter would be dropped silently by a decoder bundle."""
+    import shutil
+
+    from safetensors.torch import save_file as save_torch
+
+    *_, out, tmp = served
+    folder = tmp_path / "with-head"
+    shutil.copytree(tmp / "library" / "late", folder)
+    save_torch({"heads.default.0.weight": torch.zeros(4, 4)}, folder / "model_head.safetensors")
+    before = (out / "manifest.json").read_bytes()
+    assert run_cli("adapters", "add", str(out), f"headed={folder}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model_head.safetensors" in err[0] and "with_head=False" in err[0]
+    assert (out / "manifest.json").read_bytes() == before

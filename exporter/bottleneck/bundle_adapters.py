@@ -16,7 +16,7 @@ from peft_export.bundle.atomic import staged_update, write_text
 from peft_export.bundle.manifest import InstalledAdapter, Manifest
 from peft_export.exporter.adapter_source import check_new_adapter_name
 from peft_export.exporter.bottleneck.convert import convert_bottleneck, fit_layout
-from peft_export.exporter.bottleneck.folder import check_config, read_bottleneck
+from peft_export.exporter.bottleneck.folder import check_config, read_bottleneck, refuse_saved_head
 from peft_export.exporter.bundle_files import read_manifest
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.runtime_adapters.bundle_adapters import install_converted
@@ -39,6 +39,8 @@ def add_bottleneck_adapter(
             )
         check_new_adapter_name(name, manifest.adapters.installed, replace=replace)
         source = read_bottleneck(folder, name=name)
+        if manifest.encoder is None:
+            refuse_saved_head(source)
         spec = get_arch(manifest.base_model.architecture)
         base_config = manifest.base_model.config
         check_config(source.path, source.config, spec, base_config)

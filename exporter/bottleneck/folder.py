@@ -280,3 +280,19 @@ def _site(
             f"for hidden size {hidden}; pass the base it was trained on"
         )
     return SiteWeights(parts["down"], parts["down_bias"], parts["up"], parts["up_bias"], scaling)
+
+
+SAVED_HEADS = ("model_head.safetensors", "pytorch_model_head.bin")
+"""Files the library writes beside an adapter saved with its prediction head."""
+
+
+def refuse_saved_head(source: AdapterSource) -> None:
+    """A decoder bundle's output head is the base's lm_head: a head saved beside the adapter
+    would be silently dropped, so such a folder is refused (encoders serve it: head banks)."""
+    head = next((f for f in SAVED_HEADS if (Path(source.path) / f).is_file()), None)
+    if head is not None:
+        raise ExportError(
+            f"adapter {source.name}: its folder holds a prediction head ({head}), which a "
+            "decoder bundle does not serve (its output is the base's lm_head); re-save the "
+            "adapter without it: save_adapter(DIR, NAME, with_head=False)"
+        )

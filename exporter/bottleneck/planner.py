@@ -19,6 +19,7 @@ from peft_export.exporter.bottleneck.convert import (
     convert_bottleneck,
     fit_layout,
 )
+from peft_export.exporter.bottleneck.folder import refuse_saved_head
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.pipeline import ExportContext, RuntimePlan
 from peft_export.exporter.runtime_adapters.bundle_adapters import install_converted
@@ -37,6 +38,8 @@ def plan_bottleneck_banks(context: ExportContext) -> RuntimePlan | None:
     spec = context.arch
     config = context.model.config
     hidden, num_layers = spec.hidden_size(config), spec.num_layers(config)
+    for source in sources:
+        refuse_saved_head(source)
     converted = [convert_bottleneck(s, spec, hidden, num_layers) for s in sources]
     layout = bank_layout(options, converted, spec, hidden, num_layers)
     slots = int(options.get("slots") or DEFAULT_SLOTS)
