@@ -250,12 +250,11 @@ METHODS: tuple[Method, ...] = (
         "trained delta) is not converted to the prompt_embeds input yet",
         "train a prompt-tuning adapter instead",
     ),
-    _refused(
+    _prompt_side(
         "cartridge",
         "Cartridge",
-        "it adds inputs, so it cannot be merged, and its trained KV prefix is not converted to "
-        "the prefix KV inputs yet",
-        "train a prefix-tuning adapter instead",
+        PREFIX_KV,
+        "its stored KV cache (frozen + trained tokens) as prefix KV past inputs",
     ),
     _refused(
         "poly",

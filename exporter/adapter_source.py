@@ -219,13 +219,13 @@ def check_fits(source: AdapterSource, base: Any) -> None:
     """Refuse an adapter whose tensors do not fit `base` (e.g. trained on another model)."""
     config = base.config
     spec = get_arch(config.model_type)
-    if source.method in ("prefix_tuning", "prompt_tuning", "p_tuning"):
+    if source.method in ("prefix_tuning", "cartridge", "prompt_tuning", "p_tuning"):
         embeddings = source.header.tensors.get("prompt_embeddings")
         if embeddings is None or len(embeddings.shape) != 2:
             raise ExportError(
                 f"adapter {source.name}: no 2-D 'prompt_embeddings' tensor; re-save it with PEFT"
             )
-        if source.method == "prefix_tuning":
+        if source.method in ("prefix_tuning", "cartridge"):
             kv_dim = spec.num_kv_heads(config) * spec.head_dim(config)
             width = spec.num_layers(config) * 2 * kv_dim
         else:

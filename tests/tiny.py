@@ -36,6 +36,7 @@ REGISTRY_CONFIGS: dict[str, dict[str, Any]] = {
     "adamss": {"r": 8, "num_subspaces": 2},
     "trainable_tokens": {"token_indices": [5, 6, 7], "target_modules": None},
     "ln_tuning": {"task_type": "CAUSAL_LM", "target_modules": None},
+    "cartridge": {"task_type": "CAUSAL_LM", "num_virtual_tokens": 5, "num_frozen_tokens": 2},
 }
 """Config arguments for the other registry methods (bundle/methods.py): shapes the tiny
 models allow (block sizes dividing 64), small ranks where the method has one."""

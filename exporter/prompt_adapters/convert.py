@@ -2,8 +2,11 @@
 
 PEFT saves prefix tuning, prompt tuning and P-tuning as `prompt_embeddings`, the output of
 their encoders (prefix projection, P-tuning MLP/LSTM) evaluated at save time, so conversion
-is a reshape. AdaptionPrompt saves the adapter prompt and gate; its keys and values depend
-only on that prompt and the layer's k/v projections, so they are computed here once.
+is a reshape. Cartridge saves its KV cache (frozen tokens first, then the trained ones) in the
+same `prompt_embeddings` layout and PEFT feeds it through prefix tuning's code path
+(`get_prompt`), so it converts to, and is installed as, a prefix-tuning adapter.
+AdaptionPrompt saves the adapter prompt and gate; its keys and values depend only on that
+prompt and the layer's k/v projections, so they are computed here once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ PREFIX_TUNING = "prefix_tuning"
 PROMPT_TUNING = "prompt_tuning"
 P_TUNING = "p_tuning"
 ADAPTION_PROMPT = "adaption_prompt"
-PROMPT_METHODS = (PREFIX_TUNING, PROMPT_TUNING, P_TUNING, ADAPTION_PROMPT)
+CARTRIDGE = "cartridge"
+PREFIX_KV_METHODS = (PREFIX_TUNING, CARTRIDGE)
+"""Methods whose saved tensor is a prefix KV cache, converted to a prefix-tuning adapter."""
+PROMPT_METHODS = (PREFIX_TUNING, PROMPT_TUNING, P_TUNING, ADAPTION_PROMPT, CARTRIDGE)
 
 ADAPTION_ARCHITECTURES = ("llama", "mistral", "gpt2")
 """Where PEFT has AdaptionPrompt: AdaptedAttention (Llama family) and AdaptedAttentionGPT."""
@@ -74,7 +80,7 @@ def convert_prompt_adapter(
             f"({', '.join(PROMPT_METHODS)}); use the LoRA-family path for it"
         )
     tensors = {k: v.astype(np.float32) for k, v in source.load_tensors().items()}
-    if method == PREFIX_TUNING:
+    if method in PREFIX_KV_METHODS:
         adapter = _convert_prefix(source.config, tensors, target, name)
     elif method == ADAPTION_PROMPT:
         if base_weights is None:

@@ -19,6 +19,7 @@ from peft_export.exporter.prompt_adapters.bundle_adapters import (
 )
 from peft_export.exporter.prompt_adapters.convert import (
     ADAPTION_PROMPT,
+    CARTRIDGE,
     P_TUNING,
     PREFIX_TUNING,
     PROMPT_METHODS,
@@ -31,7 +32,7 @@ from peft_export.exporter.prompt_adapters.prompt_embeds import PromptEmbedsExten
 from peft_export.exporter.prompt_adapters.target import PromptTarget
 
 _GROUPS = {
-    "prefix_max_len": (PREFIX_TUNING,),
+    "prefix_max_len": (PREFIX_TUNING, CARTRIDGE),
     "prompt_max_len": (PROMPT_TUNING, P_TUNING),
     "adaption_max_len": (ADAPTION_PROMPT,),
 }
