@@ -79,3 +79,22 @@ def test_mixed_batch_with_lora_and_base_rows(cart: CartridgeBundle) -> None:
     mixed = run_rows(cart.bundle, [ids for _, ids in rows], [name for name, _ in rows], n=STEPS)
     for (name, ids), run in zip(rows, mixed, strict=True):
         check_row(run, cart.model(name), ids)
+
+
+def test_torch_free_converter_writes_the_exporters_tensors(cart: CartridgeBundle, tmp_path) -> None:
+    """`POST /v1/adapters` converts without torch (runtime/serving/peft_convert.py): a Cartridge
+    becomes the same prefix tensors `adapters add` installed."""
+    import numpy as np
+
+    from peft_export.bundle.safetensors_io import read_tensors
+    from peft_export.runtime.serving.peft_convert import convert_folder
+
+    manifest = cart.bundle.manifest
+    out = tmp_path / "cart.safetensors"
+    method = convert_folder(cart.path, manifest, "cart_added", cart.dirs["cart_added"], out)
+    assert method == "prefix_tuning"
+    installed = read_tensors(cart.path / manifest.adapters.installed["cart_added"].file)
+    converted = read_tensors(out)
+    assert set(converted) == set(installed)
+    for key, value in installed.items():
+        np.testing.assert_allclose(converted[key], value, rtol=0, atol=1e-6)
