@@ -1,9 +1,10 @@
 """PEFT prompt-side adapters -> bundle adapter tensors (docs/bundle-format.md).
 
-PEFT saves prefix tuning, prompt tuning and P-tuning as `prompt_embeddings`, the output of
-their encoders (prefix projection, P-tuning MLP/LSTM) evaluated at save time, so conversion
-is a reshape. AdaptionPrompt saves the adapter prompt and gate; its keys and values depend
-only on that prompt and the layer's k/v projections, so they are computed here once.
+PEFT saves prefix tuning, prompt tuning, P-tuning and CPT as `prompt_embeddings`, the output
+of their encoders (prefix projection, P-tuning MLP/LSTM, CPT's token embeddings plus its
+epsilon-projected delta) evaluated at save time, so conversion is a reshape. AdaptionPrompt
+saves the adapter prompt and gate; its keys and values depend only on that prompt and the
+layer's k/v projections, so they are computed here once.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from peft_export.bundle import names
+from peft_export.bundle import methods, names
 from peft_export.exporter.adapter_source import AdapterSource, read_adapter
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.prompt_adapters.target import PromptTarget
 
 PREFIX_TUNING = "prefix_tuning"
-PROMPT_TUNING = "prompt_tuning"
-P_TUNING = "p_tuning"
 ADAPTION_PROMPT = "adaption_prompt"
-PROMPT_METHODS = (PREFIX_TUNING, PROMPT_TUNING, P_TUNING, ADAPTION_PROMPT)
+PROMPT_EMBEDS_METHODS = methods.runtime_names(methods.PROMPT_EMBEDS)
+"""Prompt tuning, P-tuning and CPT: one `prompt_embeds` input serves them all."""
+PROMPT_METHODS = (PREFIX_TUNING, *PROMPT_EMBEDS_METHODS, ADAPTION_PROMPT)
 
 ADAPTION_ARCHITECTURES = ("llama", "mistral", "gpt2")
 """Where PEFT has AdaptionPrompt: AdaptedAttention (Llama family) and AdaptedAttentionGPT."""
@@ -35,8 +36,7 @@ _ADAPTION_KEY = re.compile(
 )
 _BOUND_OPTION = {
     PREFIX_TUNING: ("prefix_max_len", "--prefix-max-len"),
-    PROMPT_TUNING: ("prompt_max_len", "--prompt-max-len"),
-    P_TUNING: ("prompt_max_len", "--prompt-max-len"),
+    **{method: ("prompt_max_len", "--prompt-max-len") for method in PROMPT_EMBEDS_METHODS},
     ADAPTION_PROMPT: ("adaption_max_len", "--adaption-max-len"),
 }
 

@@ -1,4 +1,4 @@
-"""Prompt tuning and P-tuning: `prompt_embeds` placed in front of the token embeddings."""
+"""Prompt tuning, P-tuning and CPT: `prompt_embeds` placed in front of the token embeddings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 from peft_export.bundle import names
 from peft_export.bundle.manifest import AdapterLayout
 from peft_export.exporter.graph.extension import ExtraInput, GraphExtension
-from peft_export.exporter.prompt_adapters.convert import P_TUNING, PROMPT_TUNING
+from peft_export.exporter.prompt_adapters.convert import PROMPT_EMBEDS_METHODS
 
 TRACE_PROMPT_LEN = 5
 """Differs from the wrapper's trace batch/seq/past sizes so dynamo keeps the dims apart."""
@@ -36,6 +36,6 @@ class PromptEmbedsExtension(GraphExtension):
 
     def describe(self, layout: AdapterLayout) -> None:
         layout.prompt_max_len = self.max_len
-        for method in (PROMPT_TUNING, P_TUNING):
+        for method in PROMPT_EMBEDS_METHODS:
             if method not in layout.methods:
                 layout.methods.append(method)
