@@ -15,12 +15,23 @@ TRACE_PROMPT_LEN = 5
 
 
 class PromptEmbedsExtension(GraphExtension):
-    """Input `prompt_embeds` [batch, prompt_len, hidden]; prompt_len may be 0 (decode)."""
+    """Input `prompt_embeds` [batch, prompt_len, hidden]; prompt_len may be 0 (decode).
 
-    def __init__(self, hidden_size: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
+    `methods` are what the manifest records as accepted (encoders leave out CPT, which PEFT
+    has for causal LMs only).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        methods: tuple[str, ...] = PROMPT_EMBEDS_METHODS,
+    ) -> None:
         self.hidden_size = hidden_size
         self.max_len = max_len
         self.dtype = dtype
+        self.methods = methods
 
     def inputs(self, batch: int, seq: int) -> list[ExtraInput]:
         gen = torch.Generator().manual_seed(1)
@@ -36,6 +47,6 @@ class PromptEmbedsExtension(GraphExtension):
 
     def describe(self, layout: AdapterLayout) -> None:
         layout.prompt_max_len = self.max_len
-        for method in PROMPT_EMBEDS_METHODS:
+        for method in self.methods:
             if method not in layout.methods:
                 layout.methods.append(method)
