@@ -243,12 +243,11 @@ METHODS: tuple[Method, ...] = (
         "its prompt depends on a task id passed to every forward, which no graph input carries",
         "train a prompt-tuning adapter per task",
     ),
-    _refused(
+    _prompt_side(
         "cpt",
         "CPT (context-aware prompt tuning)",
-        "it adds inputs, so it cannot be merged, and its prompt (embedded cpt_token_ids plus a "
-        "trained delta) is not converted to the prompt_embeds input yet",
-        "train a prompt-tuning adapter instead",
+        PROMPT_EMBEDS,
+        "`prompt_embeds` input (cpt_token_ids' embeddings + projected delta, as PEFT saves them)",
     ),
     _prompt_side(
         "cartridge",

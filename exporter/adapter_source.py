@@ -31,6 +31,7 @@ INDEX_DTYPES = ("I64", "I32")
 METHODS = methods.served_names()
 """Methods some export mode serves (bundle/methods.py)."""
 PROMPT_SIDE = methods.runtime_names(methods.PREFIX_KV, methods.PROMPT_EMBEDS, methods.ADAPTION_KV)
+_PROMPT_EMBEDS = methods.runtime_names(methods.PROMPT_EMBEDS)
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _PEFT_PREFIX = "base_model.model."
 _SHARED_PREFIX = "base_model."
@@ -219,7 +220,7 @@ def check_fits(source: AdapterSource, base: Any) -> None:
     """Refuse an adapter whose tensors do not fit `base` (e.g. trained on another model)."""
     config = base.config
     spec = get_arch(config.model_type)
-    if source.method in ("prefix_tuning", "cartridge", "prompt_tuning", "p_tuning"):
+    if source.method in ("prefix_tuning", "cartridge") or source.method in _PROMPT_EMBEDS:
         embeddings = source.header.tensors.get("prompt_embeddings")
         if embeddings is None or len(embeddings.shape) != 2:
             raise ExportError(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from peft_export.bundle import names
+from peft_export.bundle import methods, names
 from peft_export.bundle.errors import BundleError
 from peft_export.bundle.manifest import Manifest, load_manifest
 from peft_export.bundle.paths import confined
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from peft_export.runtime.session import Bundle
 
 PREFIX_TUNING = "prefix_tuning"
-PROMPT_EMBED_METHODS = ("prompt_tuning", "p_tuning")
+PROMPT_EMBED_METHODS = methods.runtime_names(methods.PROMPT_EMBEDS)
 ADAPTION_PROMPT = "adaption_prompt"
 PROMPT_METHODS = (PREFIX_TUNING, *PROMPT_EMBED_METHODS, ADAPTION_PROMPT)
 MAX_ADAPTER_BYTES = 1 << 31
@@ -88,8 +88,7 @@ def load_prompt_adapter(root: Path, manifest: Manifest, name: str) -> PromptAdap
 
 _BOUNDS = {
     PREFIX_TUNING: ("prefix_max_len", "--prefix-max-len"),
-    "prompt_tuning": ("prompt_max_len", "--prompt-max-len"),
-    "p_tuning": ("prompt_max_len", "--prompt-max-len"),
+    **{method: ("prompt_max_len", "--prompt-max-len") for method in PROMPT_EMBED_METHODS},
     ADAPTION_PROMPT: ("adaption_max_len", "--adaption-max-len"),
 }
 

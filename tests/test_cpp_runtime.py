@@ -28,6 +28,7 @@ VARIANTS = {
     "prefix": ("prefix_tuning", {}),
     "prompt": ("prompt_tuning", {}),
     "adaption": ("adaption_prompt", {}),
+    "cpt": ("cpt", {}),
 }
 ADAPTERS = [None, *VARIANTS]
 

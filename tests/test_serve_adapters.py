@@ -1,6 +1,6 @@
 """Adapters added over HTTP: the torch-free converter (runtime/serving/peft_convert.py) writes
 the same tensors as `peft-export adapters add` (PEFT's own layers) for LoRA, rsLoRA with rank
-and alpha patterns, DoRA, IA3, prefix and prompt tuning; POST /v1/adapters installs one into a
+and alpha patterns, DoRA, IA3, prefix and prompt tuning, CPT; POST /v1/adapters installs one into a
 running server, whose answers then equal Bundle.generate on the updated bundle; DELETE removes
 it."""
 
@@ -30,6 +30,7 @@ NEW = {
     "ia": ("ia3", {}),
     "pre2": ("prefix_tuning", {"num_virtual_tokens": 3}),
     "pt2": ("prompt_tuning", {"num_virtual_tokens": 2}),
+    "cpt": ("cpt", {"cpt_token_ids": [40, 41, 42], "cpt_tokens_type_mask": [1, 2, 4]}),
 }
 
 

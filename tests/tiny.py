@@ -37,9 +37,15 @@ REGISTRY_CONFIGS: dict[str, dict[str, Any]] = {
     "trainable_tokens": {"token_indices": [5, 6, 7], "target_modules": None},
     "ln_tuning": {"task_type": "CAUSAL_LM", "target_modules": None},
     "cartridge": {"task_type": "CAUSAL_LM", "num_virtual_tokens": 5, "num_frozen_tokens": 2},
+    "cpt": {
+        "task_type": "CAUSAL_LM",
+        "cpt_token_ids": [40, 41, 42, 43, 44, 45],
+        "cpt_tokens_type_mask": [1, 2, 2, 3, 4, 0],
+    },
 }
 """Config arguments for the other registry methods (bundle/methods.py): shapes the tiny
-models allow (block sizes dividing 64), small ranks where the method has one."""
+models allow (block sizes dividing 64), small ranks where the method has one; CPT's type
+mask covers every epsilon class of its delta projection (format, input, label, none)."""
 
 SPECIAL_TOKENS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
 CHAT_TEMPLATE = (

@@ -279,7 +279,8 @@ def _runtime(
         extensions.append(HeadBanks(shapes, declare_ids=not lora and not methods and not banks))
     if prompts:
         hidden = spec.hidden_size(model.config)
-        extensions.append(PromptEmbedsExtension(hidden, max(len(p) for p in prompts.values())))
+        longest = max(len(p) for p in prompts.values())
+        extensions.append(PromptEmbedsExtension(hidden, longest, methods=PROMPT_EMBEDS_METHODS))
     converted += [
         SlotTensors(
             name, by_source[name].method, 0, str(by_source[name].path), {names.PROMPT_EMBEDS: value}

@@ -80,6 +80,8 @@ def install_prompt_adapter(
     )
     entry = InstalledAdapter(file=relative, method=adapter.method, rank=0, sha256=digest)
     layout.installed[adapter.name] = entry
+    if adapter.method not in layout.methods:  # CPT added to a bundle exported before it
+        layout.methods.append(adapter.method)
     return entry
 
 

@@ -1,12 +1,13 @@
 """PEFT prompt-side adapters -> bundle adapter tensors (docs/bundle-format.md).
 
-PEFT saves prefix tuning, prompt tuning and P-tuning as `prompt_embeddings`, the output of
-their encoders (prefix projection, P-tuning MLP/LSTM) evaluated at save time, so conversion
-is a reshape. Cartridge saves its KV cache (frozen tokens first, then the trained ones) in the
-same `prompt_embeddings` layout and PEFT feeds it through prefix tuning's code path
-(`get_prompt`), so it converts to, and is installed as, a prefix-tuning adapter.
-AdaptionPrompt saves the adapter prompt and gate; its keys and values depend only on that
-prompt and the layer's k/v projections, so they are computed here once.
+PEFT saves prefix tuning, prompt tuning, P-tuning and CPT as `prompt_embeddings`, the output
+of their encoders (prefix projection, P-tuning MLP/LSTM, CPT's token embeddings plus its
+epsilon-projected delta) evaluated at save time, so conversion is a reshape. Cartridge saves
+its KV cache (frozen tokens first, then the trained ones) in the same `prompt_embeddings`
+layout and PEFT feeds it through prefix tuning's code path (`get_prompt`), so it converts to,
+and is installed as, a prefix-tuning adapter. AdaptionPrompt saves the adapter prompt and
+gate; its keys and values depend only on that prompt and the layer's k/v projections, so they
+are computed here once.
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from peft_export.bundle import names
+from peft_export.bundle import methods, names
 from peft_export.exporter.adapter_source import AdapterSource, read_adapter
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.prompt_adapters.target import PromptTarget
 
 PREFIX_TUNING = "prefix_tuning"
-PROMPT_TUNING = "prompt_tuning"
-P_TUNING = "p_tuning"
 ADAPTION_PROMPT = "adaption_prompt"
 CARTRIDGE = "cartridge"
 PREFIX_KV_METHODS = (PREFIX_TUNING, CARTRIDGE)
 """Methods whose saved tensor is a prefix KV cache, converted to a prefix-tuning adapter."""
-PROMPT_METHODS = (PREFIX_TUNING, PROMPT_TUNING, P_TUNING, ADAPTION_PROMPT, CARTRIDGE)
+PROMPT_EMBEDS_METHODS = methods.runtime_names(methods.PROMPT_EMBEDS)
+"""Prompt tuning, P-tuning and CPT: one `prompt_embeds` input serves them all."""
+PROMPT_METHODS = (PREFIX_TUNING, *PROMPT_EMBEDS_METHODS, ADAPTION_PROMPT, CARTRIDGE)
 
 ADAPTION_ARCHITECTURES = ("llama", "mistral", "gpt2")
 """Where PEFT has AdaptionPrompt: AdaptedAttention (Llama family) and AdaptedAttentionGPT."""
@@ -41,8 +42,7 @@ _ADAPTION_KEY = re.compile(
 )
 _BOUND_OPTION = {
     PREFIX_TUNING: ("prefix_max_len", "--prefix-max-len"),
-    PROMPT_TUNING: ("prompt_max_len", "--prompt-max-len"),
-    P_TUNING: ("prompt_max_len", "--prompt-max-len"),
+    **{method: ("prompt_max_len", "--prompt-max-len") for method in PROMPT_EMBEDS_METHODS},
     ADAPTION_PROMPT: ("adaption_max_len", "--adaption-max-len"),
 }
 

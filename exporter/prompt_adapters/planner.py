@@ -20,10 +20,9 @@ from peft_export.exporter.prompt_adapters.bundle_adapters import (
 from peft_export.exporter.prompt_adapters.convert import (
     ADAPTION_PROMPT,
     CARTRIDGE,
-    P_TUNING,
     PREFIX_TUNING,
+    PROMPT_EMBEDS_METHODS,
     PROMPT_METHODS,
-    PROMPT_TUNING,
     check_bounds,
     convert_prompt_adapter,
 )
@@ -33,7 +32,7 @@ from peft_export.exporter.prompt_adapters.target import PromptTarget
 
 _GROUPS = {
     "prefix_max_len": (PREFIX_TUNING, CARTRIDGE),
-    "prompt_max_len": (PROMPT_TUNING, P_TUNING),
+    "prompt_max_len": PROMPT_EMBEDS_METHODS,
     "adaption_max_len": (ADAPTION_PROMPT,),
 }
 

@@ -1,4 +1,4 @@
-"""Prompt tuning and P-tuning: `prompt_embeds` placed in front of the token embeddings."""
+"""Prompt tuning, P-tuning and CPT: `prompt_embeds` placed in front of the token embeddings."""
 
 from __future__ import annotations
 
@@ -8,19 +8,30 @@ from torch import nn
 from peft_export.bundle import names
 from peft_export.bundle.manifest import AdapterLayout
 from peft_export.exporter.graph.extension import ExtraInput, GraphExtension
-from peft_export.exporter.prompt_adapters.convert import P_TUNING, PROMPT_TUNING
+from peft_export.exporter.prompt_adapters.convert import PROMPT_EMBEDS_METHODS
 
 TRACE_PROMPT_LEN = 5
 """Differs from the wrapper's trace batch/seq/past sizes so dynamo keeps the dims apart."""
 
 
 class PromptEmbedsExtension(GraphExtension):
-    """Input `prompt_embeds` [batch, prompt_len, hidden]; prompt_len may be 0 (decode)."""
+    """Input `prompt_embeds` [batch, prompt_len, hidden]; prompt_len may be 0 (decode).
 
-    def __init__(self, hidden_size: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
+    `methods` are what the manifest records as accepted (encoders leave out CPT, which PEFT
+    has for causal LMs only).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        methods: tuple[str, ...] = PROMPT_EMBEDS_METHODS,
+    ) -> None:
         self.hidden_size = hidden_size
         self.max_len = max_len
         self.dtype = dtype
+        self.methods = methods
 
     def inputs(self, batch: int, seq: int) -> list[ExtraInput]:
         gen = torch.Generator().manual_seed(1)
@@ -36,6 +47,6 @@ class PromptEmbedsExtension(GraphExtension):
 
     def describe(self, layout: AdapterLayout) -> None:
         layout.prompt_max_len = self.max_len
-        for method in (PROMPT_TUNING, P_TUNING):
+        for method in self.methods:
             if method not in layout.methods:
                 layout.methods.append(method)

@@ -33,7 +33,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
 _PREFIX = "base_model.model."
 _TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix_tuning"}
-_TYPES |= {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning"}
+_TYPES |= {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "CPT": "cpt"}
 _TYPES |= {"CARTRIDGE": "prefix_tuning"}  # PEFT serves its stored KV exactly as a prefix
 _DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}
 BASE_TARGETS_FILE = names.adapter_file(names.BASE_TARGETS)
@@ -91,8 +91,9 @@ def _method(folder: Path, config: dict[str, Any]) -> str:
     if method is None:
         raise InferenceError(
             f"{folder}: PEFT type {config.get('peft_type')!r} does not convert without torch "
-            "(LoRA, rsLoRA, DoRA, IA3, prefix and prompt tuning, Cartridge do); install it with "
-            "'peft-export adapters add BUNDLE NAME=DIR' on a machine with the export extra"
+            "(LoRA, rsLoRA, DoRA, IA3, prefix / prompt tuning, P-tuning, CPT and Cartridge "
+            "do); install it with 'peft-export adapters add BUNDLE NAME=DIR' on a machine with "
+            "the export extra"
         )
     if method == "lora" and config.get("use_dora"):
         return "dora"

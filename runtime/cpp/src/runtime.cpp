@@ -14,7 +14,7 @@ constexpr const char* kPrefixTuning = "prefix_tuning";
 constexpr const char* kAdaptionPrompt = "adaption_prompt";
 
 bool is_prompt_embed_method(const std::string& method) {
-  return method == "prompt_tuning" || method == "p_tuning";
+  return method == "prompt_tuning" || method == "p_tuning" || method == "cpt";
 }
 
 // Graph inputs of docs/bundle-format.md this runtime does not feed (Python runtime only):
