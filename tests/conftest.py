@@ -1,11 +1,16 @@
 """Shared test set-up: make tests/ importable for helper modules; session-wide builds."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Tests send traffic to loopback only: no Hugging Face library may look anything up on the Hub
+# (PEFT checks a base model's name there when it loads an adapter; here that was a DNS lookup).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
