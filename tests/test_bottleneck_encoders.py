@@ -153,12 +153,17 @@ def test_bert_adapter_alone_equals_library_forward(library, bert, name):
 
 
 def test_bert_mixed_batch_with_lora_and_base_rows(library, bert):
-    bases, jobs, _, _ = library
-    bundle, _, reference, lora = bert
+    bundle, _, _, lora = bert
+    _check_mixed_batch(library, bundle, lora)
+
+
+def _check_mixed_batch(library, bundle, lora: Path) -> None:
+    """A base row, the PEFT LoRA row and every library adapter in one batch, each row against
+    its own reference (PEFT, or the library's forward)."""
+    bases, jobs, reference, _ = library
     names = [None, "lora", *BERT_ADAPTERS]
     picks = [i % 3 for i in range(len(names))]
-    encoded = _encoded(jobs["bert"], picks)
-    got = bundle.run(encoded, names)["logits"]
+    got = bundle.run(_encoded(jobs["bert"], picks), names)["logits"]
     for row, (name, pick) in enumerate(zip(names, picks, strict=True)):
         one = _encoded(jobs["bert"], [pick])
         if name is None:
@@ -279,9 +284,9 @@ def test_verify_checks_lora_and_names_bottleneck_adapters_it_cannot_reference(be
 
 def test_fused_bundle_keeps_every_adapter_exact(library, bert, tmp_path):
     """--ort-fusions cpu (SkipLayerNormalization / Attention fusions) around bottleneck sites."""
-    bases, jobs, reference, _ = library
+    bases, _, _, tmp = library
     _, _, _, lora = bert
-    adapters = [("lora", lora), *((n, library[3] / "library" / "bert" / n) for n in BERT_ADAPTERS)]
+    adapters = [("lora", lora), *((n, tmp / "library" / "bert" / n) for n in BERT_ADAPTERS)]
     export_encoder(
         bases["bert"],
         adapters,
@@ -289,16 +294,4 @@ def test_fused_bundle_keeps_every_adapter_exact(library, bert, tmp_path):
         mode="runtime",
         options={"slots": 8, "ort_fusions": "cpu"},
     )
-    bundle = load_bundle(tmp_path / "fused", threads=1)
-    names = [None, "lora", *BERT_ADAPTERS]
-    picks = [i % 3 for i in range(len(names))]
-    got = bundle.run(_encoded(jobs["bert"], picks), names)["logits"]
-    for row, (name, pick) in enumerate(zip(names, picks, strict=True)):
-        one = _encoded(jobs["bert"], [pick])
-        if name is None:
-            want = _base_logits(bases["bert"], one)
-        elif name == "lora":
-            want = peft_outputs(bases["bert"], "bert", TASK, lora, one)["logits"]
-        else:
-            want = reference[f"bert.{name}.logits"][pick : pick + 1]
-        assert np.abs(got[row : row + 1, : want.shape[1]] - want).max() <= TOL, f"row {row} {name}"
+    _check_mixed_batch(library, load_bundle(tmp_path / "fused", threads=1), lora)
