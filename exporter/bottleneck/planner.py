@@ -22,7 +22,7 @@ from peft_export.exporter.bottleneck.convert import (
 from peft_export.exporter.bottleneck.folder import refuse_saved_head
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.pipeline import ExportContext, RuntimePlan
-from peft_export.exporter.runtime_adapters.bundle_adapters import install_converted
+from peft_export.exporter.runtime_adapters.bundle_adapters import install_all
 from peft_export.exporter.runtime_adapters.planner import DEFAULT_SLOTS, _listed
 from peft_export.models.architectures import ArchSpec
 
@@ -47,14 +47,7 @@ def plan_bottleneck_banks(context: ExportContext) -> RuntimePlan | None:
     fitted = [fit_layout(adapter, layout) for adapter in converted]
 
     def write_adapters(stage: Path, manifest_layout: AdapterLayout) -> None:
-        for adapter in fitted:
-            install_converted(
-                stage,
-                manifest_layout,
-                adapter,
-                weights_sha256=context.base_weights_sha256,
-                precision=context.precision,
-            )
+        install_all(stage, manifest_layout, fitted, context)
 
     return RuntimePlan(methods=(bn.METHOD,), extensions=[banks], write_adapters=write_adapters)
 

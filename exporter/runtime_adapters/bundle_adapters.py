@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -48,6 +49,9 @@ from peft_export.exporter.runtime_adapters.convert import (
     pad_slot,
 )
 from peft_export.models.architectures import get_arch
+
+if TYPE_CHECKING:
+    from peft_export.exporter.pipeline import ExportContext
 
 BASE_TARGETS_FILE = names.adapter_file(names.BASE_TARGETS)
 ORT_ADAPTER_SUFFIX = ".onnx_adapter"
@@ -250,6 +254,21 @@ def write_slot(
         save_file(tensors, str(tmp), metadata=metadata)
         digest = file_sha256(tmp)
     return digest
+
+
+def install_all(
+    stage: Path, layout: AdapterLayout, adapters: Iterable[SlotTensors], context: ExportContext
+) -> None:
+    """A planner's export-time step: install every converted adapter into the staged bundle
+    (the context gives the base's digest and the bundle's precision)."""
+    for adapter in adapters:
+        install_converted(
+            stage,
+            layout,
+            adapter,
+            weights_sha256=context.base_weights_sha256,
+            precision=context.precision,
+        )
 
 
 def install_converted(

@@ -28,7 +28,7 @@ from peft_export.exporter.adapter_source import AdapterSource, check_new_adapter
 from peft_export.exporter.bundle_files import read_manifest
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.pipeline import ExportContext, RuntimePlan
-from peft_export.exporter.runtime_adapters.bundle_adapters import install_converted
+from peft_export.exporter.runtime_adapters.bundle_adapters import install_all, install_converted
 from peft_export.exporter.runtime_adapters.convert import SlotTensors
 from peft_export.exporter.runtime_adapters.norm_banks import NormBanks, NormSlot
 from peft_export.exporter.runtime_adapters.planner import DEFAULT_SLOTS, _listed
@@ -183,14 +183,7 @@ def plan_norm_banks(context: ExportContext) -> RuntimePlan | None:
 
     def write_adapters(stage: Path, manifest_layout: AdapterLayout) -> None:
         write_base_norms(stage, base)
-        for adapter in converted:
-            install_converted(
-                stage,
-                manifest_layout,
-                adapter,
-                weights_sha256=context.base_weights_sha256,
-                precision=context.precision,
-            )
+        install_all(stage, manifest_layout, converted, context)
 
     return RuntimePlan(methods=(nb.METHOD,), extensions=[banks], write_adapters=write_adapters)
 

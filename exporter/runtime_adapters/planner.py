@@ -19,7 +19,7 @@ from peft_export.exporter.pipeline import ExportContext, RuntimePlan
 from peft_export.exporter.runtime_adapters.banks import LoraBanks
 from peft_export.exporter.runtime_adapters.bundle_adapters import (
     base_target_weights,
-    install_converted,
+    install_all,
     plan_layout,
     write_base_targets,
 )
@@ -73,14 +73,7 @@ def plan_lora_banks(context: ExportContext) -> RuntimePlan | None:
             write_base_targets(stage, weights)
         if tokens is not None:
             tokens.write_base(stage)
-        for adapter in converted:
-            install_converted(
-                stage,
-                manifest_layout,
-                adapter,
-                weights_sha256=context.base_weights_sha256,
-                precision=context.precision,
-            )
+        install_all(stage, manifest_layout, converted, context)
 
     return RuntimePlan(methods=SLOT_METHODS, extensions=extensions, write_adapters=write_adapters)
 
