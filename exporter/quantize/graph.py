@@ -151,6 +151,8 @@ def _quantize_gather(
             f"quantization could not find the token table {path} in the traced graph; "
             "report this with the model used, or --quant-skip it"
         )
+    if any(a.name == "axis" and a.i != 0 for n in gathers for a in n.attribute):
+        raise ExportError(f"{path}: the table is gathered along axis != 0; report this bug")
     if shared is not None and not shared["zero_points"]:
         return _gather_shared(graph, nodes, gathers, path, block, shared) | {"replaced": table}
     names = {"weight": f"{path}.qweight", "scales": f"{path}.scales", "zero_points": ""}
@@ -163,8 +165,6 @@ def _quantize_gather(
         attributes["bits"] = 8
     graph.initializer.extend([codes, numpy_helper.from_array(block.scales, names["scales"])])
     for node in gathers:
-        if any(a.name == "axis" and a.i != 0 for a in node.attribute):
-            raise ExportError(f"{path}: the table is gathered along axis != 0; report this bug")
         quantized = helper.make_node(
             "GatherBlockQuantized",
             [names["weight"], node.input[1], names["scales"]],
@@ -199,8 +199,6 @@ def _gather_shared(
         ]
     )
     for node in gathers:
-        if any(a.name == "axis" and a.i != 0 for a in node.attribute):
-            raise ExportError(f"{path}: the table is gathered along axis != 0; report this bug")
         rows = f"{node.output[0]}_blocks"
         quantized = helper.make_node(
             "GatherBlockQuantized",
