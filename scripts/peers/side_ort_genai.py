@@ -5,7 +5,9 @@ logits): its own search stops at EOS and `min_length` would suppress EOS, while 
 here must continue past EOS as a plain argmax loop does; the argmax is ~0.1 ms of a step.
 Denormals: session_options passes unknown keys on to ONNX Runtime as session config entries,
 so `session.set_denormal_as_zero` works (checked with gdb: main and pool threads get FTZ/DAZ).
-Telemetry is switched off before anything else.
+Telemetry is switched off before anything else. Its tokenizer (`og.Tokenizer`) is loaded with
+the model and turns the ids into text after the last token, as for a user: every side's load
+time includes the tokenizer it needs to answer with text.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Runner:
         self.model = og.Model(model_config)
         self.adapters = og.Adapters(self.model)
         self.adapters.load(config["adapter_file"], "pirate")
+        self.tokenizer = og.Tokenizer(self.model)
+        self.text = ""
 
     def generate(self, prompt_ids: list[int], tokens: int) -> tuple[list[int], list[float]]:
         params = og.GeneratorParams(self.model)
@@ -46,6 +50,7 @@ class Runner:
             ids.append(int(np.argmax(generator.get_logits()[0, -1])))
             stamps.append(time.perf_counter())
             if len(ids) == tokens:
+                self.text = self.tokenizer.decode(np.array(ids, dtype=np.int32))
                 return ids, stamps
             generator.append_tokens([ids[-1]])
 

@@ -1,7 +1,8 @@
 """The reference side: PyTorch + PEFT, the LoRA unmerged, a greedy loop over the KV cache.
 
 Its 64 greedy ids define "correct" for every fp32 side. A plain argmax loop (not
-`generate`) so it continues past EOS exactly like the other sides' ignore-EOS settings.
+`generate`) so it continues past EOS exactly like the other sides' ignore-EOS settings. The
+tokenizer is loaded with the model and decodes the ids after the last token, as every side's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import peft
 import torch
 import transformers
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 class Runner:
@@ -21,6 +22,8 @@ class Runner:
         torch.set_flush_denormal(True)
         base = AutoModelForCausalLM.from_pretrained(config["checkpoint"], dtype=torch.float32)
         self.model = PeftModel.from_pretrained(base, config["adapter"]).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(config["checkpoint"])
+        self.text = ""
 
     def generate(self, prompt_ids: list[int], tokens: int) -> tuple[list[int], list[float]]:
         ids: list[int] = []
@@ -31,6 +34,7 @@ class Runner:
                 ids.append(int(step.logits[0, -1].argmax()))
                 stamps.append(time.perf_counter())
                 if len(ids) == tokens:
+                    self.text = self.tokenizer.decode(ids)
                     return ids, stamps
                 step = self.model(
                     input_ids=torch.tensor([[ids[-1]]]),
