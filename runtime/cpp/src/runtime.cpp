@@ -194,13 +194,8 @@ Runtime::Runtime(const std::filesystem::path& bundle_dir, RuntimeOptions options
     if (banks_->specs().empty()) banks_.reset();
   }
   store_ = std::make_unique<AdapterStore>(manifest_, bundle_dir_, banks_.get());
-  if (options.backend == "ort") {
-    backend_ = make_ort_backend(bundle_dir_, manifest_, banks_.get(), options.backend_options);
-  } else if (options.backend == "tensorrt") {
-    backend_ = make_tensorrt_backend(bundle_dir_, manifest_, banks_.get(), options.backend_options);
-  } else {
-    throw InferenceError("unknown backend '" + options.backend + "'; use ort or tensorrt");
-  }
+  // The tokenizer before the backend: the backend's last step starts moving its weights onto
+  // huge pages on a second thread, which would compete with the parse on a 2-core machine.
   if (options.load_tokenizer && manifest_.tokenizer.file) {
     std::error_code ec;
     std::filesystem::path file = confined_path(bundle_dir_, *manifest_.tokenizer.file);
@@ -211,6 +206,13 @@ Runtime::Runtime(const std::filesystem::path& bundle_dir, RuntimeOptions options
         tokenizer_.reset();  // another tokenizer kind: callers plug in their own
       }
     }
+  }
+  if (options.backend == "ort") {
+    backend_ = make_ort_backend(bundle_dir_, manifest_, banks_.get(), options.backend_options);
+  } else if (options.backend == "tensorrt") {
+    backend_ = make_tensorrt_backend(bundle_dir_, manifest_, banks_.get(), options.backend_options);
+  } else {
+    throw InferenceError("unknown backend '" + options.backend + "'; use ort or tensorrt");
   }
 }
 
