@@ -75,3 +75,11 @@ def test_verify_passes_and_catches_the_wrong_adapter(work, capsys):
     assert max(r["max_abs"]["start_logits"] for r in report["adapters"]) <= 1e-4
     # the bundle's adapter a judged against adapter b's folder must fail
     assert run_cli("verify", str(work["out"]), "--adapter", "a", "--source", f"a={work['b']}") == 1
+
+
+def test_inspect_shows_the_task_not_a_kv_cache(work, capsys):
+    capsys.readouterr()
+    assert run_cli("inspect", str(work["out"])) == 0
+    text = capsys.readouterr().out
+    assert "encoder     question-answering" in text and "kv cache" not in text
+

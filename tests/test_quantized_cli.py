@@ -39,7 +39,7 @@ def test_int8_runtime_bundle_verifies_and_reports_quantizations_effect(tiny):
         assert 0 < entry["top1_agreement"] <= 1 and entry["mean_kl"] > 0
 
 
-def test_skipped_layers_stay_float(tiny):
+def test_skipped_layers_stay_float(tiny, capsys):
     out = tiny["root"] / "skip"
     args = ("--base", str(tiny["base"]), "--quantize", "int4", "--quant-skip", "lm_head")
     assert run_cli("export", *args, "--quant-skip", "*.down_proj", "--out", str(out)) == 0
@@ -50,6 +50,13 @@ def test_skipped_layers_stay_float(tiny):
         "model.layers.1.mlp.down_proj": "--quant-skip",
     }
     assert len(record["modules"]) == 12
+    capsys.readouterr()
+    code = run_cli("inspect", str(out), "--json")
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)["quantization"]
+    assert summary["layers"] == {"rtn int4": 12} and len(summary["kept"]) == 3
+    assert run_cli("inspect", str(out)) == 0
+    assert "quantized   block 32" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

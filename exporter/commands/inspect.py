@@ -55,12 +55,16 @@ def summarize(root: Path) -> dict[str, Any]:
             "inputs": _collapse(manifest.graph.inputs),
             "outputs": _collapse(manifest.graph.outputs),
         },
-        "kv": {
+        "kv": None
+        if manifest.encoder is not None
+        else {
             "num_layers": manifest.kv.num_layers,
             "num_kv_heads": manifest.kv.num_kv_heads,
             "head_dim": manifest.kv.head_dim,
             "dtype": manifest.kv.dtype,
         },
+        "encoder": _encoder(manifest.encoder),
+        "quantization": _quantization(manifest.quantization),
         "vocab_size": manifest.vocab_size,
         "hidden_size": manifest.hidden_size,
         "adapters": {
@@ -94,6 +98,37 @@ def summarize(root: Path) -> dict[str, Any]:
         ],
         "parity": _parity(root),
         "producer": manifest.producer,
+    }
+
+
+def _encoder(encoder: Any) -> dict[str, Any] | None:
+    """Encoder bundles have no KV cache; what they compute is the task and its labels."""
+    if encoder is None:
+        return None
+    return {
+        "task": encoder.task,
+        "max_length": encoder.max_length,
+        "max_labels": encoder.max_labels,
+        "pooling": encoder.pooling,
+    }
+
+
+def _quantization(quant: Any) -> dict[str, Any] | None:
+    """Which layers hold block-quantized weights, at which width, and which stayed float."""
+    if quant is None:
+        return None
+    layers: dict[str, int] = {}
+    for module in quant.modules.values():
+        key = f"{module.source} int{module.bits}"
+        layers[key] = layers.get(key, 0) + 1
+    return {
+        "bits": quant.bits,
+        "block_size": quant.block_size,
+        "format": quant.format,
+        "accuracy_level": quant.accuracy_level,
+        "layers": layers,
+        "token_table": bool(quant.embedding),
+        "kept": dict(quant.kept),
     }
 
 
@@ -154,11 +189,23 @@ def render(summary: dict[str, Any]) -> str:
     for title, entries in (("inputs", graph["inputs"]), ("outputs", graph["outputs"])):
         lines.append(f"  {title}")
         lines += [f"    {e['name']:<{width}}{e['dtype']:<9}{_shape(e['shape'])}" for e in entries]
-    kv = summary["kv"]
-    lines.append(
-        f"kv cache    {kv['num_layers']} layers x {kv['num_kv_heads']} heads x "
-        f"{kv['head_dim']} dims, {kv['dtype']}"
-    )
+    kv, encoder, quant = summary["kv"], summary["encoder"], summary["quantization"]
+    if kv is not None:
+        lines.append(
+            f"kv cache    {kv['num_layers']} layers x {kv['num_kv_heads']} heads x "
+            f"{kv['head_dim']} dims, {kv['dtype']}"
+        )
+    if encoder is not None:
+        labels = f", up to {encoder['max_labels']} labels" if encoder["max_labels"] else ""
+        lines.append(f"encoder     {encoder['task']}, <= {encoder['max_length']} tokens{labels}")
+    if quant is not None:
+        layers = ", ".join(f"{n} {kind}" for kind, n in sorted(quant["layers"].items()))
+        table = "; token table quantized" if quant["token_table"] else ""
+        kept = f"; {len(quant['kept'])} kept float" if quant["kept"] else ""
+        lines.append(
+            f"quantized   block {quant['block_size']}, {quant['format']}, accuracy level "
+            f"{quant['accuracy_level']}: {layers}{table}{kept}"
+        )
     if adapters["merged"]:
         merged = adapters["merged"]
         lines.append(f"merged      {merged.get('name')} ({merged.get('method')})")
