@@ -82,4 +82,3 @@ def test_inspect_shows_the_task_not_a_kv_cache(work, capsys):
     assert run_cli("inspect", str(work["out"])) == 0
     text = capsys.readouterr().out
     assert "encoder     question-answering" in text and "kv cache" not in text
-
