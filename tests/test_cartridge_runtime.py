@@ -98,3 +98,14 @@ def test_torch_free_converter_writes_the_exporters_tensors(cart: CartridgeBundle
     assert set(converted) == set(installed)
     for key, value in installed.items():
         np.testing.assert_allclose(converted[key], value, rtol=0, atol=1e-6)
+
+
+def test_a_bundle_without_prefix_inputs_names_them(cart: CartridgeBundle) -> None:
+    """A Cartridge becomes prefix key/values: the refusal names those inputs and the option."""
+    from peft_export.exporter.errors import ExportError
+    from peft_export.exporter.prompt_adapters.convert import convert_prompt_adapter
+    from peft_export.exporter.prompt_adapters.target import PromptTarget
+
+    target = PromptTarget.from_config(cart.base.config, "sha")
+    with pytest.raises(ExportError, match="needs prefix key/value inputs.*--prefix-max-len 3"):
+        convert_prompt_adapter(cart.dirs["cart_added"], target)

@@ -45,6 +45,11 @@ _BOUND_OPTION = {
     **{method: ("prompt_max_len", "--prompt-max-len") for method in PROMPT_EMBEDS_METHODS},
     ADAPTION_PROMPT: ("adaption_max_len", "--adaption-max-len"),
 }
+_INPUT_KIND = {
+    "prefix_max_len": "prefix key/value",
+    "prompt_max_len": "prompt embedding",
+    "adaption_max_len": "AdaptionPrompt",
+}
 
 
 @dataclass
@@ -102,8 +107,8 @@ def check_bounds(adapter: PromptAdapter, target: PromptTarget) -> None:
     bound = getattr(target, field_name)
     if bound == 0:
         raise ExportError(
-            f"adapter {adapter.name!r} is {adapter.method} but the bundle was exported without "
-            f"{adapter.method} inputs; re-export with {option} {adapter.length} (or more)"
+            f"adapter {adapter.name!r} needs {_INPUT_KIND[field_name]} inputs, which the bundle "
+            f"was exported without; re-export with {option} {adapter.length} (or more)"
         )
     if adapter.length > bound:
         raise ExportError(
