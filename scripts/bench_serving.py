@@ -23,7 +23,8 @@ prompt prefills (its submit to its first token); the p99 ratio is the goal's num
 
 Setup (cached under --workdir): 16 LoRA adapters derived from models/examples/pirate (its A,
 B scaled and sign-flipped per adapter, seeded: each a different adapter), our runtime bundle
-holding them, llama.cpp built by scripts/peers/setup_llama_cpp.sh (with llama-server) and the
+holding them (exported with `--ort-fusions cpu`, the fused CPU graph, unless `--ort-fusions
+none`), llama.cpp built by scripts/peers/setup_llama_cpp.sh (with llama-server) and the
 adapters converted by its convert_lora_to_gguf.py.
 
     python3 scripts/bench_serving.py [--requests 48] [--repeats 2] [--setup-only]
@@ -91,6 +92,13 @@ def main() -> None:
         default=0.75,
         help="Scheduler: while rows decode, a prefill chunk's share of a decode call's time.",
     )
+    parser.add_argument(
+        "--ort-fusions",
+        choices=("cpu", "none"),
+        default="cpu",
+        help="Our bundle's graph: ONNX Runtime's fused CPU ops (what a CPU deployment exports) "
+        "or the portable one.",
+    )
     parser.add_argument("--min-llama-agreement", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--setup-only", action="store_true")
@@ -118,7 +126,7 @@ def set_up(args, work: Path, sides: list[str]) -> dict:
     adapters = make_adapters(work / "adapters", args.adapters)
     out = {"checkpoint": checkpoint, "adapters": adapters}
     if {"scheduler", "threads"} & set(sides):
-        out["bundle"] = our_bundle(work, adapters)
+        out["bundle"] = our_bundle(work, adapters, args.ort_fusions)
     if "llama" in sides:
         out.update(llama_files(args, work, checkpoint, adapters))
     return out
@@ -160,8 +168,8 @@ def cli(*argv: str, log: Path) -> None:
         subprocess.run(cmd, check=True, stdout=fh, stderr=fh, cwd="/tmp")
 
 
-def our_bundle(work: Path, adapters: dict[str, Path]) -> Path:
-    bundle = work / "bundle"
+def our_bundle(work: Path, adapters: dict[str, Path], fusions: str) -> Path:
+    bundle = work / ("bundle" if fusions == "none" else f"bundle-{fusions}")
     names = list(adapters)
     log = work / "setup.log"
     if not (bundle / "manifest.json").is_file():
@@ -176,6 +184,8 @@ def our_bundle(work: Path, adapters: dict[str, Path]) -> Path:
             f"{first}={adapters[first]}",
             "--slots",
             str(len(adapters) + 1),
+            "--ort-fusions",
+            fusions,
             "--out",
             str(bundle),
             "--force",
@@ -505,6 +515,7 @@ async def run(args, work: Path, sides: list[str], setup: dict) -> dict:
     log = work / "servers.log"
     report: dict = {
         "model": "SmolLM2-135M-Instruct fp32 (ours: runtime bundle; llama.cpp: F32 GGUF, F32 KV)",
+        "our_graph": "ONNX Runtime fused CPU ops" if args.ort_fusions == "cpu" else "portable",
         "adapters": args.adapters,
         "clients": args.clients,
         "requests_per_run": args.requests,
