@@ -6,7 +6,17 @@ Sides, each an HTTP server on 127.0.0.1 spoken to through the same OpenAI chat A
   threads    `peft-export serve --engine threads`: one request per thread through Bundle.run
              (how the runtime served before the scheduler)
   llama      llama.cpp's llama-server with every LoRA loaded (--lora-init-without-apply) and
-             chosen per request (`lora: [{"id": i, "scale": 1}]`), --parallel = clients
+             chosen per request (`lora: [{"id": i, "scale": 1}]`), --parallel = clients.
+             It batches only slots whose adapter sets are equal: each step decodes the
+             lowest-numbered busy slot's adapter group and the other groups wait, so requests
+             for 16 different adapters run about one at a time (batch-1 speed), not as one
+             batch (tools/server/server-context.cpp: can_batch_with, pre_decode). Its OpenMP
+             build spins up to 300,000 times at each of the ~1,000 per-node barriers of a
+             step; on this shared 2-core box a busy neighbour on one core leaves the thread on
+             the other spinning at every barrier (measured: 33 -> 465 ms per token), so it
+             runs with GOMP_SPINCOUNT=1000 (libgomp spins only 100-1,000 times when it sees
+             more threads than CPUs; same speed on an idle machine). docs/benchmarks.md has
+             the probes.
 Same weights precision everywhere (SmolLM2-135M-Instruct fp32; llama.cpp F32 GGUF, F32 KV),
 2 threads each, greedy, `ignore_eos` so every side generates the same token count.
 
@@ -64,6 +74,9 @@ TOPICS = [
 START_TIMEOUT_S = 300
 QUIET_TOKENS = 12
 """Tokens every probe row decodes in the window without a long prompt."""
+LLAMA_GOMP_SPINCOUNT = "1000"
+"""llama-server's barrier spin count (see the module docstring): libgomp's default, 300,000,
+assumes the cores are the server's alone."""
 
 
 def main() -> None:
@@ -253,9 +266,9 @@ def start_side(side: str, args, setup: dict, log: Path) -> tuple[subprocess.Pope
         cmd += ["--port", str(port), "-t", str(args.threads), "-tb", str(args.threads)]
         cmd += ["-np", str(args.clients), "-c", str(args.clients * 1536), "-ctk", "f32"]
         cmd += ["-ctv", "f32", "--lora-init-without-apply"]
-        for lora in loras:
-            cmd += ["--lora", str(lora)]
+        cmd += ["--lora", ",".join(str(lora) for lora in loras)]  # a repeated --lora is deprecated
         models = {name: i for i, name in enumerate(setup["gguf_loras"])}
+        env["GOMP_SPINCOUNT"] = LLAMA_GOMP_SPINCOUNT
         if setup.get("ftz_preload"):  # ONNX Runtime flushes denormals (its default); same here
             env["LD_PRELOAD"] = str(setup["ftz_preload"])
     out = open(log, "a")  # noqa: SIM115 (closed with the process by stop_side)
@@ -536,6 +549,11 @@ async def run(args, work: Path, sides: list[str], setup: dict) -> dict:
             "; llama-server: NOT flushed (no C compiler)"
             if "llama" in sides and not setup.get("ftz_preload")
             else ""
+        ),
+        **(
+            {"llama_server_env": f"GOMP_SPINCOUNT={LLAMA_GOMP_SPINCOUNT} (OpenMP barrier spin)"}
+            if "llama" in sides
+            else {}
         ),
         "runs": {s: [] for s in sides},
         "failures": [],
