@@ -575,6 +575,8 @@ async def run(args, work: Path, sides: list[str], setup: dict) -> dict:
                 summary["tokens_per_cpu_s"] = round(summary["tokens"] / max(used, 1e-9), 2)
                 report["runs"][side].append(summary)
                 texts[side] = {i: r.get("text") for i, r in outcome["results"].items()}
+                errors = {r["error"] for r in outcome["results"].values() if "error" in r}
+                report["failures"] += [f"repeat {rep}: {side}: {e}" for e in sorted(errors)[:3]]
             check_outputs(report, rep, texts, args)
         report["summary"] = {s: median_of(report["runs"][s]) for s in sides}
         ratios = {}
