@@ -389,16 +389,21 @@ async def run_load(side: str, url: str, models: dict, jobs: list[dict], args) ->
     limit = asyncio.Semaphore(args.clients)
     results: dict[int, dict] = {}
     started = time.perf_counter()
-    client = make_client(url, args)
-
     partial: dict[int, dict] = {}
 
     async def go(job: dict) -> None:
+        """One client (one fresh loopback connection) per request, no retries: a kept-alive
+        connection that the server closed while idle (llama-server's HTTP library does after
+        5 s) would fail the next request that reuses it, a client-side race."""
         await asyncio.sleep(max(0.0, started + job["at"] - time.perf_counter()))
         async with limit:
             body = request_body(side, job, models, args.max_tokens)
             partial[job["i"]] = record = {}
-            results[job["i"]] = await one_request(client, body, record)
+            client = make_client(url, args)
+            try:
+                results[job["i"]] = await one_request(client, body, record)
+            finally:
+                await client.close()
 
     try:
         await asyncio.wait_for(asyncio.gather(*(go(j) for j in jobs)), args.time_limit)
@@ -410,8 +415,6 @@ async def run_load(side: str, url: str, models: dict, jobs: list[dict], args) ->
                     "error": f"not finished within --time-limit {args.time_limit} s",
                     "tokens": len(stamps),
                 }
-    finally:
-        await client.close()
     wall = time.perf_counter() - started
     return {"wall": wall, "results": results}
 
