@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -117,16 +118,13 @@ def _quantization(quant: Any) -> dict[str, Any] | None:
     """Which layers hold block-quantized weights, at which width, and which stayed float."""
     if quant is None:
         return None
-    layers: dict[str, int] = {}
-    for module in quant.modules.values():
-        key = f"{module.source} int{module.bits}"
-        layers[key] = layers.get(key, 0) + 1
+    layers = Counter(f"{module.source} int{module.bits}" for module in quant.modules.values())
     return {
         "bits": quant.bits,
         "block_size": quant.block_size,
         "format": quant.format,
         "accuracy_level": quant.accuracy_level,
-        "layers": layers,
+        "layers": dict(layers),
         "token_table": bool(quant.embedding),
         "kept": dict(quant.kept),
     }
