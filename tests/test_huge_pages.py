@@ -62,3 +62,15 @@ def test_collapse_keeps_the_bytes_of_a_new_mapping():
     assert np.array_equal(data, want)
     del data
     region.close()
+
+
+def test_a_collapse_waits_for_the_first_run(monkeypatch):
+    calls = []
+    monkeypatch.setattr(huge_pages, "collapse", lambda ranges: calls.append(ranges) or 4096)
+    pending = huge_pages.Collapse([(0, 8192)])
+    pending._thread.join(timeout=0.2)
+    assert calls == [] and pending._thread.is_alive()
+    pending.begin()
+    pending.begin()
+    assert pending.bytes == 4096
+    assert calls == [[(0, 8192)]]

@@ -356,6 +356,8 @@ class OrtBackend(Backend):
                 f"ONNX Runtime failed to run a step ({_first_line(exc)}); the request's shapes "
                 "may exceed what the graph supports"
             ) from None
+        if self._collapse is not None:
+            self._collapse.begin()
 
     def output_pointers(self, binding: StepBinding) -> dict[str, int]:
         """Where the last run's outputs actually live (to check they are the bound buffers)."""

@@ -10,8 +10,9 @@
 namespace peft_export::huge_pages {
 namespace {
 
-// Bytes per madvise call: a failure (no free huge page) costs one chunk, not the range.
-constexpr std::uintptr_t kChunk = std::uintptr_t{64} << 20;
+// Bytes per madvise call: short calls keep each stall short, and a failure (no free huge page)
+// costs one chunk, not the range.
+constexpr std::uintptr_t kChunk = kHugePage;
 constexpr int kMadvCollapse = 25;  // Linux >= 6.1; older kernels answer EINVAL
 
 }  // namespace
@@ -60,6 +61,39 @@ std::uint64_t collapse(const std::vector<Range>& ranges) {
     }
   }
   return accepted;
+}
+
+DeferredCollapse::DeferredCollapse(std::vector<Range> ranges)
+    : thread_([this, ranges = std::move(ranges)] {
+        std::unique_lock lock(mutex_);
+        wake_.wait(lock, [this] { return go_ || cancelled_; });
+        if (cancelled_) return;
+        lock.unlock();
+        accepted_ = collapse(ranges);
+      }) {}
+
+DeferredCollapse::~DeferredCollapse() {
+  {
+    std::lock_guard lock(mutex_);
+    cancelled_ = !go_;
+  }
+  wake_.notify_one();
+  if (thread_.joinable()) thread_.join();
+}
+
+void DeferredCollapse::begin() {
+  {
+    std::lock_guard lock(mutex_);
+    if (go_) return;
+    go_ = true;
+  }
+  wake_.notify_one();
+}
+
+std::uint64_t DeferredCollapse::finish() {
+  begin();
+  if (thread_.joinable()) thread_.join();
+  return accepted_;
 }
 
 }  // namespace peft_export::huge_pages

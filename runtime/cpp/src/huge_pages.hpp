@@ -3,7 +3,10 @@
 // every weight, and on 4 KiB pages that is a TLB miss every 4 KiB. Best effort, never fails.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
+#include <mutex>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -23,5 +26,28 @@ std::vector<Range> new_ranges(std::vector<Range> before, const std::vector<Range
 
 // Asks the kernel to back whole 2 MiB pages of `ranges` with huge pages; the bytes it accepted.
 std::uint64_t collapse(const std::vector<Range>& ranges);
+
+// collapse(ranges) on its own thread once begin() is called: after the session's first run,
+// since the kernel stalls accesses to memory it is moving and a collapse started at load
+// delayed the first token (runtime/huge_pages.py has the numbers). Destroyed before begin(),
+// it collapses nothing; otherwise the destructor waits for the collapse to end.
+class DeferredCollapse {
+ public:
+  explicit DeferredCollapse(std::vector<Range> ranges);
+  ~DeferredCollapse();
+  DeferredCollapse(const DeferredCollapse&) = delete;
+  DeferredCollapse& operator=(const DeferredCollapse&) = delete;
+  void begin();
+  // Begins, waits for the collapse to end and gives the bytes the kernel accepted.
+  std::uint64_t finish();
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool go_ = false;
+  bool cancelled_ = false;
+  std::uint64_t accepted_ = 0;
+  std::thread thread_;
+};
 
 }  // namespace peft_export::huge_pages

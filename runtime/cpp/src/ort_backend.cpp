@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
-#include <thread>
 
 #include "huge_pages.hpp"
 #include "ort_session.hpp"
@@ -83,19 +82,12 @@ class OrtBackend final : public Backend {
     describe_inputs();
     describe_outputs();
     if (options.huge_pages) {
-      // On a background thread, so the first request does not wait ~1-2 s per GB for it; the
-      // kernel keeps the memory readable while it moves. Started last (nothing can throw
-      // after it) and joined before the session goes.
-      collapse_ = std::thread(
-          [ranges = huge_pages::new_ranges(before, huge_pages::anonymous_ranges())] {
-            huge_pages::collapse(ranges);
-          });
+      // Begun after the first run (see DeferredCollapse); created last, nothing throws after it.
+      collapse_ = std::make_unique<huge_pages::DeferredCollapse>(
+          huge_pages::new_ranges(before, huge_pages::anonymous_ranges()));
     }
   }
 
-  ~OrtBackend() override {
-    if (collapse_.joinable()) collapse_.join();
-  }
   OrtBackend(const OrtBackend&) = delete;
   OrtBackend& operator=(const OrtBackend&) = delete;
 
@@ -116,6 +108,7 @@ class OrtBackend final : public Backend {
       throw InferenceError("ONNX Runtime failed to run a step (" + first_line(exc) +
                            "); the request's shapes may exceed what the graph supports");
     }
+    if (collapse_) collapse_->begin();
     copy_last_logits(outputs[logits_index_], in.batch, last_logits);
     std::vector<Ort::Value> present;
     present.reserve(present_index_.size());
@@ -279,7 +272,7 @@ class OrtBackend final : public Backend {
   AdapterBanks* banks_;
   Ort::MemoryInfo memory_;
   std::unique_ptr<Ort::Session> session_;
-  std::thread collapse_;
+  std::unique_ptr<huge_pages::DeferredCollapse> collapse_;
   std::vector<InputSlot> inputs_;
   std::vector<const char*> input_names_;
   std::vector<std::string> output_storage_;

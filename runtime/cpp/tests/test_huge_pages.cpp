@@ -43,6 +43,25 @@ TEST(a_new_mapping_is_new_and_keeps_its_bytes_when_collapsed) {
   munmap(raw, size);
 }
 
+TEST(a_deferred_collapse_waits_for_begin_and_can_be_dropped_before_it) {
+  const auto before = hp::anonymous_ranges();
+  const std::size_t size = std::size_t{8} << 20;
+  void* raw = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(raw != MAP_FAILED);
+  std::memset(raw, 5, size);
+  const auto fresh = hp::new_ranges(before, hp::anonymous_ranges());
+  { hp::DeferredCollapse dropped(fresh); }
+  hp::DeferredCollapse deferred(fresh);
+  deferred.begin();
+  deferred.begin();
+  const std::uint64_t accepted = deferred.finish();
+  CHECK(accepted == hp::collapse(fresh));  // both succeed, or THP is off for both
+  CHECK(deferred.finish() == accepted);
+  const auto* bytes = static_cast<const unsigned char*>(raw);
+  CHECK(std::all_of(bytes, bytes + size, [](unsigned char b) { return b == 5; }));
+  munmap(raw, size);
+}
+
 TEST(file_backed_and_read_only_mappings_are_not_anonymous) {
   void* raw = mmap(nullptr, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   const auto lo = reinterpret_cast<std::uintptr_t>(raw);
