@@ -212,6 +212,7 @@ class OrtBackend(Backend):
                 "re-export the bundle with this onnxruntime version installed"
             ) from None
         self._collapse: huge_pages.Collapse | None = None
+        self._collapse_waiting = collapse
         if collapse:
             grown = huge_pages.new_ranges(before, huge_pages.anonymous_ranges())
             self._collapse = huge_pages.Collapse(grown)
@@ -356,7 +357,8 @@ class OrtBackend(Backend):
                 f"ONNX Runtime failed to run a step ({_first_line(exc)}); the request's shapes "
                 "may exceed what the graph supports"
             ) from None
-        if self._collapse is not None:
+        if self._collapse_waiting:
+            self._collapse_waiting = False
             self._collapse.begin()
 
     def output_pointers(self, binding: StepBinding) -> dict[str, int]:
