@@ -1,8 +1,9 @@
 """`export --ort-fusions cpu` for encoders: the decoders' fusion pass, applied to the encoder graph.
 
 transformers' `fuse_for_onnxruntime` (exporter/graph/ort_fusions.py) turns a BERT-family layer
-into ONNX Runtime's CPU contrib ops: SkipLayerNormalization, BiasGelu and, where the query,
-key and value are plain projections of one input (a merged bundle), one packed `Attention`.
+into ONNX Runtime's CPU contrib ops: BiasGelu and, where the query, key and value are plain
+projections of one input (a merged bundle), one packed `Attention`; the residual norms stay
+Add + LayerNormalization (`ort_rewrites.unfuse_skip_layer_norms` says why).
 Where a runtime adapter adds a per-row delta to the query or value (LoRA banks selected by
 `adapter_ids`), the packed op cannot take it; the pass leaves that attention as MatMul +
 Softmax with the adapter's MultiLoRA node feeding it, so the adapters stay exact. Head banks

@@ -44,6 +44,11 @@ ORT_TYPES = {
 
 
 QDQ_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+DISABLED_OPTIMIZERS = "optimization.disable_specified_optimizers"
+DISABLED_ON_CPU = "SkipLayerNormFusion"
+"""ONNX Runtime's session optimizer turns Add + Add + LayerNormalization into its
+SkipLayerNormalization, whose CPU kernel measured slower than the ops it replaces (MiniLM batch
+32: 981 vs 915 ms CPU time; runtime/README.md); CPU sessions keep the plain ops."""
 
 
 @dataclass
@@ -312,6 +317,8 @@ class OrtBackend(Backend):
         so.log_severity_level = 3
         if self.options.denormals_as_zero:
             so.add_session_config_entry("session.set_denormal_as_zero", "1")
+        if self.device == "cpu" and DISABLED_OPTIMIZERS not in self.options.extra_config:
+            so.add_session_config_entry(DISABLED_OPTIMIZERS, DISABLED_ON_CPU)
         for key, value in self.options.extra_config.items():
             so.add_session_config_entry(key, value)
         return so
