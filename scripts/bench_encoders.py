@@ -46,6 +46,8 @@ ADAPTERS = {
     "topic": REPO / "models/examples/minilm-topic",
 }
 OPTIMUM_REQUIREMENTS = ["optimum-onnx==0.1.0"]
+STAMP = ".bench-stamp"
+"""Our bundles' exporter code version (scripts/peers/setup_ours.py's code_version)."""
 SEQ = 128
 SETTLE_S = 0.5
 """Pause before each timed call: the previous side's thread pools (ONNX Runtime's spinning
@@ -86,6 +88,7 @@ def main() -> int:
         "repeats": args.repeats,
         "denormals": "flushed on every side",
         "ours_ort_fusions": args.ort_fusions,
+        "ours_exported_with": f"exporter code {setup['code']}",
         "load_average": {"start": load, "end": list(os.getloadavg())},
         "host": platform.platform(),
         "cpus": os.cpu_count(),
@@ -96,21 +99,30 @@ def main() -> int:
     return finish(report, check)
 
 
+def _exported_with(bundle: Path, code: str) -> bool:
+    """The bundle exists and was exported by this checkout's exporter code (stale bundles
+    of an earlier exporter would measure that exporter's graph)."""
+    stamp = bundle / STAMP
+    return (bundle / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == code
+
+
 def prepare(work: Path, threads: int, fusions: str) -> dict[str, Any]:
     """Export our bundles, the merged checkpoint and optimum's ONNX once (cached in `work`,
-    one pair of bundles per `fusions` setting)."""
+    one pair of bundles per `fusions` setting; ours again when the exporter code changed)."""
     import json
 
     from peft import PeftModel
+    from setup_ours import code_version
     from transformers import AutoModelForSequenceClassification
 
     from peft_export.exporter.encoders.export import encoder_checkpoint, export_encoder
     from peft_export.runtime import load_bundle
 
     folder = encoder_checkpoint(BASE)
+    code = code_version()
     merged_bundle = work / f"ours-merged-{fusions}"
     runtime_bundle = work / f"ours-runtime-{fusions}"
-    if not (merged_bundle / "manifest.json").is_file():
+    if not _exported_with(merged_bundle, code):
         export_encoder(
             BASE,
             [("sentiment", ADAPTERS["sentiment"])],
@@ -118,7 +130,8 @@ def prepare(work: Path, threads: int, fusions: str) -> dict[str, Any]:
             options={"ort_fusions": fusions},
             force=True,
         )
-    if not (runtime_bundle / "manifest.json").is_file():
+        (merged_bundle / STAMP).write_text(code)
+    if not _exported_with(runtime_bundle, code):
         export_encoder(
             BASE,
             list(ADAPTERS.items()),
@@ -127,6 +140,7 @@ def prepare(work: Path, threads: int, fusions: str) -> dict[str, Any]:
             options={"methods": "lora", "ort_fusions": fusions},
             force=True,
         )
+        (runtime_bundle / STAMP).write_text(code)
     references = {}
     for name, path in ADAPTERS.items():
         labels = len(json.loads((path / "labels.json").read_text()))
@@ -146,6 +160,7 @@ def prepare(work: Path, threads: int, fusions: str) -> dict[str, Any]:
         "merged": load_bundle(merged_bundle, threads=threads),
         "runtime": load_bundle(runtime_bundle, threads=threads),
         "optimum_path": optimum_onnx,
+        "code": code,
     }
 
 
