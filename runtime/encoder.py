@@ -282,6 +282,7 @@ class EncoderBundle:
         except Exception as exc:  # ORT raises private exception types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise InferenceError(f"ONNX Runtime failed to run the encoder ({first:.200})") from None
+        self.backend.after_run()
         return dict(zip(self.info.outputs, values, strict=True))
 
     def _rows(self, adapters: Adapters, count: int) -> list[str | None]:

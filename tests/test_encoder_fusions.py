@@ -107,3 +107,10 @@ def test_runtime_fused_graph_keeps_adapters_exact_in_a_mixed_batch(work):
         for text, row in zip(SENTENCES, rows, strict=True)
     ]
     np.testing.assert_allclose(got, np.stack(alone), atol=1e-5, rtol=0)
+
+
+def test_the_huge_page_move_begins_after_the_first_run(work):
+    bundle = load_bundle(work["runtime"], threads=1)
+    assert bundle.backend._collapse_waiting
+    bundle.run(bundle.encode(SENTENCES), "topic")
+    assert not bundle.backend._collapse_waiting

@@ -47,8 +47,10 @@ def test_huge_pages_move_memory_not_results(bundle_dir):
     plain = load_bundle(bundle_dir, threads=1, huge_pages=False)
     assert plain.describe()["huge_page_mib"] == 0
     huge = load_bundle(bundle_dir, threads=1)  # a tiny model may span no whole huge page
+    assert huge.backend._collapse_waiting  # the move waits for the first run to end
     want = plain.generate(PROMPTS, max_new_tokens=5, ignore_eos=True).token_ids
     assert huge.generate(PROMPTS, max_new_tokens=5, ignore_eos=True).token_ids == want
+    assert not huge.backend._collapse_waiting
 
 
 @pytest.fixture(scope="module")

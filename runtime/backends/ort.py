@@ -364,6 +364,11 @@ class OrtBackend(Backend):
                 f"ONNX Runtime failed to run a step ({_first_line(exc)}); the request's shapes "
                 "may exceed what the graph supports"
             ) from None
+        self.after_run()
+
+    def after_run(self) -> None:
+        """A run of the session has ended: the first one starts the huge-page move (see
+        runtime/huge_pages.py). Callers that run `self.session` themselves call it too."""
         if self._collapse_waiting:
             self._collapse_waiting = False
             self._collapse.begin()
