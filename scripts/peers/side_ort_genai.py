@@ -55,11 +55,13 @@ class Runner:
             generator.append_tokens([ids[-1]])
 
     def info(self) -> dict:
-        import onnxruntime
+        # From the package metadata: importing onnxruntime's Python binding would load a
+        # second ONNX Runtime into this process and inflate its peak RSS.
+        from importlib.metadata import version
 
         return {
             "onnxruntime_genai": og.__version__,
-            "onnxruntime": onnxruntime.__version__,
+            "onnxruntime": version("onnxruntime"),
             "denormals": "ONNX Runtime session.set_denormal_as_zero=1 (genai_config "
             "session_options, overlaid at load)",
         }

@@ -52,11 +52,13 @@ class Runner:
         return ids, [first + i * step for i in range(len(ids))]
 
     def info(self) -> dict:
-        import onnxruntime
+        # Read from the package metadata: importing onnxruntime's Python binding would load
+        # a second ONNX Runtime (and numpy) into this process and add ~37 MB to its peak RSS.
+        from importlib.metadata import version
 
         return {
             "runtime": "peft-export C++ runtime (runtime/cpp) through its C ABI",
-            "onnxruntime": onnxruntime.__version__,
+            "onnxruntime": version("onnxruntime"),
             "options": self.options,
             "timing": "the C++ runtime's own prefill / decode timers",
         }
