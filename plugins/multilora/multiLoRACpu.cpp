@@ -18,6 +18,10 @@ constexpr int64_t kTokenBlock = 16;
 // rows `dots4` reads in one pass over x. Expand work is split over outputs.
 constexpr int64_t kRankChunk = 4;
 constexpr int64_t kOutChunk = 128;
+// Blocks of at least this many tokens expand from B transposed (expand_many) at ranks without
+// a sixteen-row AVX-512 path; a decode step's single tokens keep expand_token.
+constexpr int64_t kTransposeTokens = 4;
+constexpr int64_t kLanes = 16;
 // Below this many multiply-adds a phase runs on the calling thread: waking the pool costs more.
 constexpr int64_t kInlineMacs = 1 << 14;
 // Software prefetch: the shrink reads the next four A rows ahead, the expand B rows this many
@@ -269,12 +273,64 @@ void shrink_task(void* arg, size_t index) {
   }
 }
 
+// True where expand_token has no sixteen-row AVX-512 path for this rank (there, the
+// transposed form measured slower: rank 16, 4096 tokens 1.44 -> 1.80 ms).
+bool transposed_expand_pays(int64_t rank) {
+#if PEFT_ML_AVX512
+  if (rank == 16 || rank == 32 || rank == 64) return false;
+#endif
+  return rank > 0;
+}
+
+// A block's share of outputs when it has many tokens: B's rows [lo, hi) transposed once
+// (rank x width, in L1), then sixteen outputs at a time are sums of the token's rank scaled
+// rows, held in registers, instead of one short dot product per output. Rank-8 LoRA over
+// 32 x 128 tokens (MiniLM's query/value): 1.37-1.57 -> 1.09-1.18 ms a node, 2 threads.
+void expand_many(const Plan& plan, const Share& share, const float* b_slot) {
+  const Problem& p = *plan.p;
+  const Block& block = share.block;
+  const int64_t width = share.hi - share.lo;
+  thread_local std::vector<float> transposed;
+  transposed.resize(static_cast<size_t>(p.rank * width));
+  float* bt = transposed.data();
+  for (int64_t o = 0; o < width; ++o) {
+    const float* b_row = b_slot + (share.lo + o) * p.rank;
+    for (int64_t k = 0; k < p.rank; ++k) bt[k * width + o] = b_row[k];
+  }
+  for (int64_t j = block.first; j < block.first + block.count; ++j) {
+    const float* v = plan.v.data() + j * p.rank;
+    float* __restrict dst =
+        p.delta + plan.tokens[static_cast<size_t>(j)] * p.delta_stride + share.lo;
+    int64_t o = 0;
+    for (; o + kLanes <= width; o += kLanes) {
+      float acc[kLanes] = {};
+      for (int64_t k = 0; k < p.rank; ++k) {
+        const float vk = v[k];
+        const float* __restrict row = bt + k * width + o;
+#pragma omp simd
+        for (int64_t i = 0; i < kLanes; ++i) acc[i] += vk * row[i];
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < kLanes; ++i) dst[o + i] = acc[i];
+    }
+    for (; o < width; ++o) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < p.rank; ++k) sum += v[k] * bt[k * width + o];
+      dst[o] = sum;
+    }
+  }
+}
+
 void expand_task(void* arg, size_t index) {
   Plan& plan = *static_cast<Plan*>(arg);
   const Problem& p = *plan.p;
   const Share share = share_of(plan, index, plan.out_chunks, kOutChunk, p.out);
   const Block& block = share.block;
   const float* b_slot = p.b + block.slot * p.out * p.rank;
+  if (block.count >= kTransposeTokens && transposed_expand_pays(p.rank)) {
+    expand_many(plan, share, b_slot);
+    return;
+  }
   for (int64_t j = block.first; j < block.first + block.count; ++j) {
     const float* v = plan.v.data() + j * p.rank;
     expand_token(v, b_slot, p.rank, p.out, share.lo, share.hi,
