@@ -183,9 +183,9 @@ def unfuse_skip_layer_norms(model: Any) -> None:
     """SkipLayerNormalization(x, skip, gamma, beta, bias) -> LayerNormalization(x + bias + skip).
 
     The fusion pass makes each post-norm layer's residual add one contrib op, but ONNX Runtime's
-    CPU kernel for it is slower than the plain ops it replaces (2 threads: 220 vs 41 us at
-    128 x 384, 7.4 vs 3.0 ms at 4096 x 384; 8.6 vs 6.6 us at 1 x 768), so the graph keeps
-    Add + LayerNormalization. Nodes whose mean or inverse-deviation outputs are read stay.
+    CPU kernel for it is slower than the plain ops it replaces (2 threads: 150-260 vs 41-68 us
+    at 128 x 384, 7.4-8.1 vs 3.0-7.4 ms at 4096 x 384; 8.6 vs 6.6 us at 1 x 768), so the graph
+    keeps Add + LayerNormalization. Nodes whose mean or inverse-deviation outputs are read stay.
     """
 
     for node in list(model.graph):
