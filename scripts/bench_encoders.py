@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "scripts" / "peers"))
 
 from bench_checks import OutputCheck, finish  # noqa: E402
+from setup_common import stamp_matches, write_stamp  # noqa: E402
 
 BASE = "all-minilm-l6-v2"
 ADAPTERS = {
@@ -46,8 +47,6 @@ ADAPTERS = {
     "topic": REPO / "models/examples/minilm-topic",
 }
 OPTIMUM_REQUIREMENTS = ["optimum-onnx==0.1.0"]
-STAMP = ".bench-stamp"
-"""Our bundles' exporter code version (scripts/peers/setup_ours.py's code_version)."""
 SEQ = 128
 SETTLE_S = 0.5
 """Pause before each timed call: the previous side's thread pools (ONNX Runtime's spinning
@@ -101,9 +100,8 @@ def main() -> int:
 
 def _exported_with(bundle: Path, code: str) -> bool:
     """The bundle exists and was exported by this checkout's exporter code (stale bundles
-    of an earlier exporter would measure that exporter's graph)."""
-    stamp = bundle / STAMP
-    return (bundle / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == code
+    of an earlier exporter would measure that exporter's graph); the peers' stamp file."""
+    return (bundle / "manifest.json").is_file() and stamp_matches(bundle, code)
 
 
 def prepare(work: Path, threads: int, fusions: str) -> dict[str, Any]:
@@ -130,7 +128,7 @@ def prepare(work: Path, threads: int, fusions: str) -> dict[str, Any]:
             options={"ort_fusions": fusions},
             force=True,
         )
-        (merged_bundle / STAMP).write_text(code)
+        write_stamp(merged_bundle, code)
     if not _exported_with(runtime_bundle, code):
         export_encoder(
             BASE,
@@ -140,7 +138,7 @@ def prepare(work: Path, threads: int, fusions: str) -> dict[str, Any]:
             options={"methods": "lora", "ort_fusions": fusions},
             force=True,
         )
-        (runtime_bundle / STAMP).write_text(code)
+        write_stamp(runtime_bundle, code)
     references = {}
     for name, path in ADAPTERS.items():
         labels = len(json.loads((path / "labels.json").read_text()))
