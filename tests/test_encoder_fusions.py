@@ -4,7 +4,8 @@ A tiny BERT classifier with two LoRA adapters on query/value, each with its own 
 and label count. The merged bundle's layers become packed Attention + BiasGelu, their
 residual adds stay Add + LayerNormalization (ONNX Runtime's SkipLayerNormalization is slower
 on CPU); the runtime bundle keeps its LoRA banks (MultiLoRA nodes, a slot per row by
-adapter_ids) and head banks, and a mixed batch still equals PEFT row by row (<= 1e-4).
+adapter_ids) and head banks feeding one MultiHeadAttention a layer, and a mixed batch of
+padded rows still equals PEFT row by row (<= 1e-4).
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def test_runtime_fused_graph_keeps_adapters_exact_in_a_mixed_batch(work):
     lora = f"{names.MULTILORA_DOMAIN}:{names.MULTILORA_OP}"
     lora_nodes = sum(n for op, n in ops.items() if op.startswith(lora))
     assert lora_nodes == 2 * layers, ops  # query and value of every layer
+    assert ops["com.microsoft:MultiHeadAttention"] == layers, ops
+    assert ops[":Softmax"] == ops[":Split"] == 0, ops  # attention fused, projections unpacked
     bundle = load_bundle(out, threads=1)
     encoded = bundle.encode(SENTENCES)
     rows = ["sentiment", "topic", None, "topic", "sentiment", "topic"]

@@ -14,6 +14,7 @@ of the portable graph (`verify` checks).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,15 @@ def ort_fusion_step(stage: Path, manifest: Manifest, context: Any) -> None:
         fuse_graph(stage, manifest, target)
 
 
-def fuse_graph(bundle_dir: Path, manifest: Manifest, target: str = "cpu") -> None:
-    """Rewrite `manifest.graph.file` in place (weights stay where they were) and record it."""
+def fuse_graph(
+    bundle_dir: Path,
+    manifest: Manifest,
+    target: str = "cpu",
+    first_rewrites: Sequence[Callable[[Any], None]] = (),
+) -> None:
+    """Rewrite `manifest.graph.file` in place (weights stay where they were) and record it.
+
+    `first_rewrites` (a model kind's own, e.g. the encoders') run before the shared ones."""
     import onnx_ir as ir
 
     from peft_export.exporter.graph import ort_rewrites
@@ -82,7 +90,7 @@ def fuse_graph(bundle_dir: Path, manifest: Manifest, target: str = "cpu") -> Non
     ours = _detach_functions(model, names.MULTILORA_DOMAIN)
     try:
         fuse_for_onnxruntime(model, target)
-        for rewrite in ort_rewrites.REWRITES:
+        for rewrite in (*first_rewrites, *ort_rewrites.REWRITES):
             rewrite(model)
         model.functions.update(ours)
     except Exception as exc:  # noqa: BLE001 - a third-party rewrite; its failure is one line

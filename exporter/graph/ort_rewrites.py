@@ -66,17 +66,17 @@ def attend_on_packed_heads(model: Any) -> None:
     RemoveUnusedNodesPass()(model)
 
 
-def _producer(value: Any, op_type: str) -> Any:
+def producer_of(value: Any, op_type: str) -> Any:
     node = value.producer() if value is not None else None
     return node if node is not None and node.op_type == op_type else None
 
 
 def _to_heads(value: Any) -> tuple[Any, int] | None:
     """(X, heads) when `value` is Transpose(Reshape(X, [b, s, heads, d]), perm=[0, 2, 1, 3])."""
-    transpose = _producer(value, "Transpose")
+    transpose = producer_of(value, "Transpose")
     if transpose is None or list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
         return None
-    reshape = _producer(transpose.inputs[0], "Reshape")
+    reshape = producer_of(transpose.inputs[0], "Reshape")
     shape = reshape.outputs[0].shape if reshape is not None else None
     if shape is None or len(shape) != 4 or not isinstance(shape[2], int):
         return None
@@ -85,7 +85,7 @@ def _to_heads(value: Any) -> tuple[Any, int] | None:
 
 def _rotary_of_heads(value: Any) -> tuple[Any, Any, int] | None:
     """(rotary node, X, heads) when `value` is RotaryEmbedding(Transpose(Reshape(X)))."""
-    rotary = _producer(value, "RotaryEmbedding")
+    rotary = producer_of(value, "RotaryEmbedding")
     if rotary is None or rotary.domain not in ("", "ai.onnx"):
         return None
     found = _to_heads(rotary.inputs[0])
@@ -94,7 +94,7 @@ def _rotary_of_heads(value: Any) -> tuple[Any, Any, int] | None:
 
 def _appended(value: Any) -> tuple[Any, Any] | None:
     """(past, new) when `value` is Concat(past, new, axis=2) and past is a graph input."""
-    concat = _producer(value, "Concat")
+    concat = producer_of(value, "Concat")
     if concat is None or len(concat.inputs) != 2:
         return None
     if concat.attributes.get_int("axis") not in (2, -2):
@@ -141,9 +141,9 @@ def _repack_attention(graph: Any, node: Any) -> None:
     attention = ir.Node("", "Attention", inputs, attributes.values(), num_outputs=3)
     graph.insert_before(node, [q_node, k_node, attention])
     output, present_key, present_value = attention.outputs
-    _replace(flatten.outputs[0], output)
-    _replace(node.inputs[1], present_key)
-    _replace(node.inputs[2], present_value)
+    replace_value(flatten.outputs[0], output)
+    replace_value(node.inputs[1], present_key)
+    replace_value(node.inputs[2], present_value)
 
 
 def skip_rms_norms(model: Any) -> None:
@@ -156,7 +156,7 @@ def skip_rms_norms(model: Any) -> None:
     for norm in list(model.graph):
         if norm.op_type != "RMSNormalization" or norm.domain not in ("", "ai.onnx"):
             continue
-        add = _producer(norm.inputs[0], "Add")
+        add = producer_of(norm.inputs[0], "Add")
         axis = norm.attributes.get_int("axis", -1)
         if add is None or len(norm.inputs) != 2 or axis != -1 or len(norm.outputs) != 1:
             continue
@@ -172,8 +172,8 @@ def skip_rms_norms(model: Any) -> None:
             num_outputs=4,
         )
         model.graph.insert_before(norm, fused)
-        _replace(norm.outputs[0], fused.outputs[0])
-        _replace(add.outputs[0], fused.outputs[3])
+        replace_value(norm.outputs[0], fused.outputs[0])
+        replace_value(add.outputs[0], fused.outputs[3])
     if "com.microsoft" not in model.opset_imports:
         model.opset_imports["com.microsoft"] = 1
     RemoveUnusedNodesPass()(model)
@@ -210,9 +210,9 @@ def unfuse_skip_layer_norms(model: Any) -> None:
         norm = ir.Node("", "LayerNormalization", inputs, [axis, epsilon])
         for new in [*added, norm]:
             model.graph.insert_before(node, new)
-        _replace(node.outputs[0], norm.outputs[0])
+        replace_value(node.outputs[0], norm.outputs[0])
         if len(node.outputs) > 3 and node.outputs[3] is not None:
-            _replace(node.outputs[3], total)
+            replace_value(node.outputs[3], total)
     RemoveUnusedNodesPass()(model)
 
 
@@ -241,7 +241,7 @@ def add_lora_deltas_in_one_node(model: Any) -> None:
         if packed is None:
             fused = _multilora_add(base, [node])
             graph.insert_before(add, fused)
-            _replace(add.outputs[0], fused.outputs[0])
+            replace_value(add.outputs[0], fused.outputs[0])
             arities.add(1)
             continue
         split, pairs = packed
@@ -249,7 +249,7 @@ def add_lora_deltas_in_one_node(model: Any) -> None:
         graph.insert_before(split, fused)
         split.replace_input_with(0, fused.outputs[0])
         for out, (member, member_add) in zip(split.outputs, pairs, strict=True):
-            _replace(member_add.outputs[0], out)
+            replace_value(member_add.outputs[0], out)
             grouped.add(member)
         arities.add(len(pairs))
     opset = model.opset_imports[""]
@@ -281,7 +281,7 @@ def _lora_add(multilora: Any) -> tuple[Any, Any] | None:
 def _packed_members(base: Any, first: Any) -> tuple[Any, list[tuple[Any, Any]]] | None:
     """(Split, [(MultiLoRA, Add)] in Split order) when `base` is one output of a last-axis
     Split whose every output gets the delta of a MultiLoRA on `first`'s input and ids."""
-    split = _producer(base, "Split")
+    split = producer_of(base, "Split")
     if split is None or split.domain not in ("", "ai.onnx") or split.inputs[0].shape is None:
         return None
     axis = split.attributes.get_int("axis", 0)
@@ -318,7 +318,7 @@ def _multilora_add(base: Any, members: list[Any]) -> Any:
     return node
 
 
-def _replace(old: Any, new: Any) -> None:
+def replace_value(old: Any, new: Any) -> None:
     """Every use of `old` reads `new`; a graph output keeps its name (the bundle's contract)."""
 
     new.shape, new.dtype = old.shape, old.dtype
