@@ -13,11 +13,13 @@ import json
 import subprocess
 
 import numpy as np
+import onnx
 import pytest
 from cli_run import run_cli
 from encoder_tiny import SENTENCES, make_encoder_adapter, peft_outputs, save_tiny_encoder
 from test_cpp_runtime import CppRuntime, build_cpp
 
+from peft_export.bundle import names
 from peft_export.exporter.encoders.export import export_encoder
 from peft_export.runtime import load_bundle
 
@@ -98,7 +100,7 @@ def cls_work(tmp_path_factory):
         ref[name] = peft_outputs(base, "bert", CLS, dirs[name], encoded, num_labels=len(labels))[
             "logits"
         ]
-    return {"root": root, "encoded": encoded, "ref": ref}
+    return {"root": root, "dirs": dirs, "base": base, "encoded": encoded, "ref": ref}
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +124,25 @@ def test_mixed_batch_matches_peft_row_by_row(cls_work, cls_cpp):
         assert row["label"] == labels[int(np.argmax(ref))]
         np.testing.assert_allclose(list(row["scores"].values()), softmax(ref), atol=TOL)
         assert list(row["scores"]) == labels
+
+
+def test_fused_runtime_bundle_matches_peft_row_by_row(cpp_build, cls_work):
+    """`--ort-fusions cpu`: the LoRA deltas feed one MultiHeadAttention a layer."""
+    out = cls_work["root"] / "runtime-fused"
+    adapters = list(cls_work["dirs"].items())
+    export_encoder(
+        cls_work["base"], adapters, out=out, mode="runtime", options={"ort_fusions": "cpu"}
+    )
+    graph = onnx.load(str(out / names.GRAPH), load_external_data=False).graph
+    assert sum(node.op_type == "MultiHeadAttention" for node in graph.node) > 0
+    runtime = CppEncoder(cpp_build, out, threads=1)
+    try:
+        result = runtime.encode(id_rows(cls_work["encoded"], ROW_ADAPTERS))
+    finally:
+        runtime.close()
+    for i, (adapter, row) in enumerate(zip(ROW_ADAPTERS, result["rows"], strict=True)):
+        logits = row["outputs"]["logits"]["values"]
+        np.testing.assert_allclose(logits, cls_work["ref"][adapter][i], atol=TOL, rtol=0)
 
 
 def test_mixed_batch_equals_each_row_alone_and_fewer_slots(cpp_build, cls_work, cls_cpp):
