@@ -1,13 +1,13 @@
 """Encoder graph rewrites for ONNX Runtime's CPU provider, run before the shared ones.
 
 transformers' fusion pass unfuses every cache-less `MultiHeadAttention` on CPU back into
-MatMul + Softmax, and packs sibling projections into one MatMul + Split. For a merged encoder
-neither matters (its layers become packed `Attention`). In a runtime bundle a LoRA delta on
-the query or value keeps the packed op out, and what the pass leaves measured slower on
-all-MiniLM-L6-v2 at batch 32 x 128 tokens, 2 threads (runtime bundle, median of 20): 538 ms
-as left, 502 ms with one `MultiHeadAttention` per layer and the projections unpacked
-(`Split` copied the packed output: ~2 ms a layer); batch 1 unchanged (25-28 ms either way).
-Layers that do not match exactly keep their ops.
+MatMul + Softmax, and packs sibling projections into one MatMul + Split. A merged BERT-like
+encoder's layers become packed `Attention` before that. In a runtime bundle a LoRA delta on
+the query or value keeps the packed op out (as ModernBERT's fused Wqkv does in both modes),
+and what the pass leaves measured slower on all-MiniLM-L6-v2 at batch 32 x 128 tokens, 2
+threads (runtime bundle, median of 20): 538 ms as left, 502 ms with one `MultiHeadAttention`
+per layer and the projections unpacked (`Split` copied the packed output: ~2 ms a layer);
+batch 1 unchanged (25-28 ms either way). Layers that do not match exactly keep their ops.
 """
 
 from __future__ import annotations
