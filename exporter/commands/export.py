@@ -90,7 +90,7 @@ def _with_contributed_options(command):
     "--external-data",
     is_flag=True,
     default=None,
-    help="Store weights in model.onnx.data (automatic above 1.5 GB).",
+    help="Store weights in model.onnx.data (automatic above 16 MiB and for quantized graphs).",
 )
 @click.option(
     "--quantize",
