@@ -7,7 +7,8 @@ ids define "correct" for fp32. Batch 1, greedy, exactly --tokens new tokens, the
 ids everywhere, --threads threads, denormals flushed on every side (the JSON says how).
 
 Each side runs in its own long-lived worker process (scripts/peers/worker.py; peers in their
-own virtualenvs), started one after another: load time is measured in a fresh process and
+own virtualenvs), started one after another: load time is measured in a fresh process, its
+files read through just before (a side whose files an export had evicted loaded from disk), and
 peak RSS (VmHWM) is the side's own. Repeats go round-robin over the sides (reversed every
 other repeat), so the machine's drift hits every side alike. Checks on every repeat: a side's
 ids equal its first run's; fp32 sides equal PyTorch's; quantized sides report how many
@@ -48,6 +49,7 @@ from setup_common import (  # noqa: E402
     SideSpec,
     build_ftz_helper,
     bytes_on_disk,
+    read_through,
 )
 
 PROMPT = "Tell me a story about a brave mouse."
@@ -151,7 +153,8 @@ def run(args: argparse.Namespace, names: list[str]) -> dict:
         "sides, reversed every other repeat; medians over repeats (best: the fastest repeat, "
         "the one least disturbed by other load). decode tok/s = (tokens - 1) / (time of last "
         "token - time of first token); prefill = call to first token; load = model files to a "
-        "ready object in a fresh process (imports excluded, reported apart); peak RSS = the "
+        "ready object in a fresh process (imports excluded, reported apart), the files read "
+        "through just before so every side loads from the page cache; peak RSS = the "
         "worker's VmHWM at the end",
         "sides": {},
         "skipped": {},
@@ -342,6 +345,7 @@ def start_workers(specs, args, prompt_ids, ftz_lib, report) -> dict[str, Worker]
         print(f"[bench_peers] loading {name}", file=sys.stderr, flush=True)
         entry = report["sides"].setdefault(name, {})
         entry.update(describe(spec))
+        read_through(spec.files)
         try:
             workers[name] = Worker(spec, args, prompt_ids, ftz_lib)
         except WorkerFailed as exc:

@@ -132,6 +132,18 @@ def bytes_on_disk(paths: list[Path]) -> int:
     return total
 
 
+def read_through(paths: list[Path]) -> None:
+    """Read every file under `paths` once and drop the bytes: the page cache then holds them
+    for the load that follows, whatever ran before (an export writing gigabytes evicts a
+    peer's GGUF, whose next load came from disk: llama.cpp Q8_0 0.58 instead of 0.22 s)."""
+    for path in paths:
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                with file.open("rb") as handle:
+                    while handle.read(1 << 23):
+                        pass
+
+
 def build_ftz_helper(workdir: Path) -> Path | None:
     """Compile scripts/peers/ftz.c into the workdir (once); None without a C compiler."""
     folder = workdir / "ftz"
