@@ -23,6 +23,7 @@ from peft_export.bundle.lora_methods import BANK_ONLY_METHODS
 from peft_export.exporter.bundle_writer import weights_sha256
 from peft_export.exporter.cli import main
 from peft_export.exporter.errors import ExportError
+from peft_export.exporter.graph import onnx_export
 from peft_export.exporter.pipeline import InMemoryBase, export_bundle, export_model
 
 
@@ -119,6 +120,20 @@ def test_plain_fp16_external_data(tmp_path):
     with torch.no_grad():
         expected = base(torch.as_tensor(ids)).logits.numpy()
     np.testing.assert_allclose(logits.astype(np.float32), expected, atol=2e-2)
+
+
+def test_weights_over_the_threshold_go_beside_the_graph(tmp_path, monkeypatch):
+    """Above EXTERNAL_DATA_THRESHOLD the weights go to model.onnx.data unasked (ONNX Runtime
+    maps that file instead of parsing them into memory); below it the graph stays one file."""
+    base = tiny_model("gpt2")
+    export_model(base, tmp_path / "small", source="tiny-gpt2")
+    assert not (tmp_path / "small" / "model.onnx.data").exists()
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1024)
+    export_model(base, tmp_path / "large", source="tiny-gpt2")
+    assert (tmp_path / "large" / "model.onnx.data").is_file()
+    ids = np.arange(4, 14)[None]
+    expected = OrtGraph(tmp_path / "small").step(ids)
+    np.testing.assert_allclose(OrtGraph(tmp_path / "large").step(ids), expected, atol=1e-6)
 
 
 def _pickle_only(folder):
