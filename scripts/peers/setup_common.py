@@ -122,26 +122,26 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def bytes_on_disk(paths: list[Path]) -> int:
-    total = 0
+def files_under(paths: list[Path]) -> list[Path]:
+    """The files among `paths`, folders searched recursively."""
+    found = []
     for path in paths:
-        if path.is_dir():
-            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        elif path.is_file():
-            total += path.stat().st_size
-    return total
+        found += sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return [f for f in found if f.is_file()]
+
+
+def bytes_on_disk(paths: list[Path]) -> int:
+    return sum(f.stat().st_size for f in files_under(paths))
 
 
 def read_through(paths: list[Path]) -> None:
     """Read every file under `paths` once and drop the bytes: the page cache then holds them
     for the load that follows, whatever ran before (an export writing gigabytes evicts a
     peer's GGUF, whose next load came from disk: llama.cpp Q8_0 0.58 instead of 0.22 s)."""
-    for path in paths:
-        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            if file.is_file():
-                with file.open("rb") as handle:
-                    while handle.read(1 << 23):
-                        pass
+    for file in files_under(paths):
+        with file.open("rb") as handle:
+            while handle.read(1 << 23):
+                pass
 
 
 def build_ftz_helper(workdir: Path) -> Path | None:
