@@ -163,10 +163,9 @@ def _packed_parts(split: Any) -> tuple[Any, Any, list[np.ndarray]] | None:
     shape = split.inputs[0].shape
     if split.attributes.get_int("axis", 0) not in (-1, len(shape) - 1 if shape else -1):
         return None
-    weight = packed.numpy()
-    if sum(sizes) != weight.shape[1] or len(sizes) != len(split.outputs):
+    if sum(sizes) != packed.shape[1] or len(sizes) != len(split.outputs):
         return None
-    parts = np.split(weight, np.cumsum(sizes)[:-1], axis=1)
+    parts = np.split(packed.numpy(), np.cumsum(sizes)[:-1], axis=1)
     parts = [np.ascontiguousarray(part) for part in parts]
     return matmul.inputs[0], matmul.inputs[1], parts
 
