@@ -147,14 +147,36 @@ def test_manifest_records_every_linear_layer(quantized):
         assert set(record.embedding) == (table if embedding else set())
 
 
-def test_a_tied_table_is_stored_once(quantized):
-    """An ONNX Runtime-only graph gathers a tied table from its head's own codes."""
+def test_a_quantized_table_has_its_own_codes_by_default(quantized):
+    """An ONNX Runtime-only graph gathers the table from its own codes, tied or not
+    (`--quant-tied-table separate`: less memory while running than sharing the head's)."""
     _, _, base, _, tmp, embedding = quantized
-    tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight
     record = load_manifest(tmp / "runtime").quantization
-    for table in record.embedding.values():
-        assert (table.weight == record.modules["lm_head"].weight) == tied
+    heads = {m.weight for m in record.modules.values()}
+    assert all(table.weight not in heads for table in record.embedding.values())
     assert bool(record.embedding) == embedding
+
+
+def test_a_shared_tied_table_is_stored_once_and_matches_peft(tmp_path):
+    """`--quant-tied-table shared`: the table's Gather reads the tied head's MatMulNBits codes."""
+    base = tiny_model("gpt2")
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    lora = make_adapter(base, "lora", tmp_path, seed=3)
+    export_bundle(
+        InMemoryBase(base, save_tiny_tokenizer(tmp_path / "tokenizer")),
+        [("lora", lora)],
+        out=tmp_path / "merged",
+        quantize=QuantScheme.parse("int4", ort_only=True, tied_table="shared"),
+    )
+    record = load_manifest(tmp_path / "merged").quantization
+    (table,) = record.embedding.values()
+    assert table.weight == record.modules["lm_head"].weight
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(lora)).merge_and_unload()
+    reference = with_weights(merged.eval(), ort_weights(tmp_path / "merged"))
+    bundle = load_bundle(tmp_path / "merged", quant_accuracy=ACCURACY_EXACT)
+    runs = run_rows(bundle, PROMPTS, [None, None], NEW_TOKENS)
+    for prompt, run in zip(PROMPTS, runs, strict=True):
+        check_row(run, reference, prompt)
 
 
 def test_graph_holds_no_float_copy_of_a_quantized_weight(quantized):

@@ -26,6 +26,7 @@ from peft_export.exporter.quantize.scheme import (
     FORMATS,
     HEADS,
     LEVELS,
+    TIED_TABLES,
     QuantScheme,
 )
 
@@ -121,6 +122,14 @@ def _with_contributed_options(command):
     "blocks where exact (e.g. SmolLM2's Q8_0 table), else --quantize's; none: full precision.",
 )
 @click.option(
+    "--quant-tied-table",
+    type=click.Choice(TIED_TABLES),
+    default="separate",
+    show_default=True,
+    help="A quantized tied token table (ONNX Runtime graphs): its own copy (less memory "
+    "while running) or shared with the head's codes (a smaller file).",
+)
+@click.option(
     "--quant-format",
     type=click.Choice(FORMATS),
     default="auto",
@@ -151,6 +160,7 @@ def command(
     quant_block: str,
     quant_skip: tuple[str, ...],
     quant_head: str,
+    quant_tied_table: str,
     quant_format: str,
     quant_accuracy: int,
     out: str,
@@ -182,6 +192,7 @@ def command(
         engine=options.get("engine"),
         accuracy_level=quant_accuracy,
         ort_only=options.get("ort_fusions", "none") != "none",
+        tied_table=quant_tied_table,
     )
     if scheme is not None and precision != "fp32":
         raise ExportError("--quantize keeps activations in fp32; drop --precision or use fp32")

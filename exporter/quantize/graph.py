@@ -93,7 +93,9 @@ def quantize_graph(model: onnx.ModelProto, quantized: QuantizedModel) -> dict[st
     if quantized.embedding is not None:
         path, block = quantized.embedding
         head = next((p for p, b in quantized.blocks.items() if b is block), None)
-        shared = records.get(head) if quantized.scheme.graph_format == "matmulnbits" else None
+        scheme = quantized.scheme
+        shares = scheme.graph_format == "matmulnbits" and scheme.tied_table == "shared"
+        shared = records.get(head) if shares else None
         embedding_names = _quantize_gather(graph, new_nodes, initializers, path, block, shared)
         replaced_extra = {embedding_names.pop("replaced")}
     else:
@@ -132,7 +134,8 @@ def _quantize_gather(
     Codes are INT4 (signed, zero point 0) or uint8 (zero point 128, the op's default), the
     same values as `block`; the table is found by value like the linear weights. `shared`:
     the names of the tied head's MatMulNBits tensors, whose [N, blocks, bytes] codes the
-    gather reads too (one copy of the table in the file: 28 MB less for SmolLM2's Q8_0).
+    gather reads too when `--quant-tied-table shared` (scheme.TIED_TABLES says why it is not
+    the default).
     """
     want = _digest(block.dequantize())
     table = next(

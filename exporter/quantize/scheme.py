@@ -26,6 +26,14 @@ HEADS = ("auto", "int8", "int4", "none")
 (SmolLM2's Q8_0 table, as llama.cpp and OpenVINO keep it), else --quantize's; none = full
 precision. The head is read for every token, so at int4 an 8-bit head is ~30% of SmolLM2's
 weight traffic per step."""
+TIED_TABLES = ("separate", "shared")
+"""Where a quantized tied token table's codes live (`--quant-tied-table`), in graphs that
+quantize the table (ONNX Runtime-only): separate gives the table's Gather its own copy,
+shared lets it read the head's MatMulNBits codes. Shared saves the copy on disk (14 MB of
+SmolLM2 with a 4-bit head, 28 MB with its Q8_0 one) but costs more memory while running:
+ONNX Runtime prepacks the head's codes into its own buffer at load, and the Gather keeps
+the mapped original resident (peak RSS, C++ runtime: 205 vs 193 MB with a 4-bit head, 232
+vs 218 MB with the 8-bit one; docs/benchmarks.md)."""
 QDQ_OPSET = 21
 """Block-wise DequantizeLinear and 4-bit integer types arrived in opset 21."""
 
@@ -46,6 +54,8 @@ class QuantScheme:
     """Also quantize the token table (ONNX Runtime's GatherBlockQuantized: ORT-only graphs)."""
     accuracy_level: int = ACCURACY_FAST
     """ONNX Runtime's compute for quantized MatMuls when serving; `verify` runs ACCURACY_EXACT."""
+    tied_table: str = "separate"
+    """One of TIED_TABLES."""
     zero_points: bool = False
     """Blocks may keep zero points (asked for with --quant-format matmulnbits): a GGUF Q4_1
     is carried exactly, on ONNX Runtime's slower kernel. Otherwise every block is symmetric
@@ -63,6 +73,7 @@ class QuantScheme:
         engine: str | None = None,
         accuracy_level: int = ACCURACY_FAST,
         ort_only: bool = False,
+        tied_table: str = "separate",
     ) -> QuantScheme | None:
         """The scheme for CLI values; None for `--quantize none`. Checks every value first.
 
@@ -80,6 +91,10 @@ class QuantScheme:
             raise ExportError(f"unknown --quant-format {graph_format!r}; use {', '.join(FORMATS)}")
         if head not in HEADS:
             raise ExportError(f"unknown --quant-head {head!r}; use one of {', '.join(HEADS)}")
+        if tied_table not in TIED_TABLES:
+            raise ExportError(
+                f"unknown --quant-tied-table {tied_table!r}; use one of {', '.join(TIED_TABLES)}"
+            )
         if level == "none":
             return None
         zero_points = graph_format == "matmulnbits"
@@ -100,6 +115,7 @@ class QuantScheme:
             head=head,
             accuracy_level=accuracy_level,
             embeddings=ort_only or graph_format == "matmulnbits",
+            tied_table=tied_table,
             zero_points=zero_points,
         )
 
