@@ -113,7 +113,7 @@ class Workspace:
                 "request; this is a runtime bug, please report it"
             )
         past, present = self._kv_lists[2 * self._front : 2 * self._front + 2]
-        if provided:
+        if provided and not self.past_names.isdisjoint(provided):
             past = tuple(pair for pair in past if pair[0] not in provided)
         return KVStep(past, present, self._shape(past_len), self._shape(total_len))
 

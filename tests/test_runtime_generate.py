@@ -227,6 +227,34 @@ def test_kv_and_logits_buffers_are_bound_in_place(bundle):
     assert len(seen[names.LOGITS]) == 1
 
 
+def test_batched_runs_equal_io_binding_runs(bundle_dir):
+    """CPU graphs without adapter banks run through one batched call (ort_values.py); the
+    IOBinding path must give the same logits at every step."""
+    from peft_export.runtime.backends.ort import OrtBinding
+    from peft_export.runtime.backends.ort_values import OrtValueBinding, batched_runs_available
+
+    if not batched_runs_available():
+        pytest.skip("this onnxruntime lacks run_with_ortvaluevector")
+    runs = {}
+    for batched in (True, False):
+        bundle = load_bundle(bundle_dir, threads=1)
+        bundle.backend._batched = batched
+        kind = OrtValueBinding if batched else OrtBinding
+        workspace = bundle.workspaces.acquire()
+        assert isinstance(workspace.binding, kind)
+        bundle.workspaces.release(workspace)
+        logits = []
+        result = bundle.generate(
+            PROMPTS,
+            max_new_tokens=5,
+            ignore_eos=True,
+            stream=lambda event: logits.append(event.logits.copy()),
+        )
+        runs[batched] = ([r.token_ids for r in result.rows], np.stack(logits))
+    assert runs[True][0] == runs[False][0]
+    np.testing.assert_array_equal(runs[True][1], runs[False][1])
+
+
 def test_concurrent_requests(bundle):
     expected = bundle.generate(PROMPTS, max_new_tokens=6, ignore_eos=True).token_ids
     results: list[list[list[int]]] = []
