@@ -243,12 +243,12 @@ def test_batched_runs_equal_io_binding_runs(bundle_dir):
         workspace = bundle.workspaces.acquire()
         assert isinstance(workspace.binding, kind)
         bundle.workspaces.release(workspace)
-        logits = []
+        logits: list[np.ndarray] = []
         result = bundle.generate(
             PROMPTS,
             max_new_tokens=5,
             ignore_eos=True,
-            stream=lambda event: logits.append(event.logits.copy()),
+            stream=lambda event, seen=logits: seen.append(event.logits.copy()),
         )
         runs[batched] = ([r.token_ids for r in result.rows], np.stack(logits))
     assert runs[True][0] == runs[False][0]
