@@ -164,6 +164,10 @@ class QuantizedModule:
     scales: str
     zero_points: str = ""
     """Empty: the format's default zero point (2**(bits-1)); symmetric quantization."""
+    rows: list[int] = dataclasses.field(default_factory=list)
+    """[start, stop): the layer's output rows within `weight` and `scales` when one
+    MatMulNBits computes several layers that read the same input (q/k/v, gate/up); empty:
+    the tensors are the layer's own."""
 
 
 @dataclasses.dataclass

@@ -68,6 +68,19 @@ class BlockQuantized:
             return codes * scale - zero * scale
         return (codes - zero) * scale
 
+    def rows(self, start: int, stop: int) -> BlockQuantized:
+        """Output rows [start, stop): one layer of blocks packed for several (pack.py)."""
+        if not 0 <= start < stop <= self.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) are outside the {self.shape[0]} rows")
+        return BlockQuantized(
+            np.ascontiguousarray(self.codes[start:stop]),
+            np.ascontiguousarray(self.scales[start:stop]),
+            np.ascontiguousarray(self.zero_points[start:stop]),
+            self.bits,
+            self.block_size,
+            self.source,
+        )
+
     def with_positive_scales(self) -> BlockQuantized:
         """The same blocks with every scale >= 0 (TensorRT refuses negative int8 scales).
 

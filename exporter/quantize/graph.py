@@ -24,6 +24,7 @@ from peft_export.bundle.manifest import Quantization, QuantizedModule
 from peft_export.exporter.errors import ExportError
 from peft_export.exporter.quantize.apply import QuantizedModel
 from peft_export.exporter.quantize.blocks import BlockQuantized
+from peft_export.exporter.quantize.pack import pack_shared_inputs
 from peft_export.exporter.quantize.rtn import pack_codes, unpack_codes
 
 MS_DOMAIN = "com.microsoft"
@@ -343,9 +344,10 @@ def read_blocks(model: onnx.ModelProto, quantization: Quantization) -> dict[str,
             "scales": record.scales,
             "zero_points": record.zero_points,
         }
-        blocks[path] = _read_block(
+        block = _read_block(
             initializers, names, record.bits, quantization.block_size, quantization.format
         )
+        blocks[path] = block.rows(*record.rows) if record.rows else block
     for path, record in quantization.embedding.items():
         blocks[path] = _read_gather_block(initializers, record, quantization.block_size)
     return blocks
@@ -415,6 +417,9 @@ def quantize_graph_file(path: Path, quantized: QuantizedModel) -> Quantization:
 
     model = load_graph(path)
     records = quantize_graph(model, quantized)
+    embedding = records.pop(EMBEDDING_KEY, None)
+    if quantized.scheme.graph_format == "matmulnbits":
+        records = pack_shared_inputs(model, records)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     # Always beside the graph, whatever its size: ONNX Runtime then maps the file instead of
@@ -431,7 +436,7 @@ def quantize_graph_file(path: Path, quantized: QuantizedModel) -> Quantization:
         block_size=scheme.block_size,
         format=scheme.graph_format,
         accuracy_level=scheme.accuracy_level,
-        embedding=_embedding_record(records.pop(EMBEDDING_KEY, None), quantized),
+        embedding=_embedding_record(embedding, quantized),
         modules={
             module: QuantizedModule(
                 source=quantized.blocks[module].source, bits=quantized.blocks[module].bits, **names
