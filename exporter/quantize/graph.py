@@ -338,15 +338,16 @@ def read_blocks(model: onnx.ModelProto, quantization: Quantization) -> dict[str,
     """The blocks stored in a quantized graph, by module path (what `verify` dequantizes)."""
     initializers = {t.name: t for t in model.graph.initializer}
     blocks = {}
+    # Layers packed into one MatMulNBits share its tensors: unpack them once.
+    read: dict[tuple[str, str, str], BlockQuantized] = {}
     for path, record in quantization.modules.items():
-        names = {
-            "weight": record.weight,
-            "scales": record.scales,
-            "zero_points": record.zero_points,
-        }
-        block = _read_block(
-            initializers, names, record.bits, quantization.block_size, quantization.format
-        )
+        key = (record.weight, record.scales, record.zero_points)
+        block = read.get(key)
+        if block is None:
+            names = dict(zip(("weight", "scales", "zero_points"), key, strict=True))
+            block = read[key] = _read_block(
+                initializers, names, record.bits, quantization.block_size, quantization.format
+            )
         blocks[path] = block.rows(*record.rows) if record.rows else block
     for path, record in quantization.embedding.items():
         blocks[path] = _read_gather_block(initializers, record, quantization.block_size)
